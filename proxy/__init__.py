@@ -1,0 +1,3 @@
+"""OpenAI-compatible LLM reverse proxy with credit billing."""
+
+__version__ = "0.1.0"
