@@ -1,0 +1,1 @@
+"""Real Kafka-protocol broker fixture (being written)."""

@@ -1,0 +1,1 @@
+"""Real redis-server fixture (being written)."""
