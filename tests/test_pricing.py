@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import math
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import ConfigError
 from proxy.pricing import FREE_RULE_ID, Charge, PriceRule, parse_price_rules, price
@@ -216,3 +220,34 @@ def test_impossible_usage_is_rejected(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         price(rule_or_free, usage)
+
+
+# An independent reference (exact rationals) for the whole formula, over random inputs.
+_rates = st.decimals(min_value=0, max_value=1000, places=4, allow_nan=False, allow_infinity=False)
+_counts = st.integers(min_value=0, max_value=10**13)
+
+
+@given(
+    rates=st.tuples(_rates, _rates, _rates, _rates, _rates),
+    min_charge=st.integers(min_value=0, max_value=50),
+    counts=st.tuples(_counts, _counts, _counts, _counts),
+)
+def test_price_matches_rational_reference(
+    rates: tuple[Decimal, ...], min_charge: int, counts: tuple[int, ...]
+) -> None:
+    r = PriceRule("p", *rates, min_charge=min_charge)
+    uncached, cached, plain, reasoning = counts
+    usage = Usage(
+        prompt_tokens=uncached + cached,
+        cached_tokens=cached,
+        completion_tokens=plain + reasoning,
+        reasoning_tokens=reasoning,
+    )
+    f_in, f_cached, f_out, f_reason, f_mult = (Fraction(x) for x in rates)
+    raw = (
+        (uncached * f_in + cached * f_cached + plain * f_out + reasoning * f_reason)
+        / 1_000_000
+        * f_mult
+    )
+    expected = 0 if sum(counts) == 0 else max(math.ceil(raw), min_charge)
+    assert price(r, usage).credits == expected
