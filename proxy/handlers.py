@@ -1,0 +1,132 @@
+"""HTTP endpoints. Thin: parse, run the steps in order, answer.
+
+request → billing context → alias → guard → upstream → relay/meter → settle
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from aiohttp import web
+
+from proxy.accounting import Exchange, settle
+from proxy.chat_request import parse_chat_request, read_body
+from proxy.errors import ApiError
+from proxy.guard import GuardDecision, insufficient_credit_error
+from proxy.relay import relay_error_status, relay_json, relay_stream
+from proxy.state import STATE, ProxyState
+from proxy.upstream import UpstreamFailure, Watchdog, timed_out, unavailable
+from proxy.usage import Outcome
+
+log = logging.getLogger("proxy.handlers")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    ex = Exchange(time.perf_counter())
+    try:
+        return await _chat_completions(request, state, ex)
+    except ApiError as err:
+        if ex.outcome is None:
+            ex.finish(Outcome.REJECTED, err.status)
+        if ex.ctx is not None:
+            err.headers = {**(err.headers or {}), "X-Request-Id": ex.ctx.request_id}
+        raise
+    finally:
+        # Runs on every exit, including the client's disconnect (CancelledError):
+        # the shield keeps the outbox enqueue alive after the task is cancelled.
+        await asyncio.shield(_settle_and_record(state, ex))
+
+
+async def _chat_completions(
+    request: web.Request, state: ProxyState, ex: Exchange
+) -> web.StreamResponse:
+    raw = await read_body(request, state.config.server.max_body_bytes)
+    chat = parse_chat_request(raw, state.config.aliases)
+    ex.chat = chat
+    ex.ctx = ctx = await state.auth.authenticate(request.headers, chat.body_user)
+    ex.encoding = state.encodings.get(chat.alias.tokenizer)
+
+    decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
+    ex.guard_decision = decision
+    state.observer.guard_decided(decision)
+    if decision is GuardDecision.BLOCK:
+        raise insufficient_credit_error()
+
+    provider = chat.alias.provider
+    if provider.api_key_env and not provider.api_key:
+        raise ApiError(
+            503,
+            f"provider {provider.name!r} has no API key configured",
+            type="server_error",
+            code="upstream_credentials_missing",
+        )
+    body, strip = chat.upstream_body()
+    ex.upstream_started = time.perf_counter()
+    wd = Watchdog(provider.timeouts)
+    try:
+        up = await state.upstream.post(provider, body, ctx.request_id)
+    except asyncio.CancelledError:
+        wd.cancel()
+        if not wd.absorb():
+            ex.finish(Outcome.CLIENT_ABORTED, 499)
+            raise
+        ex.finish(Outcome.TIMEOUT, 504, error_kind="timeout")
+        raise timed_out(provider, "waiting for the response head") from None
+    except UpstreamFailure as failure:
+        wd.cancel()
+        if failure.kind == "timeout":
+            ex.finish(Outcome.TIMEOUT, 504, error_kind="timeout")
+            raise timed_out(provider, str(failure)) from None
+        ex.finish(Outcome.UPSTREAM_ERROR, 502, error_kind="connect")
+        raise unavailable(provider, failure.__cause__ or failure) from None
+
+    if up.status >= 400:
+        return await relay_error_status(up, ex, wd)
+    if chat.stream and up.content_type == "text/event-stream":
+        return await relay_stream(request, up, ex, wd, strip)
+    return await relay_json(up, ex, wd)
+
+
+async def _settle_and_record(state: ProxyState, ex: Exchange) -> None:
+    now = time.perf_counter()
+    if ex.outcome is None:  # an unexpected exception escaped: still account for it
+        ex.finish(Outcome.UPSTREAM_ERROR, 500)
+    try:
+        settlement = settle(ex, now)
+        if settlement.event is not None:
+            event = settlement.event
+            await state.outbox.put(event.event_id, event.kafka_key(), event.to_json())
+            state.observer.charge_enqueued()
+    except Exception:
+        # Never lose the reason a charge could not be recorded; the request
+        # itself has already been answered.
+        log.exception("settling request %s failed", ex.request_id)
+        settlement = None
+    state.observer.request_finished(ex, settlement, now)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    created = int(state.started_at)
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": alias.provider.name}
+        for name, alias in state.config.aliases.items()
+    ]
+    return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, dumps=_dumps)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    report = await request.app[STATE].readiness()
+    return web.json_response(report, status=200 if report["ready"] else 503, dumps=_dumps)
+
+
+def _dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
