@@ -87,7 +87,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
             {"error": {"message": "fake failure", "type": "server_error", "code": None}}
         )
         return web.Response(status=b.status, body=err, content_type="application/json")
-    ident = "chatcmpl-" + hashlib.sha256(orjson.dumps(body)).hexdigest()[:24]
+    ident = "chatcmpl-" + hashlib.sha256(orjson.dumps(body.get("messages"))).hexdigest()[:24]
     model = body.get("model", "fake")
     words = reply_words(body, b.chunks)
     if not body.get("stream"):

@@ -1,4 +1,4 @@
-"""Shared fixtures. Real servers (redis-server, the Kafka-protocol broker) live in
-their own plugin modules so each can be read on its own."""
+"""Shared fixtures. Real servers (redis-server, the Kafka-protocol broker) and the
+proxy-in-front-of-a-fake-upstream harness live in their own plugin modules."""
 
-pytest_plugins = ["tests.fixtures_redis", "tests.fixtures_kafka"]
+pytest_plugins = ["tests.fixtures_redis", "tests.fixtures_kafka", "tests.fixtures_proxy"]

@@ -1,0 +1,195 @@
+"""The proxy under test, in front of the fake upstream (pytest plugin).
+
+`start_proxy(...)` builds a config from a small YAML template pointing at a fake
+upstream on a free port, starts both as real TCP servers on 127.0.0.1 and returns
+a `ProxyHarness`. Redis, Kafka and the snapshot provider are opt-in per test.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import build_app
+from proxy.config import Config, Settings, parse_config
+from proxy.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
+from proxy.state import STATE, ProxyState
+
+PROVIDER_KEY = "sk-provider-secret-for-tests"
+SERVICE_KEY = "sk-service-key-for-tests"
+
+BASE_YAML = """
+providers:
+  fake:
+    base_url: {base_url}
+    api_key_env: FAKE_PROVIDER_KEY
+    stream_usage: {stream_usage}
+    timeouts: {{connect: 1, first_byte: {first_byte}, idle: {idle}, total: 30}}
+price_rules:
+  std: {{input: 1000, cached_input: 500, output: 2000}}
+aliases:
+  smart: {{provider: fake, model: fake-model-v1, price_rule: std, tokenizer: o200k_base}}
+  legacy: {{provider: fake, model: fake-model-old, price_rule: std, tokenizer: cl100k_base}}
+  freebie: {{provider: fake, model: fake-model-free, free: true}}
+"""
+
+
+@dataclass
+class ProxyHarness:
+    url: str  # http://127.0.0.1:PORT (the proxy)
+    upstream_url: str  # http://127.0.0.1:PORT/v1 (the fake upstream, for direct calls)
+    session: aiohttp.ClientSession
+    proxy_app: web.Application
+    fake_app: web.Application
+    config: Config
+    settings: Settings
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self.fake_app[BEHAVIOUR]
+
+    @property
+    def recorder(self) -> Recorder:
+        return self.fake_app[RECORDER]
+
+    @property
+    def state(self) -> ProxyState:
+        return self.proxy_app[STATE]
+
+    def headers(self, user_id: int | None = 7, **extra: str) -> dict[str, str]:
+        h = {"Authorization": f"Bearer {SERVICE_KEY}"}
+        if user_id is not None:
+            h["X-User-Id"] = str(user_id)
+        h.update(extra)
+        return h
+
+    async def chat(
+        self, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any] | bytes, Any]:
+        """POST a chat request; returns (status, parsed JSON or raw SSE bytes, headers)."""
+        async with self.session.post(
+            f"{self.url}/v1/chat/completions",
+            data=orjson.dumps(body),
+            headers={"Content-Type": "application/json", **(headers or self.headers())},
+        ) as resp:
+            raw = await resp.read()
+            if resp.content_type == "application/json":
+                return resp.status, orjson.loads(raw), resp.headers
+            return resp.status, raw, resp.headers
+
+    def sink_events(self) -> list[dict[str, Any]]:
+        path = Path(self.settings.sink_path)
+        if not path.exists():
+            return []
+        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
+
+    async def flush_events(self) -> None:
+        """Wait until the outbox handed everything to the sink/Kafka."""
+        import asyncio
+
+        for _ in range(500):
+            if self.state.outbox.pending_count() == 0:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("outbox did not drain")
+
+
+def service_key_yaml(scenes: str = '["*"]') -> str:
+    from proxy.billing import hash_key
+
+    return textwrap.dedent(
+        f"""
+        auth:
+          mode: keys
+          user_key_cache_ttl_s: 1
+          service_keys:
+            - name: test-service
+              sha256: "{hash_key(SERVICE_KEY)}"
+              scenes: {scenes}
+        """
+    )
+
+
+StartProxy = Callable[..., Awaitable[ProxyHarness]]
+
+
+@pytest.fixture
+async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
+    servers: list[TestServer] = []
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def start(
+        *,
+        behaviour: Behaviour | None = None,
+        extra_yaml: str = "",
+        auth_yaml: str | None = None,
+        stream_usage: bool = True,
+        first_byte: float = 5,
+        idle: float = 5,
+        redis_url: str | None = None,
+        kafka_bootstrap: str | None = None,
+        credit_snapshot_url: str | None = None,
+        topic: str | None = None,
+        guard_prefix: str | None = None,
+        settings_overrides: dict[str, Any] | None = None,
+    ) -> ProxyHarness:
+        fake_app = build_fake_app(behaviour)
+        fake = TestServer(fake_app, host="127.0.0.1")
+        await fake.start_server()
+        servers.append(fake)
+        upstream_url = f"http://127.0.0.1:{fake.port}/v1"
+        text = BASE_YAML.format(
+            base_url=upstream_url,
+            stream_usage=str(stream_usage).lower(),
+            first_byte=first_byte,
+            idle=idle,
+        )
+        text += auth_yaml if auth_yaml is not None else service_key_yaml()
+        if guard_prefix is not None:
+            text += f'\nguard:\n  prefix: "{guard_prefix}"\n'
+        if topic is not None:
+            text += f"\nevents:\n  topic: {topic}\n"
+        text += extra_yaml
+        config = parse_config(
+            yaml.safe_load(text), "test.yaml", {"FAKE_PROVIDER_KEY": PROVIDER_KEY}
+        )
+        settings = Settings(
+            redis_url=redis_url,
+            kafka_bootstrap=kafka_bootstrap,
+            kafka_idempotent=False,  # the test broker's in-memory store rejects idempotence
+            credit_snapshot_url=credit_snapshot_url,
+            outbox_path=str(tmp_path / f"outbox-{len(servers)}.sqlite3"),
+            sink_path=str(tmp_path / f"events-{len(servers)}.jsonl"),
+            **(settings_overrides or {}),
+        )
+        proxy_app = build_app(config, settings)
+        server = TestServer(proxy_app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        session = aiohttp.ClientSession()
+        sessions.append(session)
+        return ProxyHarness(
+            url=f"http://127.0.0.1:{server.port}",
+            upstream_url=upstream_url,
+            session=session,
+            proxy_app=proxy_app,
+            fake_app=fake_app,
+            config=config,
+            settings=settings,
+        )
+
+    yield start
+    for session in sessions:
+        await session.close()
+    for server in reversed(servers):
+        await server.close()
