@@ -1,0 +1,533 @@
+"""Who pays for a request: API-key authentication into a `BillingContext`.
+
+Two kinds of keys, both given as `Authorization: Bearer <key>`:
+
+* service keys (listed in config by their sha256) are trusted back-ends that act
+  for users: `X-User-Id` (or, failing that, a numeric body `user` field; the
+  header wins over the body), `X-Billing-Scene` (must be one of the key's scenes,
+  "unknown" when absent), `X-Skip-Charge`, `X-Conversation-Id`;
+* user keys are looked up in Redis (`<prefix>apikey:<sha256 hex>` -> user id) and
+  always bill their own user; they may pick a scene (it does not change who
+  pays) but may not act for someone else nor skip charging.
+
+Auth fails closed: when Redis cannot be asked about an uncached user key the
+request gets 503, because serving it would mean not knowing whom to charge.
+Keys and Authorization headers are never logged, not even in part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.errors import ApiError, ConfigError, invalid_request
+
+log = logging.getLogger(__name__)
+
+MAX_USER_ID = 2**63 - 1  # fits the signed 64-bit ids the ledger stores
+MAX_REQUEST_ID_LEN = 128
+MAX_CONVERSATION_ID_LEN = 256
+MAX_KEY_LEN = 512  # longer "keys" are garbage; refuse before hashing them
+DEFAULT_SCENE = "unknown"
+ANY_SCENE = "*"
+
+_SCENE_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}")
+_VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no", ""})
+
+
+def hash_key(key: str) -> str:
+    """sha256 hex of an API key: what config and Redis store instead of the key."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# -- values ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BillingContext:
+    user_id: int  # > 0; 0 means there is nobody to charge
+    scene: str
+    request_id: str
+    conversation_id: str | None
+    skip_charge: bool
+    principal: str  # service key name, "user" or "anonymous": for logs, never the key
+
+    @classmethod
+    def normalize(
+        cls,
+        *,
+        user_id: int | str | None = None,
+        scene: str | None = None,
+        request_id: str | None = None,
+        conversation_id: str | None = None,
+        skip_charge: bool | str | None = False,
+        principal: str = "anonymous",
+    ) -> BillingContext:
+        """Build from raw header-ish values: trims, defaults, validates.
+
+        Raises ApiError(400) for values that cannot be meant (a non-numeric user
+        id, a scene with odd characters); a bad request id is replaced instead,
+        since it only serves to correlate logs.
+        """
+        return cls(
+            user_id=parse_user_id(user_id),
+            scene=parse_scene(scene),
+            request_id=parse_request_id(request_id),
+            conversation_id=parse_conversation_id(conversation_id),
+            skip_charge=parse_bool(skip_charge, param="X-Skip-Charge"),
+            principal=principal,
+        )
+
+
+def parse_user_id(raw: int | str | None, *, param: str = "X-User-Id") -> int:
+    """None, blank or int 0 -> 0 (nobody); else a positive 64-bit integer, or 400.
+
+    A header saying "0" is refused: a caller naming a user must name a real one.
+    """
+    if raw is None:
+        return 0
+    if isinstance(raw, bool):
+        raise invalid_request(f"{param} must be a positive integer", param=param)
+    if isinstance(raw, int):
+        if raw == 0:
+            return 0  # callers passing an int may say "nobody" explicitly
+        value = raw
+    else:
+        text = raw.strip()
+        if not text:
+            return 0
+        if not _DIGITS_RE.fullmatch(text):
+            raise invalid_request(f"{param} must be a positive integer", param=param)
+        value = int(text)
+    if not 0 < value <= MAX_USER_ID:
+        raise invalid_request(f"{param} must be a positive integer", param=param)
+    return value
+
+
+def parse_scene(raw: str | None) -> str:
+    text = (raw or "").strip().lower()
+    if not text:
+        return DEFAULT_SCENE
+    if not _SCENE_RE.fullmatch(text):
+        raise invalid_request(
+            "X-Billing-Scene must be 1-64 characters of a-z 0-9 . _ : / -",
+            param="X-Billing-Scene",
+        )
+    return text
+
+
+def parse_request_id(raw: str | None) -> str:
+    text = (raw or "").strip()
+    if 0 < len(text) <= MAX_REQUEST_ID_LEN and _VISIBLE_ASCII_RE.fullmatch(text):
+        return text
+    return uuid.uuid4().hex
+
+
+def parse_conversation_id(raw: str | None) -> str | None:
+    text = (raw or "").strip()
+    if not text:
+        return None
+    if len(text) > MAX_CONVERSATION_ID_LEN or not _VISIBLE_ASCII_RE.fullmatch(text):
+        raise invalid_request(
+            f"X-Conversation-Id must be at most {MAX_CONVERSATION_ID_LEN} visible ASCII characters",
+            param="X-Conversation-Id",
+        )
+    return text
+
+
+def parse_bool(raw: bool | str | None, *, param: str) -> bool:
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise invalid_request(f"{param} must be true/false, 1/0 or yes/no", param=param)
+
+
+def _body_user_id(body_user: str | None) -> int:
+    """OpenAI's `user` field is free-form; only a plain positive integer names a payer."""
+    if body_user is None:
+        return 0
+    text = body_user.strip()
+    if not _DIGITS_RE.fullmatch(text) or text.startswith("0"):
+        return 0
+    value = int(text)
+    return value if value <= MAX_USER_ID else 0
+
+
+# -- config ------------------------------------------------------------------------
+
+
+class AuthMode(StrEnum):
+    KEYS = "keys"
+    NONE = "none"  # local development only: trusts X-User-Id & co. without any key
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    name: str
+    sha256: bytes  # digest (32 bytes), compared with hmac.compare_digest
+    scenes: frozenset[str]  # contains "*" for any scene
+
+    def allows(self, scene: str) -> bool:
+        return ANY_SCENE in self.scenes or scene in self.scenes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mode: AuthMode = AuthMode.KEYS
+    service_keys: tuple[ServiceKey, ...] = ()
+    user_key_cache_ttl_s: float = 30.0  # a revoked user key keeps working this long
+    user_key_negative_ttl_s: float = 5.0  # a brand-new key is refused at most this long
+    user_key_cache_size: int = 10_000
+    redis_timeout_s: float = 1.0  # Redis lookup of a user key; then 503
+
+    @classmethod
+    def from_yaml(cls, raw: Any, path: str = "auth") -> AuthConfig:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
+        known = {
+            "mode",
+            "service_keys",
+            "user_key_cache_ttl_s",
+            "user_key_negative_ttl_s",
+            "user_key_cache_size",
+            "redis_timeout_s",
+        }
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        mode_raw = raw.get("mode", AuthMode.KEYS.value)
+        try:
+            mode = AuthMode(mode_raw)
+        except ValueError:
+            raise ConfigError(f"{path}.mode: must be 'keys' or 'none', got {mode_raw!r}") from None
+        default = cls()
+        return cls(
+            mode=mode,
+            service_keys=_service_keys(raw.get("service_keys"), f"{path}.service_keys"),
+            user_key_cache_ttl_s=parse_number(raw, "user_key_cache_ttl_s", path, default),
+            user_key_negative_ttl_s=parse_number(raw, "user_key_negative_ttl_s", path, default),
+            user_key_cache_size=int(
+                parse_number(raw, "user_key_cache_size", path, default, whole=True)
+            ),
+            redis_timeout_s=parse_number(raw, "redis_timeout_s", path, default, positive=True),
+        )
+
+
+def parse_number(
+    raw: Mapping[str, Any],
+    key: str,
+    path: str,
+    default: object,
+    *,
+    whole: bool = False,
+    positive: bool = False,
+) -> float:
+    """`raw[key]` (else `default.key`) as a validated number; shared by config sections."""
+    value = raw.get(key, getattr(default, key))
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    if ok and whole:
+        ok = float(value).is_integer()
+    if ok and positive:
+        ok = value > 0
+    if not ok:
+        what = "whole number" if whole else "number"
+        sign = "positive" if positive else "non-negative"
+        raise ConfigError(f"{path}.{key}: must be a {sign} {what}, got {value!r}")
+    return float(value)
+
+
+def _service_keys(raw: Any, path: str) -> tuple[ServiceKey, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: must be a list, got {type(raw).__name__}")
+    keys: list[ServiceKey] = []
+    for i, entry in enumerate(raw):
+        where = f"{path}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: must be a mapping with name, sha256, scenes")
+        for key in entry:
+            if key not in ("name", "sha256", "scenes"):
+                raise ConfigError(f"{where}.{key}: unknown key (known: name, scenes, sha256)")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}.name: must be a non-empty string, got {name!r}")
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            # The value is a hash, not a key, so echoing it back is harmless.
+            raise ConfigError(f"{where}.sha256: must be 64 hex characters, got {digest!r}")
+        scenes = entry.get("scenes")
+        if not isinstance(scenes, list) or not scenes:
+            raise ConfigError(f"{where}.scenes: must be a non-empty list of scenes or ['*']")
+        parsed: set[str] = set()
+        for j, scene in enumerate(scenes):
+            text = scene.strip().lower() if isinstance(scene, str) else None
+            if text != ANY_SCENE and (text is None or not _SCENE_RE.fullmatch(text)):
+                raise ConfigError(f"{where}.scenes[{j}]: not a valid scene: {scene!r}")
+            parsed.add(text)
+        key = ServiceKey(name.strip(), bytes.fromhex(digest), frozenset(parsed))
+        for other in keys:
+            if other.name == key.name:
+                raise ConfigError(f"{where}.name: duplicate service key name {key.name!r}")
+            if other.sha256 == key.sha256:
+                raise ConfigError(f"{where}.sha256: same key as {other.name!r}")
+        keys.append(key)
+    return tuple(keys)
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+def _unauthorized(message: str, *, invalid_token: bool) -> ApiError:
+    challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+    return ApiError(
+        401,
+        message,
+        type="invalid_request_error",  # what OpenAI answers for bad keys
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": challenge},
+    )
+
+
+def _forbidden(message: str, param: str | None = None) -> ApiError:
+    return ApiError(403, message, type="permission_error", code="permission_denied", param=param)
+
+
+def _auth_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "API key verification is temporarily unavailable, please retry",
+        type="service_unavailable",
+        code="auth_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+# -- authenticator -----------------------------------------------------------------
+
+
+class _UserKeyCache:
+    """Bounded LRU of sha256 -> (expires_at, user id or None for 'no such key')."""
+
+    def __init__(self, size: int, clock: Callable[[], float]) -> None:
+        self._size = size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, int | None]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[bool, int | None]:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return False, None
+        expires_at, user_id = entry
+        if self._clock() >= expires_at:
+            del self._entries[digest]
+            return False, None
+        self._entries.move_to_end(digest)
+        return True, user_id
+
+    def put(self, digest: str, user_id: int | None, ttl: float) -> None:
+        if ttl <= 0 or self._size <= 0:
+            return
+        self._entries[digest] = (self._clock() + ttl, user_id)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class Authenticator:
+    """Turns request headers into a BillingContext or raises ApiError (400/401/403/503)."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        redis: aioredis.Redis | None,
+        prefix: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._redis = redis
+        self._prefix = prefix
+        self._cache = _UserKeyCache(config.user_key_cache_size, clock)
+        # One Redis lookup per key at a time, however many requests carry it.
+        self._inflight: dict[str, asyncio.Task[int | None]] = {}
+
+    def describe(self) -> str:
+        """One line for start-up logs; names and counts only, no hashes or keys."""
+        c = self._config
+        if c.mode is AuthMode.NONE:
+            return "auth mode=none: NO API KEYS CHECKED, X-User-Id is trusted (development only)"
+        names = ", ".join(k.name for k in c.service_keys) or "-"
+        user_keys = "redis" if self._redis is not None else "disabled (no Redis)"
+        return (
+            f"auth mode=keys service_keys=[{names}] user_keys={user_keys} "
+            f"user_key_cache_ttl_s={c.user_key_cache_ttl_s:g}"
+        )
+
+    def log_startup(self, logger: logging.Logger | None = None) -> None:
+        """Log describe(); a loud WARNING when mode is none."""
+        logger = logger or log
+        if self._config.mode is AuthMode.NONE:
+            logger.warning("!!! %s !!!", self.describe())
+        else:
+            logger.info("%s", self.describe())
+
+    async def authenticate(
+        self, headers: Mapping[str, str], body_user: str | None = None
+    ) -> BillingContext:
+        """`headers` must be case-insensitive (aiohttp's CIMultiDictProxy is)."""
+        if self._config.mode is AuthMode.NONE:
+            return self._acting_for(headers, body_user, principal="anonymous", key=None)
+        key = _bearer_key(headers.get("Authorization"))
+        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        service = self._match_service_key(digest)
+        if service is not None:
+            return self._acting_for(headers, body_user, principal=service.name, key=service)
+        user_id = await self._user_for(digest.hex())
+        if user_id is None:
+            raise _unauthorized("Incorrect API key provided", invalid_token=True)
+        return self._for_user(headers, user_id)
+
+    # -- service keys / mode none ----------------------------------------------------
+
+    def _match_service_key(self, digest: bytes) -> ServiceKey | None:
+        # Compare against every entry, without early exit, so timing reveals nothing.
+        found: ServiceKey | None = None
+        for candidate in self._config.service_keys:
+            if hmac.compare_digest(digest, candidate.sha256):
+                found = candidate
+        return found
+
+    def _acting_for(
+        self,
+        headers: Mapping[str, str],
+        body_user: str | None,
+        *,
+        principal: str,
+        key: ServiceKey | None,
+    ) -> BillingContext:
+        header_user = (headers.get("X-User-Id") or "").strip()
+        # Precedence: X-User-Id header, then a numeric body `user`, else nobody (0).
+        user_id = parse_user_id(header_user) if header_user else _body_user_id(body_user)
+        scene = parse_scene(headers.get("X-Billing-Scene"))
+        if key is not None and not key.allows(scene):
+            allowed = ", ".join(sorted(key.scenes))
+            raise _forbidden(
+                f"service key {key.name!r} may not bill scene {scene!r}; "
+                f"send X-Billing-Scene with one of: {allowed}",
+                param="X-Billing-Scene",
+            )
+        return BillingContext(
+            user_id=user_id,
+            scene=scene,
+            request_id=parse_request_id(headers.get("X-Request-Id")),
+            conversation_id=parse_conversation_id(headers.get("X-Conversation-Id")),
+            skip_charge=parse_bool(headers.get("X-Skip-Charge"), param="X-Skip-Charge"),
+            principal=principal,
+        )
+
+    # -- user keys -------------------------------------------------------------------
+
+    def _for_user(self, headers: Mapping[str, str], user_id: int) -> BillingContext:
+        claimed = (headers.get("X-User-Id") or "").strip()
+        if claimed and parse_user_id(claimed) != user_id:
+            raise _forbidden("a user API key cannot act for another user", param="X-User-Id")
+        # A false X-Skip-Charge asks for nothing special and is ignored.
+        if parse_bool(headers.get("X-Skip-Charge"), param="X-Skip-Charge"):
+            raise _forbidden("a user API key cannot skip charging", param="X-Skip-Charge")
+        return BillingContext(
+            user_id=user_id,
+            scene=parse_scene(headers.get("X-Billing-Scene")),
+            request_id=parse_request_id(headers.get("X-Request-Id")),
+            conversation_id=parse_conversation_id(headers.get("X-Conversation-Id")),
+            skip_charge=False,
+            principal="user",
+        )
+
+    async def _user_for(self, digest_hex: str) -> int | None:
+        hit, user_id = self._cache.get(digest_hex)
+        if hit:
+            return user_id
+        if self._redis is None:
+            return None  # no Redis configured: service keys are the only keys
+        task = self._inflight.get(digest_hex)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup(digest_hex))
+            self._inflight[digest_hex] = task
+            task.add_done_callback(lambda t: self._lookup_done(digest_hex, t))
+        # Shielded: one caller giving up must not fail the others sharing the lookup.
+        return await asyncio.shield(task)
+
+    def _lookup_done(self, digest_hex: str, task: asyncio.Task[int | None]) -> None:
+        self._inflight.pop(digest_hex, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: every waiter may have gone away
+
+    async def _lookup(self, digest_hex: str) -> int | None:
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self._config.redis_timeout_s):
+                raw = await self._redis.get(f"{self._prefix}apikey:{digest_hex}")
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("user key lookup failed, answering 503: %s", type(exc).__name__)
+            raise _auth_unavailable() from None
+        user_id = _stored_user_id(raw)
+        if user_id is None:
+            if raw is not None:
+                log.error("malformed user id stored for an API key; treating the key as unknown")
+            ttl = min(self._config.user_key_negative_ttl_s, self._config.user_key_cache_ttl_s)
+        else:
+            ttl = self._config.user_key_cache_ttl_s
+        self._cache.put(digest_hex, user_id, ttl)
+        return user_id
+
+
+def _bearer_key(header: str | None) -> str:
+    if header is None or not header.strip():
+        raise _unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>'", invalid_token=False
+        )
+    scheme, _, key = header.strip().partition(" ")
+    key = key.strip()
+    if (
+        scheme.lower() != "bearer"
+        or not key
+        or len(key) > MAX_KEY_LEN
+        or not _VISIBLE_ASCII_RE.fullmatch(key)
+    ):
+        raise _unauthorized(
+            "Malformed Authorization header: expected 'Bearer <key>'", invalid_token=True
+        )
+    return key
+
+
+def _stored_user_id(raw: bytes | str | None) -> int | None:
+    if raw is None:
+        return None
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    if not _DIGITS_RE.fullmatch(text.strip()):
+        return None
+    value = int(text)
+    return value if 0 < value <= MAX_USER_ID else None
