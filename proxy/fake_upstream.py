@@ -84,7 +84,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(b.first_byte_delay)
     if b.status != 200:
         err = b.error_body or orjson.dumps(
-            {"error": {"message": "fake failure", "type": "server_error", "code": None}}
+            {
+                "error": {
+                    "message": "fake failure",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
         )
         return web.Response(status=b.status, body=err, content_type="application/json")
     ident = "chatcmpl-" + hashlib.sha256(orjson.dumps(body.get("messages"))).hexdigest()[:24]
