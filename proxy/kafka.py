@@ -140,9 +140,9 @@ class KafkaPublisher:
             raise TimeoutError(f"{len(pending)} of {len(rows)} records not acknowledged")
 
     async def close(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        # Also after a failed start(): aiokafka warns about an unclosed producer else.
+        self._started = False
+        await self._producer.stop()
 
 
 def _failure(fut: asyncio.Future[Any]) -> BaseException | None:

@@ -243,6 +243,10 @@ async def consume_all(
     return [(m.key, m.value) for m in messages]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes many seconds (broker outages); -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def kafka_broker() -> Iterator[KafkaBroker]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")

@@ -15,6 +15,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from proxy.errors import ConfigError
+from proxy.kafka import IDEMPOTENCE_ENV, idempotence_from_env, producer_config
 from proxy.outbox import Outbox, OutboxClosedError, OutboxRelay, OutboxRow, SinkPublisher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +117,9 @@ def payload(i: int) -> bytes:
 # -- write path ---------------------------------------------------------------------
 
 
-async def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
-    outbox = await opened(tmp_path / "o.sqlite3", flush_interval=0.005, max_batch=512)
+@pytest.mark.parametrize("flush_interval", [0.0, 0.005])
+async def test_group_commit_batches_concurrent_puts(tmp_path: Path, flush_interval: float) -> None:
+    outbox = await opened(tmp_path / "o.sqlite3", flush_interval=flush_interval, max_batch=512)
     await asyncio.gather(*(outbox.put(f"e{i}", b"k", payload(i)) for i in range(1000)))
     stats = outbox.stats()
     assert stats.events_committed == 1000
@@ -364,6 +367,12 @@ async def test_relay_drains_leftovers_at_start(tmp_path: Path) -> None:
     await relay.close(1.0)
 
 
+async def test_relay_refuses_to_start_before_its_outbox(tmp_path: Path) -> None:
+    relay = OutboxRelay(Outbox(tmp_path / "o.sqlite3"), RecordingPublisher())
+    with pytest.raises(RuntimeError, match="outbox"):
+        relay.start()
+
+
 # -- sink ---------------------------------------------------------------------------
 
 
@@ -382,3 +391,28 @@ async def test_sink_publisher_appends_json_lines(tmp_path: Path) -> None:
     assert records == [{"event_id": f"e{i}", "credits": i} for i in range(5)] + [
         {"event_id": "pretty"}
     ]
+
+
+# -- Kafka settings (no broker needed) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, True), ("", True), ("false", False), ("0", False), ("YES", True)]
+)
+def test_idempotence_knob(raw: str | None, expected: bool) -> None:
+    environ = {} if raw is None else {IDEMPOTENCE_ENV: raw}
+    assert idempotence_from_env(environ) is expected
+
+
+def test_idempotence_knob_rejects_garbage() -> None:
+    with pytest.raises(ConfigError, match=IDEMPOTENCE_ENV):
+        idempotence_from_env({IDEMPOTENCE_ENV: "sometimes"})
+
+
+def test_producer_config_waits_for_all_replicas() -> None:
+    cfg = producer_config("b:9092", idempotent=False, compression="gzip")
+    assert cfg["acks"] == "all"
+    assert cfg["enable_idempotence"] is False
+    assert cfg["compression_type"] == "gzip"
+    with pytest.raises(ConfigError, match="compression"):
+        producer_config("b:9092", idempotent=True, compression="rar")
