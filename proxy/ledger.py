@@ -32,6 +32,7 @@ from proxy.credits import (
     utc_now_iso,
 )
 from proxy.events import ChargeEvent
+from proxy.kafka import create_topic, make_producer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class LedgerSettings:
     max_batch: int = 500
     poll_timeout_ms: int = 500
     retry_backoff_s: float = 0.5
+    # Group membership timing (aiokafka's defaults). Tansu makes a (re)joining member
+    # wait about a rebalance timeout, and after a crash the dead member's session,
+    # so tests shorten both.
+    session_timeout_ms: int = 10_000
+    rebalance_timeout_ms: int | None = None
 
     @property
     def dead_letter_topic(self) -> str:
@@ -136,6 +142,7 @@ class LedgerStats:
     applied: int
     duplicates: int
     dead_lettered: int
+    retries: int  # failed attempts against Redis/Kafka (each retried until it works)
 
 
 class LedgerConsumer:
@@ -163,10 +170,11 @@ class LedgerConsumer:
         self._applied = 0
         self._duplicates = 0
         self._dead_lettered = 0
+        self._retries = 0
 
     @property
     def stats(self) -> LedgerStats:
-        return LedgerStats(self._applied, self._duplicates, self._dead_lettered)
+        return LedgerStats(self._applied, self._duplicates, self._dead_lettered, self._retries)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -180,12 +188,12 @@ class LedgerConsumer:
             enable_auto_commit=False,
             # A new group starts from the beginning: replays are harmless, gaps are not.
             auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
+            rebalance_timeout_ms=s.rebalance_timeout_ms,
         )
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap,
-            acks="all",
-            enable_idempotence=s.idempotent_producer,
-        )
+        producer = make_producer(s.bootstrap, idempotent=s.idempotent_producer)
+        await self._ensure_dead_letter_topic()
         await producer.start()
         try:
             await consumer.start()
@@ -195,6 +203,16 @@ class LedgerConsumer:
                 await consumer.stop()
         finally:
             await producer.stop()
+
+    async def _ensure_dead_letter_topic(self) -> None:
+        # Brokers often have topic auto-creation off; a missing DLQ would stall the
+        # consumer on the first poison message. Best effort: lacking the ACL to create
+        # topics is fine when an operator created it.
+        s = self._settings
+        try:
+            await create_topic(s.bootstrap, s.dead_letter_topic, partitions=1)
+        except (KafkaError, OSError) as exc:
+            log.warning("ledger: cannot create %s (%s)", s.dead_letter_topic, exc)
 
     async def _loop(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         s = self._settings
@@ -275,6 +293,7 @@ class LedgerConsumer:
             except (RedisError, KafkaError, OSError, TimeoutError) as exc:
                 # Messages of these errors carry no secrets (no prompt text, no keys).
                 log.warning("ledger: %s: %s; retrying", type(exc).__name__, exc)
+                self._retries += 1
             if self._stopping.is_set():
                 return False
             with contextlib.suppress(asyncio.TimeoutError):

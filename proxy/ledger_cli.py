@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from proxy.apikeys import ApiKeyStore
 from proxy.credits import DEFAULT_PREFIX, CreditStore, LedgerEntry
 from proxy.errors import ConfigError
+from proxy.kafka import idempotence_from_env
 from proxy.ledger import DEFAULT_GROUP_ID, LedgerSettings, run_ledger
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -245,8 +246,8 @@ def _resolve(args: argparse.Namespace) -> Resolved:
         topic=topic or DEFAULT_TOPIC,
         redis_url=args.redis_url or env.get("REDIS_URL") or DEFAULT_REDIS_URL,
         bootstrap=getattr(args, "bootstrap", None) or env.get("KAFKA_BOOTSTRAP_SERVERS"),
-        idempotent_producer=env.get("KAFKA_IDEMPOTENT", "true").strip().lower()
-        in {"1", "true", "yes", "on"},
+        # Only the ledger talks to Kafka; a bad Kafka env must not break `credits`.
+        idempotent_producer=idempotence_from_env(env) if hasattr(args, "bootstrap") else True,
     )
 
 
