@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 from proxy.app import build_app
 from proxy.config import Config, Settings, parse_config
 from proxy.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
+from proxy.observability import Observer
 from proxy.state import STATE, ProxyState
 
 PROVIDER_KEY = "sk-provider-secret-for-tests"
@@ -53,6 +54,7 @@ class ProxyHarness:
     fake_app: web.Application
     config: Config
     settings: Settings
+    fake_server: TestServer | None = None
 
     @property
     def behaviour(self) -> Behaviour:
@@ -103,6 +105,11 @@ class ProxyHarness:
             await asyncio.sleep(0.01)
         raise AssertionError("outbox did not drain")
 
+    async def stop_upstream(self) -> None:
+        """Shut the fake upstream down: its port then refuses connections."""
+        if self.fake_server is not None:
+            await self.fake_server.close()
+
 
 def service_key_yaml(scenes: str = '["*"]') -> str:
     from proxy.billing import hash_key
@@ -142,6 +149,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         topic: str | None = None,
         guard_prefix: str | None = None,
         settings_overrides: dict[str, Any] | None = None,
+        observer: Observer | None = None,
     ) -> ProxyHarness:
         fake_app = build_fake_app(behaviour)
         fake = TestServer(fake_app, host="127.0.0.1")
@@ -172,7 +180,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
             sink_path=str(tmp_path / f"events-{len(servers)}.jsonl"),
             **(settings_overrides or {}),
         )
-        proxy_app = build_app(config, settings)
+        proxy_app = build_app(config, settings, observer=observer)
         server = TestServer(proxy_app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)
@@ -186,6 +194,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
             fake_app=fake_app,
             config=config,
             settings=settings,
+            fake_server=fake,
         )
 
     yield start
