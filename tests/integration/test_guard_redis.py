@@ -244,6 +244,24 @@ async def test_concurrent_checks_share_one_mget(  # type: ignore[no-untyped-def]
     assert decisions == expected
 
 
+async def test_followers_still_answered_when_leader_is_cancelled(  # type: ignore[no-untyped-def]
+    make_guard, redis_server: RedisServer, redis_client, redis_prefix
+) -> None:
+    await redis_client.set(snapshot_key(redis_prefix, 1), encode_snapshot(5))
+    await redis_client.set(snapshot_key(redis_prefix, 2), encode_snapshot(0))
+    guard = make_guard(budget_ms=3000)
+    redis_server.pause()  # hold the shared MGET in flight
+    try:
+        tasks = [asyncio.create_task(guard.check(ctx(u))) for u in (1, 1, 2)]
+        await asyncio.sleep(0.1)
+        tasks[0].cancel()  # the first caller of the tick sent the read for all three
+    finally:
+        redis_server.resume()
+    decisions = await asyncio.wait_for(asyncio.gather(*tasks[1:]), GENEROUS_S)
+    assert decisions == [GuardDecision.ALLOW, GuardDecision.BLOCK]
+    assert tasks[0].cancelled()
+
+
 # -- Redis outages (the guard fails open and recovers; auth fails closed) -------------------
 
 
