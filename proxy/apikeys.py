@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from proxy.credits import DEFAULT_PREFIX, utc_now_iso
+from proxy.credits import DEFAULT_PREFIX, check_user_id, utc_now_iso
 
 KEY_PREFIX = "sk-llmp-"
 _HEX = frozenset("0123456789abcdef")
@@ -58,8 +58,7 @@ class ApiKeyStore:
         return f"{self._prefix}apikeys:user:{user_id}"
 
     async def create(self, user_id: int) -> CreatedKey:
-        if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id < 0:
-            raise ValueError(f"user id must be a non-negative integer, got {user_id!r}")
+        check_user_id(user_id)
         # 32 random bytes = 256 bits; url-safe so it survives headers and shells.
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
         sha = key_sha256(api_key)

@@ -24,6 +24,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from proxy.billing import MAX_USER_ID
+from proxy.guard import blocked_key, snapshot_key
+
 DEFAULT_PREFIX = "llmproxy:"
 DEFAULT_STREAM_MAXLEN = 10_000
 DEFAULT_APPLIED_TTL_S = 7 * 24 * 3600
@@ -49,11 +52,12 @@ class CreditKeys:
     def ledger(self, user_id: int) -> str:
         return f"{self.prefix}credit:ledger:{user_id}"
 
+    # The two keys the guard reads are spelled by the guard.
     def snapshot(self, user_id: int) -> str:
-        return f"{self.prefix}credit:snapshot:{user_id}"
+        return snapshot_key(self.prefix, user_id)
 
     def blocked(self, user_id: int) -> str:
-        return f"{self.prefix}credit:blocked:{user_id}"
+        return blocked_key(self.prefix, user_id)
 
     def applied(self, event_id: str) -> str:
         return f"{self.prefix}credit:applied:{event_id}"
@@ -175,7 +179,7 @@ class CreditStore:
         With `grant_id` the grant is idempotent within the applied-marker window
         (e.g. a payment webhook retried by its sender).
         """
-        _check_user(user_id)
+        check_user_id(user_id)
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
             raise ValueError(f"amount must be a positive integer, got {amount!r}")
         k = self.keys
@@ -201,20 +205,20 @@ class CreditStore:
         return BalanceChange(applied=bool(res[0]), balance=int(res[1]))
 
     async def balance(self, user_id: int) -> int:
-        _check_user(user_id)
+        check_user_id(user_id)
         raw = await self._redis.get(self.keys.balance(user_id))
         return int(raw) if raw is not None else 0
 
     async def entries(self, user_id: int, limit: int = 20) -> tuple[LedgerEntry, ...]:
         """Newest first."""
-        _check_user(user_id)
+        check_user_id(user_id)
         if limit <= 0:
             return ()
         rows = await self._redis.xrevrange(self.keys.ledger(user_id), count=limit)
         return tuple(_entry(sid, fields) for sid, fields in rows)
 
     async def show(self, user_id: int, limit: int = 5) -> CreditState:
-        _check_user(user_id)
+        check_user_id(user_id)
         k = self.keys
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(k.balance(user_id))
@@ -234,9 +238,10 @@ class CreditStore:
         )
 
 
-def _check_user(user_id: int) -> None:
-    if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id < 0:
-        raise ValueError(f"user id must be a non-negative integer, got {user_id!r}")
+def check_user_id(user_id: int) -> None:
+    """The range billing accepts (0 means "nobody to charge", so it has no balance)."""
+    if isinstance(user_id, bool) or not isinstance(user_id, int) or not 0 < user_id <= MAX_USER_ID:
+        raise ValueError(f"user id must be an integer in 1..{MAX_USER_ID}, got {user_id!r}")
 
 
 def _text(raw: bytes | str | None) -> str | None:

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.apikeys import ApiKeyStore
-from proxy.credits import DEFAULT_PREFIX, CreditStore, LedgerEntry
+from proxy.credits import DEFAULT_PREFIX, CreditStore, LedgerEntry, check_user_id
 from proxy.errors import ConfigError
 from proxy.kafka import idempotence_from_env
 from proxy.ledger import DEFAULT_GROUP_ID, LedgerSettings, run_ledger
@@ -79,31 +79,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     credits = subparsers.add_parser("credits", help="grant and inspect credit balances")
     csub = credits.add_subparsers(dest="credits_command", required=True)
     g = csub.add_parser("grant", parents=[common], help="add credits (unblocks at > 0)")
-    g.add_argument("user", type=_nonneg_int)
+    g.add_argument("user", type=_user_id)
     g.add_argument("amount", type=_positive_int)
     g.add_argument("--reason", default="")
     g.add_argument("--id", dest="grant_id", help="idempotency key: a repeated id is a no-op")
     g.set_defaults(func=_command(_cmd_grant))
     s = csub.add_parser("show", parents=[common], help="balance, blocked, last entries")
-    s.add_argument("user", type=_nonneg_int)
+    s.add_argument("user", type=_user_id)
     s.add_argument("--limit", type=_nonneg_int, default=5)
     s.set_defaults(func=_command(_cmd_show))
     lg = csub.add_parser("ledger", parents=[common], help="ledger entries, newest first")
-    lg.add_argument("user", type=_nonneg_int)
+    lg.add_argument("user", type=_user_id)
     lg.add_argument("--limit", type=_nonneg_int, default=20)
     lg.set_defaults(func=_command(_cmd_entries))
 
     keys = subparsers.add_parser("keys", help="user API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", parents=[common], help="create a key (printed once)")
-    kc.add_argument("--user", type=_nonneg_int, required=True)
+    kc.add_argument("--user", type=_user_id, required=True)
     kc.set_defaults(func=_command(_cmd_key_create))
     kr = ksub.add_parser("revoke", parents=[common], help="revoke a key")
     kr.add_argument("key", nargs="?", help="the key itself (or use --sha256)")
     kr.add_argument("--sha256", help="the key's SHA-256 hex")
     kr.set_defaults(func=_command(_cmd_key_revoke))
     kl = ksub.add_parser("list", parents=[common], help="a user's key hashes")
-    kl.add_argument("--user", type=_nonneg_int, required=True)
+    kl.add_argument("--user", type=_user_id, required=True)
     kl.set_defaults(func=_command(_cmd_key_list))
 
 
@@ -312,4 +312,13 @@ def _positive_int(raw: str) -> int:
     value = _nonneg_int(raw)
     if value == 0:
         raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _user_id(raw: str) -> int:
+    value = _nonneg_int(raw)
+    try:
+        check_user_id(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value

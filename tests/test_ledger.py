@@ -12,8 +12,11 @@ from redis.asyncio import Redis
 
 from proxy import ledger_cli
 from proxy.apikeys import KEY_PREFIX, ApiKeyStore, key_sha256
+from proxy.billing import AuthConfig, Authenticator, BillingContext
 from proxy.credits import CreditKeys, CreditStore
+from proxy.errors import ApiError
 from proxy.events import ChargeEvent, new_event_id
+from proxy.guard import CreditBalanceGuard, GuardConfig, GuardDecision, decode_snapshot
 from proxy.ledger import ChargeApplier
 from proxy.usage import Outcome, Usage, UsageSource
 from tests.fixtures_redis import RedisServer
@@ -54,7 +57,11 @@ def applier(redis_client: Redis, redis_prefix: str) -> ChargeApplier:
 async def snapshot(redis: Redis, keys: CreditKeys, user_id: int) -> dict[str, object]:
     raw = await redis.get(keys.snapshot(user_id))
     assert raw is not None
-    return orjson.loads(raw)
+    data = orjson.loads(raw)
+    # What the ledger writes is what the guard reads, and it does not expire.
+    assert decode_snapshot(raw) == data["available_credit"]
+    assert await redis.ttl(keys.snapshot(user_id)) == -1
+    return data
 
 
 async def test_same_event_twice_debits_once(
@@ -346,3 +353,51 @@ def test_cli_grant_show_ledger_and_keys(
 def test_cli_grant_rejects_zero(redis_server: object) -> None:
     with pytest.raises(SystemExit):
         run_cli(["credits", "grant", "1", "0", "--prefix", "x:"])
+
+
+async def test_user_ids_outside_the_billing_range_are_refused(
+    store: CreditStore, redis_client: Redis, redis_prefix: str
+) -> None:
+    for bad in (0, -1, 2**63):
+        with pytest.raises(ValueError, match="user id"):
+            await store.grant(bad, 1)
+        with pytest.raises(ValueError, match="user id"):
+            await ApiKeyStore(redis_client, prefix=redis_prefix).create(bad)
+
+
+# -- contracts with the proxy side (guard and authenticator read what we write) -----
+
+
+async def test_guard_blocks_after_the_ledger_debit_and_serves_again_after_a_grant(
+    store: CreditStore, applier: ChargeApplier, redis_client: Redis, redis_prefix: str
+) -> None:
+    guard = CreditBalanceGuard(
+        redis_client, GuardConfig(prefix=redis_prefix, coalesce=False, budget_ms=5000)
+    )
+    ctx = BillingContext.normalize(user_id=31, scene="chat")
+    try:
+        await store.grant(31, 10)
+        assert await guard.check(ctx) == GuardDecision.ALLOW
+        await applier.apply(charge_event(31, 10))
+        assert await guard.check(ctx) == GuardDecision.BLOCK
+        await store.grant(31, 1)
+        assert await guard.check(ctx) == GuardDecision.ALLOW
+    finally:
+        await guard.close()
+
+
+async def test_authenticator_accepts_a_created_key_and_refuses_it_once_revoked(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    keys = ApiKeyStore(redis_client, prefix=redis_prefix)
+    created = await keys.create(32)
+    headers = {"Authorization": f"Bearer {created.api_key}"}
+
+    ctx = await Authenticator(AuthConfig(), redis_client, redis_prefix).authenticate(headers)
+    assert (ctx.user_id, ctx.principal) == (32, "user")
+
+    await keys.revoke(api_key=created.api_key)
+    # A fresh authenticator: no lookup cache standing between it and Redis.
+    with pytest.raises(ApiError) as err:
+        await Authenticator(AuthConfig(), redis_client, redis_prefix).authenticate(headers)
+    assert err.value.status == 401
