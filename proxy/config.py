@@ -109,6 +109,10 @@ class Settings:
     outbox_path: str = DEFAULT_OUTBOX_PATH
     sink_path: str = DEFAULT_SINK_PATH
     log_prompts: bool = False
+    # Benchmark switch only (LLM_PROXY_METERING=off): streamed replies are relayed
+    # without the meter and so are NOT charged; bench/bench_metering.py measures
+    # what metering costs against it.
+    metering: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,6 +129,7 @@ class Settings:
             credit_snapshot_url=opt("CREDIT_SNAPSHOT_URL"),
             outbox_path=opt("LLM_PROXY_OUTBOX_PATH") or DEFAULT_OUTBOX_PATH,
             sink_path=opt("LLM_PROXY_SINK_PATH") or DEFAULT_SINK_PATH,
+            metering=_env_bool(env.get("LLM_PROXY_METERING", "on")),
         )
 
 

@@ -17,6 +17,7 @@ from proxy import sse
 from proxy.accounting import Exchange
 from proxy.errors import ApiError, error_body
 from proxy.metering import StreamMeter, meter_json, meter_stream
+from proxy.state import STATE
 from proxy.upstream import Watchdog, relay_headers
 from proxy.usage import Outcome
 
@@ -91,7 +92,8 @@ async def relay_stream(
     headers["X-Request-Id"] = ex.request_id
     headers.setdefault("Cache-Control", "no-cache")
     out = web.StreamResponse(status=up.status, headers=headers)
-    meter = StreamMeter(strip_usage=strip)
+    # None only with the benchmark switch LLM_PROXY_METERING=off (nothing is charged).
+    meter = StreamMeter(strip_usage=strip) if request.app[STATE].settings.metering else None
     released = False
     try:
         await out.prepare(request)
@@ -103,10 +105,10 @@ async def relay_stream(
                 first = False
             else:
                 wd.touch()
-            chunk = meter.relay(data)
+            chunk = meter.relay(data) if meter is not None else data
             if chunk:
                 await out.write(chunk)
-        tail = meter.unterminated()
+        tail = meter.unterminated() if meter is not None else b""
         if tail:
             await out.write(tail)  # relay faithfully even an unterminated last event
         released = True
@@ -133,7 +135,8 @@ async def relay_stream(
             up.release()
         else:
             up.close()  # stop reading at once; the half-read connection is not reusable
-        ex.metered = meter_stream(meter, ex.chat.body, ex.encoding)
+        if meter is not None:
+            ex.metered = meter_stream(meter, ex.chat.body, ex.encoding)
     return out
 
 
