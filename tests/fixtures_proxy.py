@@ -95,6 +95,19 @@ class ProxyHarness:
             return []
         return [orjson.loads(line) for line in path.read_bytes().splitlines() if line]
 
+    async def wait_events(self, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """Wait until at least `n` charge events reached the sink (requests whose
+        client went away settle asynchronously), then return them all."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            events = self.sink_events()
+            if len(events) >= n or loop.time() > deadline:
+                return events
+            await asyncio.sleep(0.01)
+
     async def flush_events(self) -> None:
         """Wait until the outbox handed everything to the sink/Kafka."""
         import asyncio
