@@ -60,7 +60,7 @@ async def test_upstream_usage_is_passed_through_exactly(start_proxy: StartProxy)
 
 async def test_non_stream_usage_from_body(start_proxy: StartProxy) -> None:
     h = await start_proxy()
-    status, body, _ = await h.chat(REQ)
+    _, body, _ = await h.chat(REQ)
     (event,) = await settled(h)
     assert event["usage_source"] == "upstream"
     assert event["usage"]["prompt"] == body["usage"]["prompt_tokens"]
@@ -80,7 +80,7 @@ async def test_non_stream_without_usage_is_estimated(start_proxy: StartProxy) ->
 
 async def test_provider_without_stream_usage_is_estimated(start_proxy: StartProxy) -> None:
     h = await start_proxy(stream_usage=False)
-    status, body, _ = await h.chat({**REQ, "stream": True})
+    _, body, _ = await h.chat({**REQ, "stream": True})
     text, _ = completion_parts(body)
     (event,) = await settled(h)
     assert event["usage_source"] == "estimated"
@@ -141,7 +141,7 @@ async def test_upstream_death_mid_stream_is_upstream_error_with_estimate(
     start_proxy: StartProxy,
 ) -> None:
     h = await start_proxy(behaviour=Behaviour(chunks=20, reset_after=6))
-    status, body, _ = await h.chat({**REQ, "stream": True})
+    _, body, _ = await h.chat({**REQ, "stream": True})
     text, _ = completion_parts(body)
     (event,) = await settled(h)
     assert event["outcome"] == "upstream_error"
