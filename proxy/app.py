@@ -16,7 +16,8 @@ from proxy.config import Config, Settings
 from proxy.errors import ApiError, error_body
 from proxy.guard import CreditBalanceGuard
 from proxy.kafka import KafkaPublisher, make_producer
-from proxy.observability import Observer
+from proxy.metrics import ProxyMetrics
+from proxy.observability import Observer, log_metrics_mode, redact_url
 from proxy.outbox import Outbox, OutboxRelay, SinkPublisher
 from proxy.snapshot import SnapshotProvider
 from proxy.state import STATE, ProxyState, close_all
@@ -73,9 +74,12 @@ def build_app(
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    # One registry per app (several apps may share a process, e.g. in tests).
+    obs = observer or Observer(ProxyMetrics.from_env(providers=config.providers))
+    app.router.add_get("/metrics", obs.metrics_endpoint)
 
     async def lifecycle(app: web.Application) -> Any:
-        state = await start_state(config, settings, observer or Observer())
+        state = await start_state(config, settings, obs)
         app[STATE] = state
         yield
         await stop_state(state)
@@ -127,8 +131,15 @@ async def start_state(config: Config, settings: Settings, observer: Observer) ->
         else:
             publisher = SinkPublisher(settings.sink_path)
             sink = f"jsonl file {settings.sink_path} (no KAFKA_BOOTSTRAP_SERVERS)"
-        relay = OutboxRelay(outbox, publisher)
+        relay = OutboxRelay(
+            outbox,
+            publisher,
+            on_published=observer.charge_published,
+            on_failed=observer.charge_publish_failed,
+        )
         relay.start()
+        observer.attach(outbox)
+        closers.append(observer.close)
     except BaseException:
         await close_all(closers)
         raise
@@ -162,7 +173,7 @@ def _log_startup(state: ProxyState) -> None:
         log.info(
             "provider %s base_url=%s key=%s stream_usage=%s",
             name,
-            p.base_url,
+            redact_url(p.base_url),
             f"${p.api_key_env}" + ("" if p.api_key else " (NOT SET)") if p.api_key_env else "none",
             p.stream_usage,
         )
@@ -177,3 +188,4 @@ def _log_startup(state: ProxyState) -> None:
         )
     log.info("guard: %s", "redis" if state.guard else "off (no REDIS_URL)")
     log.info("charge events: outbox %s -> %s", state.settings.outbox_path, state.sink_description)
+    log_metrics_mode(state.observer.metrics, log)

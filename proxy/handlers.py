@@ -26,6 +26,7 @@ log = logging.getLogger("proxy.handlers")
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    state.observer.request_started()
     ex = Exchange(time.perf_counter())
     try:
         return await _chat_completions(request, state, ex)

@@ -1,45 +1,174 @@
-"""What the request path reports: one place that feeds metrics and the access log."""
+"""What the request path reports: one place that feeds metrics and the access log.
+
+The access log is one JSON object per request on the `proxy.access` logger, at INFO.
+It carries who (user, scene, principal), what (alias, tokens, credits) and how
+(status, outcome, latency, TTFT, guard), and never prompt or completion text, API
+keys or request headers: it is built from the `Exchange` fields named below only.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from aiohttp import web
+
+from proxy.metrics import ProxyMetrics
 
 if TYPE_CHECKING:
     from proxy.accounting import Exchange, Settlement
+    from proxy.outbox import Outbox
 
 access_log = logging.getLogger("proxy.access")
+log = logging.getLogger("proxy.observability")
+
+# With several worker processes another process may be the one scraped: each keeps
+# its live gauges (in-flight, outbox) in the shared files this often.
+LIVE_REFRESH_S = 1.0
 
 
 class Observer:
-    """Called by the handler at fixed points of every request."""
+    """Called by the handler at fixed points of every request; serves `/metrics`."""
+
+    def __init__(self, metrics: ProxyMetrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self.in_flight = 0
+        # Outbox enqueue (or settlement) failures: charges that may be lost.
+        self.record_failures = 0
+        self.last_record_failed = False
+        self._outbox: Outbox | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def attach(self, outbox: Outbox) -> None:
+        """Where the outbox gauges come from; starts the multiprocess refresher."""
+        self._outbox = outbox
+        if self.metrics.multiprocess_dir is not None and self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_loop(), name="metrics-refresh")
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        # A cleanly stopped worker takes its live gauges out of the merged view.
+        self.metrics.forget_process()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            self.refresh_live()
+            await asyncio.sleep(LIVE_REFRESH_S)
+
+    def refresh_live(self) -> None:
+        outbox = self._outbox
+        if outbox is None:
+            self.metrics.set_live(self.in_flight, 0, None)
+        else:
+            self.metrics.set_live(
+                self.in_flight, outbox.pending_count(), outbox.oldest_pending_age()
+            )
+
+    # -- request hooks -----------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.in_flight += 1
 
     def guard_decided(self, decision: str) -> None:
-        pass
+        """Counted in `request_finished` (from `Exchange.guard_decision`), in one go."""
 
     def charge_enqueued(self) -> None:
-        pass
+        """Counted in `request_finished` (a settlement with an event was enqueued)."""
+
+    def charge_published(self, events: int) -> None:
+        self.metrics.charge_published(events)
+
+    def charge_publish_failed(self, events: int) -> None:
+        self.metrics.charge_publish_failed(events)
 
     def request_finished(self, ex: Exchange, settlement: Settlement | None, now: float) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        ctx = ex.ctx
-        metered = ex.metered
-        line = {
-            "request_id": ex.request_id,
-            "user_id": ctx.user_id if ctx else None,
-            "scene": ctx.scene if ctx else None,
-            "alias": ex.chat.alias.name if ex.chat else None,
-            "status": ex.status,
-            "outcome": str(ex.outcome),
-            "stream": ex.chat.stream if ex.chat else None,
-            "prompt_tokens": metered.usage.prompt_tokens if metered else 0,
-            "completion_tokens": metered.usage.completion_tokens if metered else 0,
-            "usage_source": str(metered.source) if metered else None,
-            "credits": settlement.charge.credits if settlement and settlement.charge else 0,
-            "latency_ms": ex.latency_ms(now),
-            "ttft_ms": ex.ttft_ms(),
+        """`settlement` is None when settling or the outbox enqueue failed (the handler
+        logged why); `now` is when the relay ended."""
+        done = time.perf_counter()
+        self.in_flight -= 1
+        if settlement is None:
+            self.record_failures += 1
+            self.last_record_failed = True
+        elif settlement.event is not None:
+            self.last_record_failed = False
+        self.metrics.observe_request(ex, settlement, now, done)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(access_line(ex, settlement, now))
+
+    # -- /metrics ----------------------------------------------------------------------
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.refresh_live()
+        accept = request.headers.get("Accept")
+        if self.metrics.multiprocess_dir is None:
+            body, content_type = self.metrics.render(accept)
+        else:  # merging every process's files reads the disk: keep it off the loop
+            body, content_type = await asyncio.to_thread(self.metrics.render, accept)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
+    """The access-log JSON of one request (one orjson dump)."""
+    ctx = ex.ctx
+    chat = ex.chat
+    metered = ex.metered
+    charged = settlement is not None and settlement.event is not None
+    line = {
+        "time": datetime.now(UTC),
+        "request_id": ctx.request_id if ctx else None,
+        "user_id": ctx.user_id if ctx else None,
+        "scene": ctx.scene if ctx else None,
+        "principal": ctx.principal if ctx else None,
+        "alias": chat.alias.name if chat else None,
+        "provider": chat.alias.provider.name if chat else None,
+        "stream": chat.stream if chat else None,
+        "status": ex.status,
+        "outcome": ex.outcome,
+        "error_kind": ex.error_kind,
+        "guard": ex.guard_decision,
+        "tokens": None,
+        "usage_source": None,
+        "credits": settlement.charge.credits if charged and settlement.charge else 0,
+        "charged": charged,
+        "latency_ms": ex.latency_ms(now),
+        "ttft_ms": ex.ttft_ms(),
+    }
+    if metered is not None:
+        usage = metered.usage
+        line["tokens"] = {
+            "prompt": usage.prompt_tokens,
+            "completion": usage.completion_tokens,
+            "cached": usage.cached_tokens,
+            "reasoning": usage.reasoning_tokens,
         }
-        access_log.info(orjson.dumps(line).decode())
+        line["usage_source"] = metered.source
+    return orjson.dumps(line, option=orjson.OPT_UTC_Z).decode()
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password, for start-up logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def log_metrics_mode(metrics: ProxyMetrics, logger: logging.Logger) -> None:
+    if metrics.multiprocess_dir is None:
+        logger.info("metrics: GET /metrics (single process)")
+    else:
+        logger.info("metrics: GET /metrics (multiprocess, dir %s)", metrics.multiprocess_dir)
