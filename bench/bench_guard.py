@@ -118,6 +118,9 @@ async def _case(url: str, prefix: str, coalesce: bool, concurrency: int, checks:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checks", type=int, default=20_000, help="checks per case")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per case, interleaved; the median is shown"
+    )
     args = parser.parse_args()
 
     external = os.environ.get("REDIS_URL")
@@ -132,20 +135,26 @@ def main() -> None:
     ]
     try:
         asyncio.run(_seed(server.url, prefix))
-        for _, factory in loops:
-            for concurrency in (1, 64):
-                for coalesce in (False, True):
-                    with asyncio.Runner(loop_factory=factory) as runner:
-                        results.append(
-                            runner.run(
-                                _case(server.url, prefix, coalesce, concurrency, args.checks)
-                            )
-                        )
+        runs: dict[tuple[str, int, bool], list[Result]] = {}
+        # Interleaved repeats and medians: a shared machine's noise hits all cases alike.
+        for _ in range(args.repeat):
+            for name, factory in loops:
+                for concurrency in (1, 64):
+                    for coalesce in (False, True):
+                        case = _case(server.url, prefix, coalesce, concurrency, args.checks)
+                        with asyncio.Runner(loop_factory=factory) as runner:
+                            result = runner.run(case)
+                        runs.setdefault((name, concurrency, coalesce), []).append(result)
+        for rs in runs.values():
+            results.append(sorted(rs, key=lambda r: r.cpu_us)[len(rs) // 2])
         asyncio.run(_cleanup(server.url, prefix))
     finally:
         server.close()
 
-    print(f"redis-py with hiredis, {args.checks} checks per case, common case (allow)")
+    print(
+        f"redis-py with hiredis, common case (allow), {args.checks} checks per run, "
+        f"median of {args.repeat} runs by CPU"
+    )
     print(f"{'loop':8} {'concurrency':>11} {'coalesce':>9} {'CPU us/check':>13} "
           f"{'wall us/check':>14} {'MGET/check':>11} {'fail_open':>9}")  # fmt: skip
     for r in results:
