@@ -29,6 +29,7 @@ from proxy.credits import (
     DEFAULT_STREAM_MAXLEN,
     BalanceChange,
     CreditKeys,
+    check_user_id,
     utc_now_iso,
 )
 from proxy.events import ChargeEvent
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GROUP_ID = "llm-proxy-ledger"
 MAX_REASON_CHARS = 1000
+MAX_RETRY_BACKOFF_S = 10.0
 
 # KEYS: balance, ledger, snapshot, blocked, applied
 # ARGV: credits, event_id, now, maxlen, applied_ttl, request_id, blocked_ttl
@@ -237,15 +239,25 @@ class LedgerConsumer:
             if self._before_commit is not None:
                 await self._before_commit(done)
             if offsets:
-                await consumer.commit(offsets)
+                await self._commit(consumer, offsets)
             if interrupted:
                 return
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            # Typically a rebalance took the partitions away. Whoever owns them now
+            # gets these records again, and the applied markers make that harmless.
+            log.warning("ledger: commit failed (%s); records will be redelivered", exc)
 
     async def _handle(self, record: ConsumerRecord, producer: AIOKafkaProducer) -> bool:
         """Apply or dead-letter one record, retrying infrastructure errors until it
         worked (True) or a stop was requested (False)."""
         try:
             event = ChargeEvent.from_json(record.value or b"")
+            # The schema allows any integer; a balance needs a billable user.
+            check_user_id(event.user_id)
         except ValueError as exc:
             reason = str(exc)
             return await self._retry(lambda: self._dead_letter(record, reason, producer))
@@ -286,6 +298,7 @@ class LedgerConsumer:
     async def _retry(self, op: Callable[[], Awaitable[None]]) -> bool:
         # Skipping a charge would lose money and stopping the consumer would stall
         # billing, so infrastructure errors are retried until they clear.
+        backoff = self._settings.retry_backoff_s
         while True:
             try:
                 await op()
@@ -296,8 +309,9 @@ class LedgerConsumer:
                 self._retries += 1
             if self._stopping.is_set():
                 return False
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self._settings.retry_backoff_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            backoff = min(backoff * 2, MAX_RETRY_BACKOFF_S)
 
 
 async def run_ledger(settings: LedgerSettings, redis: Redis) -> LedgerStats:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 from redis.asyncio import Redis
 
+import proxy
 from proxy import ledger_cli
 from proxy.apikeys import KEY_PREFIX, ApiKeyStore, key_sha256
 from proxy.billing import AuthConfig, Authenticator, BillingContext
@@ -401,3 +404,29 @@ async def test_authenticator_accepts_a_created_key_and_refuses_it_once_revoked(
     with pytest.raises(ApiError) as err:
         await Authenticator(AuthConfig(), redis_client, redis_prefix).authenticate(headers)
     assert err.value.status == 401
+
+
+def test_cli_takes_the_prefix_from_the_config_file(
+    redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+) -> None:
+    demo = (Path(proxy.__file__).parent / "demo_aliases.yaml").read_text()
+    config = tmp_path / "aliases.yaml"
+    config.write_text(f"{demo}\nguard:\n  prefix: '{redis_prefix}'\n")
+    argv = ["credits", "grant", "61", "9", "--config", str(config), "--redis-url", redis_server.url]
+    assert run_cli(argv) == 0
+
+    async def balance() -> int:
+        client = Redis.from_url(redis_server.url)
+        try:
+            return await CreditStore(client, prefix=redis_prefix).balance(61)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(balance()) == 9
+
+
+def test_cli_reports_a_bad_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("guard: [1, 2]\n")
+    assert run_cli(["credits", "show", "1", "--config", str(config)]) == 2
+    assert "broken.yaml" in capsys.readouterr().err

@@ -227,28 +227,35 @@ async def test_poison_messages_are_dead_lettered_and_the_next_event_applies(
     await store.grant(301, 100)
     good = charge_event(301, 7)
     bad_schema = good.to_dict() | {"credits": -3, "event_id": new_event_id(0)}
+    nobody = good.to_dict() | {"user_id": 0, "event_id": new_event_id(0)}
     # Same key: one partition, so the good event really comes after the poison.
     key = good.kafka_key()
     await producer.send_and_wait(kafka_topic, b"\xff not json", key=key)
     await producer.send_and_wait(
         kafka_topic, orjson.dumps(bad_schema), key=key, headers=[("event_id", b"x")]
     )
+    await producer.send_and_wait(kafka_topic, orjson.dumps(nobody), key=key)
     await send_events(producer, kafka_topic, [good])
 
     cfg = settings(kafka_broker, kafka_topic, redis_prefix)
     consumer = LedgerConsumer(cfg, redis_client)
-    await run_until(consumer, processed(consumer, 3), "poison + good event")
+    await run_until(consumer, processed(consumer, 4), "poison + good event")
 
-    assert (consumer.stats.dead_lettered, consumer.stats.applied) == (2, 1)
+    assert (consumer.stats.dead_lettered, consumer.stats.applied) == (3, 1)
     assert await store.balance(301) == 93
-    dead = await consume_messages(kafka_broker.bootstrap, cfg.dead_letter_topic, 2, WAIT_S)
-    assert [m.value for m in dead] == [b"\xff not json", orjson.dumps(bad_schema)]
+    dead = await consume_messages(kafka_broker.bootstrap, cfg.dead_letter_topic, 3, WAIT_S)
+    assert [m.value for m in dead] == [
+        b"\xff not json",
+        orjson.dumps(bad_schema),
+        orjson.dumps(nobody),
+    ]
     assert all(m.key == key for m in dead)
     reasons = [(m.header("dlq_reason") or b"").decode() for m in dead]
     assert "not valid JSON" in reasons[0]
     assert "credits" in reasons[1]
+    assert "user id" in reasons[2]
     assert dead[1].header("event_id") == b"x"  # original headers kept
-    assert [m.header("dlq_source_topic") for m in dead] == [kafka_topic.encode()] * 2
+    assert [m.header("dlq_source_topic") for m in dead] == [kafka_topic.encode()] * 3
     offsets = [int(m.header("dlq_source_offset") or b"-1") for m in dead]
     assert offsets[1] == offsets[0] + 1
 
