@@ -36,11 +36,25 @@ class ProxyState:
     closers: list[Any] = field(default_factory=list)
 
     async def readiness(self) -> dict[str, Any]:
-        """Each dependency's state. Only what prevents serving makes us unready:
-        the guard fails open and the outbox buffers while Kafka is away, so Redis
-        and Kafka trouble report `degraded` but stay ready."""
-        checks: dict[str, Any] = {"config": {"status": "ok", "aliases": len(self.config.aliases)}}
-        ready = True
+        """Each dependency's state. Only what prevents serving makes us unready: no
+        alias with a usable provider key, or a closed outbox (no charge could be
+        recorded). The guard fails open and the outbox buffers while Kafka is away,
+        so Redis and Kafka trouble report `degraded` but stay ready. Outbox enqueue
+        failures report `failing` but stay ready too: an unready proxy gets no
+        traffic and could never see the outbox recover; alert on
+        llm_proxy_charge_events_total{result="enqueue_failed"} instead."""
+        providers = self.config.providers
+        missing = sorted(n for n, p in providers.items() if p.api_key_env and not p.api_key)
+        servable = sum(a.provider.name not in missing for a in self.config.aliases.values())
+        checks: dict[str, Any] = {
+            "config": {
+                "status": "ok" if servable else "error",
+                "aliases": len(self.config.aliases),
+                "servable_aliases": servable,
+                "providers": len(providers),
+                "providers_without_key": missing,
+            }
+        }
         if self.redis is None:
             checks["redis"] = {"status": "disabled"}
         else:
@@ -50,19 +64,32 @@ class ProxyState:
                 checks["redis"] = {"status": "ok"}
             except Exception as exc:
                 checks["redis"] = {"status": "degraded", "error": type(exc).__name__}
-        pending = self.outbox.pending_count()
-        failures = self.relay.consecutive_failures
+        if not self.outbox.is_open:
+            outbox_status = "closed"
+        elif self.observer.last_record_failed:
+            outbox_status = "failing"
+        else:
+            outbox_status = "ok"
         checks["outbox"] = {
-            "status": "ok",
-            "pending": pending,
+            "status": outbox_status,
+            "pending": self.outbox.pending_count(),
             "oldest_pending_age_s": self.outbox.oldest_pending_age(),
+            "record_failures": self.observer.record_failures,
         }
-        checks["events"] = {
+        failures = self.relay.consecutive_failures
+        checks["relay"] = {
             "status": "degraded" if failures else "ok",
             "sink": self.sink_description,
             "consecutive_publish_failures": failures,
         }
-        return {"ready": ready, "checks": checks}
+        ready = servable > 0 and self.outbox.is_open
+        if not ready:
+            status = "unready"
+        elif any(c["status"] in ("degraded", "failing") for c in checks.values()):
+            status = "degraded"
+        else:
+            status = "ok"
+        return {"ready": ready, "status": status, "checks": checks}
 
 
 STATE = web.AppKey("proxy_state", ProxyState)
