@@ -431,22 +431,15 @@ class Authenticator:
         header_user = (headers.get("X-User-Id") or "").strip()
         # Precedence: X-User-Id header, then a numeric body `user`, else nobody (0).
         user_id = parse_user_id(header_user) if header_user else _body_user_id(body_user)
-        scene = parse_scene(headers.get("X-Billing-Scene"))
-        if key is not None and not key.allows(scene):
+        ctx = _context(headers, user_id, principal)
+        if key is not None and not key.allows(ctx.scene):
             allowed = ", ".join(sorted(key.scenes))
             raise _forbidden(
-                f"service key {key.name!r} may not bill scene {scene!r}; "
+                f"service key {key.name!r} may not bill scene {ctx.scene!r}; "
                 f"send X-Billing-Scene with one of: {allowed}",
                 param="X-Billing-Scene",
             )
-        return BillingContext(
-            user_id=user_id,
-            scene=scene,
-            request_id=parse_request_id(headers.get("X-Request-Id")),
-            conversation_id=parse_conversation_id(headers.get("X-Conversation-Id")),
-            skip_charge=parse_bool(headers.get("X-Skip-Charge"), param="X-Skip-Charge"),
-            principal=principal,
-        )
+        return ctx
 
     # -- user keys -------------------------------------------------------------------
 
@@ -454,17 +447,11 @@ class Authenticator:
         claimed = (headers.get("X-User-Id") or "").strip()
         if claimed and parse_user_id(claimed) != user_id:
             raise _forbidden("a user API key cannot act for another user", param="X-User-Id")
-        # A false X-Skip-Charge asks for nothing special and is ignored.
-        if parse_bool(headers.get("X-Skip-Charge"), param="X-Skip-Charge"):
+        ctx = _context(headers, user_id, "user")
+        # A false X-Skip-Charge asks for nothing special and is accepted.
+        if ctx.skip_charge:
             raise _forbidden("a user API key cannot skip charging", param="X-Skip-Charge")
-        return BillingContext(
-            user_id=user_id,
-            scene=parse_scene(headers.get("X-Billing-Scene")),
-            request_id=parse_request_id(headers.get("X-Request-Id")),
-            conversation_id=parse_conversation_id(headers.get("X-Conversation-Id")),
-            skip_charge=False,
-            principal="user",
-        )
+        return ctx
 
     async def _user_for(self, digest_hex: str) -> int | None:
         hit, user_id = self._cache.get(digest_hex)
@@ -502,6 +489,17 @@ class Authenticator:
             ttl = self._config.user_key_cache_ttl_s
         self._cache.put(digest_hex, user_id, ttl)
         return user_id
+
+
+def _context(headers: Mapping[str, str], user_id: int, principal: str) -> BillingContext:
+    return BillingContext.normalize(
+        user_id=user_id,
+        scene=headers.get("X-Billing-Scene"),
+        request_id=headers.get("X-Request-Id"),
+        conversation_id=headers.get("X-Conversation-Id"),
+        skip_charge=headers.get("X-Skip-Charge"),
+        principal=principal,
+    )
 
 
 def _bearer_key(header: str | None) -> str:
