@@ -164,6 +164,8 @@ class CreditStore:
         applied_ttl_s: int = DEFAULT_APPLIED_TTL_S,
         blocked_ttl_s: int = DEFAULT_BLOCKED_TTL_S,
     ) -> None:
+        if applied_ttl_s <= 0 or stream_maxlen <= 0 or blocked_ttl_s < 0:
+            raise ValueError("applied_ttl_s and stream_maxlen must be > 0, blocked_ttl_s >= 0")
         self._redis = redis
         self.keys = CreditKeys(prefix)
         self._stream_maxlen = stream_maxlen

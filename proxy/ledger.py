@@ -88,6 +88,12 @@ class LedgerSettings:
     session_timeout_ms: int = 10_000
     rebalance_timeout_ms: int | None = None
 
+    def __post_init__(self) -> None:
+        # Redis rejects EX 0 and MAXLEN 0 would empty the ledger: fail at start-up,
+        # not in a retry loop on the first event.
+        if self.applied_ttl_s <= 0 or self.stream_maxlen <= 0 or self.blocked_ttl_s < 0:
+            raise ValueError("applied_ttl_s and stream_maxlen must be > 0, blocked_ttl_s >= 0")
+
     @property
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"

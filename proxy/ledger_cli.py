@@ -69,8 +69,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--topic", help="charge topic (default: events.topic)")
     p.add_argument("--group-id", default=DEFAULT_GROUP_ID)
     p.add_argument("--dlq-topic", help="dead-letter topic (default: <topic>.dlq)")
-    p.add_argument("--applied-ttl", type=_nonneg_int, default=7 * 24 * 3600, metavar="S")
-    p.add_argument("--stream-maxlen", type=_nonneg_int, default=10_000, metavar="N")
+    p.add_argument("--applied-ttl", type=_positive_int, default=7 * 24 * 3600, metavar="S")
+    p.add_argument("--stream-maxlen", type=_positive_int, default=10_000, metavar="N")
     p.add_argument(
         "--blocked-ttl", type=_nonneg_int, default=0, metavar="S", help="0 = until a grant"
     )
@@ -99,7 +99,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     kc.add_argument("--user", type=_user_id, required=True)
     kc.set_defaults(func=_command(_cmd_key_create))
     kr = ksub.add_parser("revoke", parents=[common], help="revoke a key")
-    kr.add_argument("key", nargs="?", help="the key itself (or use --sha256)")
+    kr.add_argument(
+        "key", nargs="?", help="the key itself, or - to read it from stdin (keeps it out of ps)"
+    )
     kr.add_argument("--sha256", help="the key's SHA-256 hex")
     kr.set_defaults(func=_command(_cmd_key_revoke))
     kl = ksub.add_parser("list", parents=[common], help="a user's key hashes")
@@ -203,10 +205,12 @@ def _cmd_key_revoke(args: argparse.Namespace, r: Resolved) -> int:
     if (args.key is None) == (args.sha256 is None):
         return _fail("keys revoke: give the key or --sha256 HASH (exactly one)")
 
+    api_key = sys.stdin.readline().strip() if args.key == "-" else args.key
+
     async def run(redis: Redis) -> int:
         store = ApiKeyStore(redis, prefix=r.prefix)
         try:
-            user = await store.revoke(api_key=args.key, sha256=args.sha256)
+            user = await store.revoke(api_key=api_key, sha256=args.sha256)
         except ValueError as exc:
             return _fail(f"keys revoke: {exc}")
         if user is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import time
 from pathlib import Path
 
@@ -319,7 +320,10 @@ def cli(redis_url: str, prefix: str, *argv: str) -> list[str]:
 
 
 def test_cli_grant_show_ledger_and_keys(
-    redis_server: RedisServer, redis_prefix: str, capsys: pytest.CaptureFixture[str]
+    redis_server: RedisServer,
+    redis_prefix: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, prefix = redis_server.url, redis_prefix
 
@@ -347,15 +351,25 @@ def test_cli_grant_show_ledger_and_keys(
     assert run_cli(cli(url, prefix, "keys", "list", "--user", "77")) == 0
     assert created["sha256"] in capsys.readouterr().out
 
-    assert run_cli(cli(url, prefix, "keys", "revoke", created["api_key"])) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO(created["api_key"] + "\n"))
+    assert run_cli(cli(url, prefix, "keys", "revoke", "-")) == 0
     assert "revoked" in capsys.readouterr().out
     assert run_cli(cli(url, prefix, "keys", "revoke", "--sha256", created["sha256"])) == 1
     assert run_cli(cli(url, prefix, "keys", "revoke")) == 2
 
 
-def test_cli_grant_rejects_zero(redis_server: object) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["credits", "grant", "1", "0"],
+        ["credits", "grant", "0", "5"],
+        ["keys", "create", "--user", "-3"],
+        ["ledger", "--applied-ttl", "0"],
+    ],
+)
+def test_cli_rejects_bad_numbers(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
-        run_cli(["credits", "grant", "1", "0", "--prefix", "x:"])
+        run_cli([*argv, "--prefix", "x:"])
 
 
 async def test_user_ids_outside_the_billing_range_are_refused(
