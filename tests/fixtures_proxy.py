@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -25,6 +25,10 @@ from proxy.config import Config, Settings, parse_config
 from proxy.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
 from proxy.observability import Observer
 from proxy.state import STATE, ProxyState
+from proxy.usage import Outcome, Usage, UsageSource
+
+if TYPE_CHECKING:
+    from proxy.accounting import Exchange, Settlement
 
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 SERVICE_KEY = "sk-service-key-for-tests"
@@ -138,6 +142,49 @@ def service_key_yaml(scenes: str = '["*"]') -> str:
               scenes: {scenes}
         """
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """What the proxy recorded about one finished request (see RecordingObserver)."""
+
+    request_id: str
+    outcome: Outcome | None
+    status: int
+    error_kind: str | None
+    usage: Usage | None
+    usage_source: UsageSource | None
+    event_id: str | None  # the charge event's id; None when nothing was charged
+    guard: str | None  # the guard's decision; None when the request never got that far
+
+
+class RecordingObserver(Observer):
+    """Keeps what the proxy recorded about every finished request, for tests to assert on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.finished: list[Finished] = []
+
+    def request_finished(self, ex: Exchange, settlement: Settlement | None, now: float) -> None:
+        super().request_finished(ex, settlement, now)
+        event = settlement.event if settlement is not None else None
+        self.finished.append(
+            Finished(
+                request_id=ex.request_id,
+                outcome=ex.outcome,
+                status=ex.status,
+                error_kind=ex.error_kind,
+                usage=ex.metered.usage if ex.metered is not None else None,
+                usage_source=ex.metered.source if ex.metered is not None else None,
+                event_id=event.event_id if event is not None else None,
+                guard=ex.guard_decision,
+            )
+        )
+
+    def by_request(self, request_id: str) -> Finished:
+        matches = [f for f in self.finished if f.request_id == request_id]
+        assert len(matches) == 1, f"{request_id!r} finished {len(matches)} times"
+        return matches[0]
 
 
 StartProxy = Callable[..., Awaitable[ProxyHarness]]
