@@ -73,6 +73,11 @@ class Watchdog:
 
     def first_byte(self) -> None:
         self.last = self._loop.time()
+        if self._handle is not None and self.idle < self._limit:
+            # The armed timer still points at the first-byte deadline; a stall right
+            # after the first chunk must be caught after `idle`, not after that.
+            self._handle.cancel()
+            self._handle = self._loop.call_at(self.last + self.idle, self._check)
         self._limit = self.idle
 
     def touch(self) -> None:
