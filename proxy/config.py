@@ -20,6 +20,7 @@ import yaml
 from proxy.billing import AuthConfig
 from proxy.errors import ConfigError
 from proxy.guard import GuardConfig
+from proxy.kafka import idempotence_from_env
 from proxy.pricing import PriceRule, parse_price_rules
 from proxy.tokens import DEFAULT_ENCODING, SUPPORTED_ENCODINGS
 
@@ -125,7 +126,7 @@ class Settings:
         return cls(
             redis_url=opt("REDIS_URL"),
             kafka_bootstrap=opt("KAFKA_BOOTSTRAP_SERVERS"),
-            kafka_idempotent=_env_bool(env.get("KAFKA_IDEMPOTENT", "true")),
+            kafka_idempotent=idempotence_from_env(env),
             credit_snapshot_url=opt("CREDIT_SNAPSHOT_URL"),
             outbox_path=opt("LLM_PROXY_OUTBOX_PATH") or DEFAULT_OUTBOX_PATH,
             sink_path=opt("LLM_PROXY_SINK_PATH") or DEFAULT_SINK_PATH,

@@ -171,7 +171,6 @@ server: {{shutdown_grace_s: 5, outbox_drain_s: 5}}
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_broker.bootstrap,
-        "KAFKA_IDEMPOTENT": "false",
         "LLM_PROXY_KAFKA_IDEMPOTENCE": "false",
         "LLM_PROXY_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
     }
