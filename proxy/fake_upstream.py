@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -42,6 +42,24 @@ class Behaviour:
     invalid_json: bool = False  # non-streamed: a body that is not JSON
     cached_tokens: int = 0  # reported as prompt_tokens_details.cached_tokens
     reasoning_tokens: int = 0  # reported as completion_tokens_details.reasoning_tokens
+    # When set, a request body field of this name picks a fault for that request only
+    # ("reset", "stall", "malformed" or "status:<code>"), so one run can mix faults
+    # into normal traffic (bench/soak.py). The proxy forwards unknown fields as is.
+    fault_field: str | None = None
+
+    def for_request(self, body: dict[str, Any]) -> Behaviour:
+        fault = body.get(self.fault_field) if self.fault_field else None
+        if not isinstance(fault, str):
+            return self
+        if fault == "reset":
+            return replace(self, reset_after=self.chunks // 2)
+        if fault == "stall":
+            return replace(self, stall_after=self.chunks // 2)
+        if fault == "malformed":
+            return replace(self, malformed_stream=True)
+        if fault.startswith("status:") and fault[7:].isdigit():
+            return replace(self, status=int(fault[7:]))
+        return self
 
 
 @dataclass(slots=True)
@@ -77,8 +95,8 @@ def _usage(app: web.Application, body: dict[str, Any], text: str) -> dict[str, A
 
 async def chat(request: web.Request) -> web.StreamResponse:
     app = request.app
-    b = app[BEHAVIOUR]
     body = await request.json(loads=orjson.loads)
+    b = app[BEHAVIOUR].for_request(body)
     app[RECORDER].requests.append({"headers": dict(request.headers), "body": body})
     if b.first_byte_delay:
         await asyncio.sleep(b.first_byte_delay)
@@ -121,14 +139,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
             content_type="application/json",
             headers={"x-request-id": "req_fake_" + ident[-8:], "openai-processing-ms": "1"},
         )
-    return await _stream(request, body, ident, model, words)
+    return await _stream(request, b, body, ident, model, words)
 
 
 async def _stream(
-    request: web.Request, body: dict[str, Any], ident: str, model: str, words: list[str]
+    request: web.Request,
+    b: Behaviour,
+    body: dict[str, Any],
+    ident: str,
+    model: str,
+    words: list[str],
 ) -> web.StreamResponse:
     app = request.app
-    b = app[BEHAVIOUR]
     rec = app[RECORDER]
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "x-request-id": "req_fake_" + ident[-8:]}

@@ -291,6 +291,41 @@ async def test_faults_in_turn_never_stop_the_proxy_serving(start_proxy: StartPro
     await wait_until(lambda: h.recorder.open_connections == 0, 5, "upstream released")
 
 
+async def test_concurrent_mixed_faults_stay_with_their_request(start_proxy: StartProxy) -> None:
+    """Faults picked per request (the fake's `fault_field`) under concurrency: each
+    request gets its own outcome, and exactly the requests that relayed tokens are
+    charged, once."""
+    obs = RecordingObserver()
+    h = await start_proxy(
+        behaviour=Behaviour(fault_field="x_fault", chunk_delay=0.005), observer=obs
+    )
+    kinds = ["ok", "reset", "status:500", "malformed", "status:429"] * 12
+
+    async def one(i: int, kind: str) -> tuple[str, int, Any]:
+        extra = {} if kind == "ok" else {"x_fault": kind}
+        status, body, _ = await h.chat(
+            chat_body(stream=True, **extra), h.headers(**{"X-Request-Id": f"mix-{i}"})
+        )
+        return kind, status, body
+
+    results = await asyncio.gather(*(one(i, k) for i, k in enumerate(kinds)))
+    for kind, status, body in results:
+        if kind.startswith("status:"):
+            assert status == int(kind[7:])
+            assert_openai_error(body)
+            continue
+        assert status == 200 and isinstance(body, bytes)
+        if kind == "reset":
+            assert sse_events(body)[-1].startswith(b"event: error\n")
+        else:
+            assert body.endswith(b"data: [DONE]\n\n")
+    events = await settled(h, obs, len(kinds))
+    charged = {f"mix-{i}" for i, k in enumerate(kinds) if not k.startswith("status:")}
+    assert sorted(e["request_id"] for e in events) == sorted(charged)
+    assert len({e["event_id"] for e in events}) == len(events)
+    await wait_until(lambda: h.recorder.open_connections == 0, 5, "upstream released")
+
+
 # -- Redis ------------------------------------------------------------------------------
 
 
