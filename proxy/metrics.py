@@ -73,7 +73,12 @@ class _AliasSeries:
             src: tuple(m.tokens.labels(alias, kind, src) for kind in TOKEN_KINDS)
             for src in USAGE_SOURCES
         }
-        self.errors = {k: m.upstream_errors.labels(provider, k) for k in UPSTREAM_ERROR_KINDS}
+        # Requests without an alias never reach a provider: no error series for them.
+        self.errors = (
+            {k: m.upstream_errors.labels(provider, k) for k in UPSTREAM_ERROR_KINDS}
+            if alias != NO_ALIAS
+            else {}
+        )
 
 
 class ProxyMetrics:

@@ -37,7 +37,7 @@ class Observer:
     """Called by the handler at fixed points of every request; serves `/metrics`."""
 
     def __init__(self, metrics: ProxyMetrics | None = None) -> None:
-        self.metrics = metrics if metrics is not None else ProxyMetrics()
+        self.metrics = metrics if metrics is not None else ProxyMetrics.from_env()
         self.in_flight = 0
         # Outbox enqueue (or settlement) failures: charges that may be lost.
         self.record_failures = 0
