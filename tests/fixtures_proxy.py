@@ -42,10 +42,12 @@ providers:
     timeouts: {{connect: 1, first_byte: {first_byte}, idle: {idle}, total: 30}}
 price_rules:
   std: {{input: 1000, cached_input: 500, output: 2000}}
+  premium: {{input: 10000000, output: 10000000}}   # 10 credits per token
 aliases:
   smart: {{provider: fake, model: fake-model-v1, price_rule: std, tokenizer: o200k_base}}
   legacy: {{provider: fake, model: fake-model-old, price_rule: std, tokenizer: cl100k_base}}
   freebie: {{provider: fake, model: fake-model-free, free: true}}
+  premium: {{provider: fake, model: fake-model-pro, price_rule: premium}}
 """
 
 

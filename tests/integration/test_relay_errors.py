@@ -96,7 +96,7 @@ async def test_models_and_health(start_proxy: StartProxy) -> None:
     async with h.session.get(f"{h.url}/v1/models") as resp:
         models = await resp.json()
     assert models["object"] == "list"
-    assert {m["id"] for m in models["data"]} == {"smart", "legacy", "freebie"}
+    assert {m["id"] for m in models["data"]} == {"smart", "legacy", "freebie", "premium"}
     async with h.session.get(f"{h.url}/healthz") as resp:
         assert resp.status == 200
     async with h.session.get(f"{h.url}/readyz") as resp:
