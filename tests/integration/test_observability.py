@@ -258,7 +258,7 @@ async def test_readiness_unready_without_provider_key_or_outbox(start_proxy: Sta
     assert report["status"] == "ok"
     assert set(report["checks"]) == {"config", "redis", "outbox", "relay"}
     assert report["checks"]["redis"] == {"status": "disabled"}
-    assert report["checks"]["config"]["servable_aliases"] == 3
+    assert report["checks"]["config"]["servable_aliases"] == len(h.config.aliases) > 0
     await h.state.outbox.close()  # no charge can be recorded any more
     async with h.session.get(f"{h.url}/readyz") as resp:
         report = await resp.json()
@@ -273,7 +273,7 @@ async def test_readiness_unready_without_provider_key_or_outbox(start_proxy: Sta
         assert resp.status == 503
     assert report["checks"]["config"] == {
         "status": "error",
-        "aliases": 3,
+        "aliases": len(h.state.config.aliases),
         "servable_aliases": 0,
         "providers": 1,
         "providers_without_key": ["fake"],
