@@ -12,7 +12,7 @@ import time
 import orjson
 from aiohttp import web
 
-from proxy.accounting import Exchange, settle
+from proxy.accounting import Exchange, Settlement, settle
 from proxy.chat_request import parse_chat_request, read_body
 from proxy.errors import ApiError
 from proxy.guard import GuardDecision, insufficient_credit_error
@@ -37,9 +37,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             err.headers = {**(err.headers or {}), "X-Request-Id": ex.ctx.request_id}
         raise
     finally:
-        # Runs on every exit, including the client's disconnect (CancelledError):
-        # the shield keeps the outbox enqueue alive after the task is cancelled.
-        await asyncio.shield(_settle_and_record(state, ex))
+        # Runs on every exit, the client's disconnect (CancelledError) and shutdown
+        # included. The charge is enqueued before any await, so no cancellation can
+        # lose it; then the request waits (shielded) for its batch to be on disk.
+        committed = _settle_and_record(state, ex)
+        if committed is not None:
+            await _wait_committed(committed, ex)
 
 
 async def _chat_completions(
@@ -53,7 +56,6 @@ async def _chat_completions(
 
     decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
     ex.guard_decision = decision
-    state.observer.guard_decided(decision)
     if decision is GuardDecision.BLOCK:
         raise insufficient_credit_error()
 
@@ -92,22 +94,35 @@ async def _chat_completions(
     return await relay_json(up, ex, wd)
 
 
-async def _settle_and_record(state: ProxyState, ex: Exchange) -> None:
+def _settle_and_record(state: ProxyState, ex: Exchange) -> asyncio.Future[None] | None:
+    """Price, build the charge event, enqueue it, record metrics and the access log.
+
+    Synchronous on purpose (see the caller). Returns the outbox commit to wait for.
+    """
     now = time.perf_counter()
     if ex.outcome is None:  # an unexpected exception escaped: still account for it
         ex.finish(Outcome.UPSTREAM_ERROR, 500)
+    committed: asyncio.Future[None] | None = None
+    settlement: Settlement | None
     try:
         settlement = settle(ex, now)
-        if settlement.event is not None:
-            event = settlement.event
-            await state.outbox.put(event.event_id, event.kafka_key(), event.to_json())
-            state.observer.charge_enqueued()
+        event = settlement.event
+        if event is not None:
+            committed = state.outbox.put_nowait(event.event_id, event.kafka_key(), event.to_json())
     except Exception:
         # Never lose the reason a charge could not be recorded; the request
         # itself has already been answered.
         log.exception("settling request %s failed", ex.request_id)
         settlement = None
     state.observer.request_finished(ex, settlement, now)
+    return committed
+
+
+async def _wait_committed(committed: asyncio.Future[None], ex: Exchange) -> None:
+    try:
+        await asyncio.shield(committed)
+    except Exception:
+        log.exception("committing the charge of request %s failed", ex.request_id)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -81,12 +81,6 @@ class Observer:
     def request_started(self) -> None:
         self.in_flight += 1
 
-    def guard_decided(self, decision: str) -> None:
-        """Counted in `request_finished` (from `Exchange.guard_decision`), in one go."""
-
-    def charge_enqueued(self) -> None:
-        """Counted in `request_finished` (a settlement with an event was enqueued)."""
-
     def charge_published(self, events: int) -> None:
         self.metrics.charge_published(events)
 

@@ -45,6 +45,11 @@ _HEAD = "SELECT created_at FROM outbox ORDER BY seq LIMIT 1"
 _SYNC_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
+# Events kept in memory while commits fail (disk full): beyond this, the oldest go.
+_MAX_UNCOMMITTED = 100_000
+_COMMIT_RETRY_MAX_S = 5.0
+
+
 class OutboxClosedError(RuntimeError):
     """The outbox no longer accepts events (it is closing or closed)."""
 
@@ -106,6 +111,8 @@ class Outbox:
         self._writer: asyncio.Task[None] | None = None
         self._accepting = False
         self._pending = 0
+        self._committing = 0
+        self._commit_failures = 0
         self._oldest: float | None = None
         self._commits = 0
         self._events_committed = 0
@@ -174,11 +181,30 @@ class Outbox:
                     async with asyncio.timeout(self._flush_interval):
                         await self._full.wait()
             batch, self._buffer = self._buffer, []
-            await self._commit(batch)
+            self._committing = len(batch)
+            try:
+                ok = await self._commit(batch)
+            finally:
+                self._committing = 0
+            if not ok:
+                # Disk full, I/O error: the events stay in memory (ahead of newer
+                # ones) and are retried with backoff rather than dropped.
+                self._buffer[:0] = batch[-_MAX_UNCOMMITTED:]
+                if len(batch) > _MAX_UNCOMMITTED:
+                    log.error(
+                        "outbox dropped %d uncommittable events", len(batch) - _MAX_UNCOMMITTED
+                    )
+                self._commit_failures += 1
+                if not self._accepting and self._commit_failures >= 3:
+                    log.error("outbox closing with %d uncommitted events", len(self._buffer))
+                    return
+                await asyncio.sleep(min(_COMMIT_RETRY_MAX_S, 0.05 * 2**self._commit_failures))
+            else:
+                self._commit_failures = 0
 
     async def _commit(
         self, batch: list[tuple[str, bytes, bytes, float, asyncio.Future[None]]]
-    ) -> None:
+    ) -> bool:
         rows = [item[:4] for item in batch]
         try:
             inserted, oldest = await self._run(self._db_insert, rows)
@@ -187,7 +213,7 @@ class Outbox:
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
-            return
+            return False
         self._commits += 1
         self._events_committed += inserted
         self._pending += inserted
@@ -197,6 +223,7 @@ class Outbox:
                 fut.set_result(None)
         if inserted:
             self._committed.set()
+        return True
 
     # -- read side (relay) ----------------------------------------------------------
 
@@ -219,7 +246,12 @@ class Outbox:
         self._oldest = oldest
 
     def pending_count(self) -> int:
+        """Committed events not yet published."""
         return self._pending
+
+    def queued_count(self) -> int:
+        """Events handed to `put` and not yet committed to the file."""
+        return len(self._buffer) + self._committing
 
     def oldest_pending_age(self) -> float | None:
         """Seconds since the oldest unpublished event was put, None when empty."""

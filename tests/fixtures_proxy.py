@@ -119,7 +119,8 @@ class ProxyHarness:
         import asyncio
 
         for _ in range(500):
-            if self.state.outbox.pending_count() == 0:
+            outbox = self.state.outbox
+            if outbox.pending_count() == 0 and outbox.queued_count() == 0:
                 return
             await asyncio.sleep(0.01)
         raise AssertionError("outbox did not drain")

@@ -416,3 +416,30 @@ def test_producer_config_waits_for_all_replicas() -> None:
     assert cfg["compression_type"] == "gzip"
     with pytest.raises(ConfigError, match="compression"):
         producer_config("b:9092", idempotent=True, compression="rar")
+
+
+async def test_failed_commit_is_retried_not_dropped(tmp_path: Path, monkeypatch) -> None:
+    """A commit that fails (disk full) tells its waiters, and the events stay queued
+    and are committed by a later attempt."""
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    await outbox.start()
+    real = outbox._db_insert
+    calls = {"n": 0}
+
+    def flaky(rows):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(rows)
+
+    monkeypatch.setattr(outbox, "_db_insert", flaky)
+    fut = outbox.put_nowait("e1", b"1", b"{}")
+    with pytest.raises(sqlite3.OperationalError):
+        await fut
+    for _ in range(200):
+        if outbox.pending_count() == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert outbox.pending_count() == 1 and outbox.queued_count() == 0
+    assert calls["n"] == 2
+    await outbox.close()
