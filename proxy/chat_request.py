@@ -35,7 +35,14 @@ class ChatRequest:
                 "include_usage": True,
             }
             strip = True
-        return orjson.dumps(out), strip
+        try:
+            return orjson.dumps(out), strip
+        except orjson.JSONEncodeError:
+            # orjson reads up to 1024 levels of nesting but writes at most 255: a body
+            # in between parses fine and cannot be forwarded. It is the caller's input.
+            raise invalid_request(
+                "request body nests too deeply (at most 255 levels)", code="invalid_json"
+            ) from None
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
