@@ -119,7 +119,7 @@ class ProxyMetrics:
         self.overhead = Histogram(
             "llm_proxy_overhead_seconds",
             "Time spent in the proxy itself: before_upstream (arrival to upstream request), "
-            "after_upstream (relay end to charge recorded), total (their sum).",
+            "after_upstream (relay end to charge enqueued and request recorded), total (sum).",
             ("phase",),
             buckets=OVERHEAD_BUCKETS,
             registry=r,
@@ -153,6 +153,13 @@ class ProxyMetrics:
         self.outbox_pending = Gauge(
             "llm_proxy_outbox_pending_events",
             "Charge events committed to the outbox and not yet published.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.outbox_uncommitted = Gauge(
+            "llm_proxy_outbox_uncommitted_events",
+            "Charge events accepted but not yet committed to the outbox file "
+            "(a group commit in progress; grows while commits fail, e.g. disk full).",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -196,7 +203,7 @@ class ProxyMetrics:
         self, ex: Exchange, settlement: Settlement | None, now: float, done: float
     ) -> None:
         """Everything one finished request contributes. `now`: the relay ended;
-        `done`: the request is recorded (charge enqueued or given up)."""
+        `done`: the request is recorded (its charge handed to the outbox, or given up)."""
         chat = ex.chat
         if chat is None:
             alias, stream = NO_ALIAS, False
@@ -270,12 +277,19 @@ class ProxyMetrics:
     def charge_publish_failed(self, events: int) -> None:
         self._publish_failed.inc(events)
 
-    def set_live(self, in_flight: int, outbox_pending: int, oldest_age_s: float | None) -> None:
+    def set_live(
+        self,
+        in_flight: int,
+        outbox_pending: int,
+        oldest_age_s: float | None,
+        outbox_uncommitted: int = 0,
+    ) -> None:
         """The gauges that describe "now"; set right before a scrape (and, with several
         processes, periodically, since another process may be the one scraped)."""
         self.in_flight.set(in_flight)
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_age.set(oldest_age_s or 0.0)
+        self.outbox_uncommitted.set(outbox_uncommitted)
 
     # -- exposition ------------------------------------------------------------------
 

@@ -73,7 +73,10 @@ class Observer:
             self.metrics.set_live(self.in_flight, 0, None)
         else:
             self.metrics.set_live(
-                self.in_flight, outbox.pending_count(), outbox.oldest_pending_age()
+                self.in_flight,
+                outbox.pending_count(),
+                outbox.oldest_pending_age(),
+                outbox.queued_count(),
             )
 
     # -- request hooks -----------------------------------------------------------------
@@ -88,8 +91,9 @@ class Observer:
         self.metrics.charge_publish_failed(events)
 
     def request_finished(self, ex: Exchange, settlement: Settlement | None, now: float) -> None:
-        """`settlement` is None when settling or the outbox enqueue failed (the handler
-        logged why); `now` is when the relay ended."""
+        """`settlement` is None when settling or handing the charge to the outbox
+        failed (the handler logged why); `now` is when the relay ended. Called before
+        the charge's commit is awaited: the outbox retries failed commits itself."""
         done = time.perf_counter()
         self.in_flight -= 1
         if settlement is None:

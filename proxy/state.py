@@ -73,6 +73,7 @@ class ProxyState:
         checks["outbox"] = {
             "status": outbox_status,
             "pending": self.outbox.pending_count(),
+            "uncommitted": self.outbox.queued_count(),
             "oldest_pending_age_s": self.outbox.oldest_pending_age(),
             "record_failures": self.observer.record_failures,
         }

@@ -236,7 +236,7 @@ def test_apps_do_not_share_a_registry(config: Config) -> None:
 
 def test_live_gauges_and_openmetrics(config: Config) -> None:
     m = ProxyMetrics()
-    m.set_live(3, 12, 4.5)
+    m.set_live(3, 12, 4.5, 7)
     body, content_type = m.render("application/openmetrics-text; version=1.0.0; charset=utf-8")
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith(b"# EOF\n")
@@ -244,6 +244,7 @@ def test_live_gauges_and_openmetrics(config: Config) -> None:
     assert value(got, "llm_proxy_requests_in_flight") == 3
     assert value(got, "llm_proxy_outbox_pending_events") == 12
     assert value(got, "llm_proxy_outbox_oldest_pending_age_seconds") == 4.5
+    assert value(got, "llm_proxy_outbox_uncommitted_events") == 7
     m.set_live(0, 0, None)  # empty outbox: age 0
     assert value(scrape(m), "llm_proxy_outbox_oldest_pending_age_seconds") == 0
 

@@ -195,6 +195,7 @@ async def test_metrics_after_a_known_set_of_requests(
     assert value(got, "llm_proxy_requests_in_flight") == 0
     assert value(got, "llm_proxy_outbox_pending_events") == 0
     assert value(got, "llm_proxy_outbox_oldest_pending_age_seconds") == 0
+    assert value(got, "llm_proxy_outbox_uncommitted_events") == 0
 
 
 async def test_connect_failure_fail_open_and_in_flight(start_proxy: StartProxy) -> None:
@@ -226,6 +227,7 @@ async def test_connect_failure_fail_open_and_in_flight(start_proxy: StartProxy) 
     assert report["ready"] is True and report["status"] == "degraded"
     assert report["checks"]["redis"]["status"] == "degraded"
     assert report["checks"]["outbox"]["status"] == "ok"
+    assert report["checks"]["outbox"]["uncommitted"] == 0
     assert report["checks"]["relay"]["status"] == "ok"
 
 
