@@ -13,7 +13,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from proxy.config import Settings, config_path_from_env, load_config
+from proxy.config import Config, Settings, config_path_from_env, load_config
 from proxy.errors import ConfigError
 
 log = logging.getLogger("proxy.cli")
@@ -44,14 +44,34 @@ def install_event_loop(choice: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from proxy.app import build_app
-
     path = config_path_from_env(args.config)
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(f"llm-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        from proxy.workers import run_workers
+
+        # Workers get the grace period plus the outbox drain before being killed.
+        grace = config.server.shutdown_grace_s + config.server.outbox_drain_s + 5
+        return run_workers(args, stop_timeout_s=grace)
+    return serve_one(args, config)
+
+
+def serve_one(
+    args: argparse.Namespace, config: Config | None = None, *, reuse_port: bool = False
+) -> int:
+    """One proxy process; `reuse_port` when it is one of `--workers N` (proxy/workers.py)."""
+    from proxy.app import build_app
+
+    path = config_path_from_env(args.config)
+    if config is None:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            print(f"llm-proxy: configuration error: {exc}", file=sys.stderr)
+            return 2
     loop_name = install_event_loop(args.loop)
     settings = Settings.from_env()
     log.info("config %s loaded; event loop %s", path, loop_name)
@@ -63,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=None,  # our own structured access log replaces aiohttp's
         shutdown_timeout=config.server.shutdown_grace_s,
         handler_cancellation=True,  # a client disconnect stops the upstream read at once
+        reuse_port=reuse_port or None,
         print=lambda msg: log.info("%s", msg.strip()),
     )
     return 0
@@ -145,6 +166,16 @@ def cmd_kafka_init(args: argparse.Namespace) -> int:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
@@ -157,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=os.environ.get("LLM_PROXY_WORKERS", "1"),
+        help="processes sharing the port via SO_REUSEPORT (default $LLM_PROXY_WORKERS or 1)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     fake = sub.add_parser("fake-upstream", help="run the OpenAI-compatible fake upstream")
