@@ -1,0 +1,219 @@
+"""The benchmark harness: direct-to-upstream vs through-proxy, in one run.
+
+    python -m bench.run            # full run, ~8-10 min on the 2-core dev box
+    python -m bench.run --quick    # seconds; what tests/test_bench_smoke.py runs
+
+Writes bench/results/latest.json and bench/results/latest.md (see bench/README.md).
+Targets, each hit by the same load generator in turn:
+  direct  the bench upstream itself (bench/upstream.py)
+  bare    a bare aiohttp relay (bench/bare_relay.py): the floor for any Python relay
+  relay   the proxy with only the relay: no Redis, free alias, no payer, no charge
+  full    the proxy with the full pipeline: service key + X-User-Id, Redis guard,
+          metering, pricing, durable outbox (SQLite) relayed to a JSON-lines sink
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import bench_metering, report, scenarios
+from bench.harness import REPO, rss_kb
+from bench.stack import Stack, Target
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    rates: tuple[int, ...] = (100, 500, 1000)
+    rate_s: float = 8.0
+    warmup_s: float = 1.0
+    max_s: float = 8.0
+    # (concurrency, chunk interval ms): ~realistic token rates that keep the load
+    # core (upstream + client) below saturation at every concurrency.
+    streams: tuple[tuple[int, float], ...] = ((1, 2.0), (64, 10.0), (256, 40.0))
+    chunks: int = 200
+    stream_s: float = 12.0
+    rss_requests: int = 100_000
+    metering_chunks: int = 500
+    metering_s: float = 8.0
+    metering_rounds: int = 3
+    workers_rate: int = 1000
+    workers_s: float = 8.0
+
+
+QUICK = Plan(
+    rates=(100, 500),
+    rate_s=0.6,
+    warmup_s=0.2,
+    max_s=1.0,
+    streams=((1, 1.0), (64, 1.0)),
+    chunks=20,
+    stream_s=1.0,
+    rss_requests=500,
+    metering_chunks=50,
+    metering_s=0.8,
+    metering_rounds=1,
+    workers_rate=200,
+    workers_s=0.6,
+)
+
+
+def machine(stack: Stack) -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    import aiohttp
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "loop": stack.loop,
+        "log_level": stack.log_level,
+        "pinning": "proxy/bare relay on core 0; upstream, redis, load generator on core 1",
+    }
+
+
+def added(results: dict[str, dict[str, Any]], key: str) -> dict[str, dict[str, float | None]]:
+    """Per target: its percentile minus direct's (ms)."""
+    base = results.get("direct", {}).get(key) or {}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, r in results.items():
+        if name == "direct" or key not in r:
+            continue
+        out[name] = {
+            q: round(r[key][q] - base[q], 3)
+            if r[key].get(q) is not None and base.get(q) is not None
+            else None
+            for q in ("p50", "p90", "p99")
+        }
+    return out
+
+
+def run(plan: Plan, workdir: Path, *, loop: str, log_level: str) -> dict[str, Any]:
+    stack = Stack(workdir, loop=loop, log_level=log_level)
+    started = time.time()
+    try:
+        stack.start_base()
+        targets: list[Target] = [
+            stack.direct(),
+            stack.bare(),
+            stack.proxy("relay", full=False),
+            stack.proxy("full", full=True),
+        ]
+        full = targets[-1]
+        result: dict[str, Any] = {"machine": machine(stack), "plan": dataclasses.asdict(plan)}
+        rows: list[dict[str, Any]] = []
+        for rps in plan.rates:
+            res = {t.name: scenarios.rate(t, rps, plan.rate_s, plan.warmup_s) for t in targets}
+            rows.append(
+                {"id": f"nonstream_{rps}rps", "kind": "nonstream", "rate": rps, "results": res}
+            )
+        res = {t.name: scenarios.max_throughput(t, plan.max_s) for t in targets}
+        rows.append({"id": "nonstream_max", "kind": "nonstream", "rate": None, "results": res})
+        for conc, interval in plan.streams:
+            res = {
+                t.name: scenarios.streams(
+                    t, conc, plan.chunks, interval, plan.stream_s, plan.warmup_s
+                )
+                for t in targets
+            }
+            rows.append(
+                {
+                    "id": f"stream_c{conc}",
+                    "kind": "stream",
+                    "concurrency": conc,
+                    "chunks": plan.chunks,
+                    "interval_ms": interval,
+                    "results": res,
+                }
+            )
+        for row in rows:
+            row["added_latency_ms"] = added(row["results"], "latency_ms")
+            if row["kind"] == "stream":
+                row["added_ttft_ms"] = added(row["results"], "ttft_ms")
+        result["scenarios"] = rows
+        result["rss"] = rss_run(full, plan)
+        for t in targets[1:]:
+            stack.stop(t.proc)  # type: ignore[arg-type]
+        result["metering"] = bench_metering.run(stack, plan)
+        result["workers"] = workers_run(stack, plan)
+        result["targets"] = report.check_targets(result)
+        result["duration_s"] = round(time.time() - started, 1)
+        return result
+    finally:
+        stack.close()
+
+
+def rss_run(full: Target, plan: Plan) -> dict[str, Any]:
+    """RSS of the full proxy before/after `rss_requests` more requests (after warm-up:
+    every scenario above has already run through it)."""
+    assert full.proc is not None
+    before = rss_kb(full.proc.pid)
+    done = 0
+    runs = []
+    while done < plan.rss_requests:
+        probe = scenarios.max_throughput(full, plan.max_s)
+        runs.append(probe["rps"])
+        done += probe["sent"]
+    after = rss_kb(full.proc.pid)
+    return {
+        "requests": done,
+        "rss_before_kb": before,
+        "rss_after_kb": after,
+        "growth_pct": round((after - before) * 100 / before, 2),
+        "rps": runs,
+    }
+
+
+def workers_run(stack: Stack, plan: Plan) -> dict[str, Any]:
+    """CPU per request of `serve --workers 1` vs `--workers 2` (full pipeline, both
+    cores allowed), and the most each served."""
+    out: dict[str, Any] = {}
+    for n in (1, 2):
+        t = stack.proxy(f"workers{n}", full=True, workers=n, cores=None)
+        scenarios.rate(t, plan.workers_rate, plan.warmup_s * 2, 0)  # warm every worker
+        fixed = scenarios.rate(t, plan.workers_rate, plan.workers_s, plan.warmup_s)
+        peak = scenarios.max_throughput(t, plan.max_s, connections=128)
+        out[str(n)] = {"fixed_rate": fixed, "max": peak}
+        stack.stop(t.proc)  # type: ignore[arg-type]
+    one = out["1"]["fixed_rate"]["cpu_ms_per_req"]
+    two = out["2"]["fixed_rate"]["cpu_ms_per_req"]
+    out["cpu_per_req_ratio_2_vs_1"] = round(two / one, 3) if one and two else None
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="proxy overhead benchmark")
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--log-level", default="info", help="the proxy's (access log at info)")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else Plan()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
+        result = run(plan, Path(tmp), loop=args.loop, log_level=args.log_level)
+    result["quick"] = args.quick
+    (out / "latest.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    md = report.markdown(result)
+    (out / "latest.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The processes under test: bench upstream, Redis, bare relay, proxy (relay-only and full).
+
+Core layout (2-core box): everything measured (proxy, bare relay) on core 0 alone;
+upstream, Redis and the load generators on core 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.harness import Proc, free_port, pinned, python
+from proxy.billing import hash_key
+
+SERVICE_KEY = "sk-bench-service-key"
+USER_ID = 42
+PREFIX = "llmproxy:"
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+
+CONFIG = """
+providers:
+  bench:
+    base_url: http://127.0.0.1:{upstream_port}/v1
+    stream_usage: true
+    max_connections: 512
+price_rules:
+  std: {{input: 1000, cached_input: 500, output: 2000}}
+aliases:
+  bench-paid: {{provider: bench, model: bench-model, price_rule: std}}
+  bench-free: {{provider: bench, model: bench-model, free: true}}
+auth:
+  mode: keys
+  service_keys:
+    - name: bench
+      sha256: "{key_hash}"
+      scenes: ["*"]
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One thing the load generator can hit, and the process whose CPU it costs."""
+
+    name: str
+    url: str  # full chat/completions URL
+    model: str
+    headers: dict[str, str]
+    proc: Proc | None  # None for the upstream itself (direct)
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    loop: str = "uvloop"  # the proxy's --loop (and the bare relay's)
+    log_level: str = "info"
+    procs: list[Proc] = field(default_factory=list)
+    upstream_port: int = 0
+    redis_port: int = 0
+    config_path: Path | None = None
+
+    # -- pieces ------------------------------------------------------------------
+
+    def base_env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS", "CREDIT_SNAPSHOT_URL")
+        }
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        return env
+
+    def _start(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        return proc.start()
+
+    def start_base(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.upstream_port = free_port()
+        self._start(
+            Proc(
+                "upstream",
+                pinned(
+                    LOAD_CORE, python("-m", "bench.upstream", "--port", str(self.upstream_port))
+                ),
+                self.base_env(),
+                self.workdir / "upstream.log",
+                self.upstream_port,
+            )
+        )
+        if shutil.which("redis-server"):
+            self.redis_port = free_port()
+            self._start(
+                Proc(
+                    "redis",
+                    pinned(
+                        LOAD_CORE,
+                        [
+                            "redis-server",
+                            "--port",
+                            str(self.redis_port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "no",
+                        ],
+                    ),
+                    self.base_env(),
+                    self.workdir / "redis.log",
+                    self.redis_port,
+                )
+            )
+            self._seed_credit()
+        self.config_path = self.workdir / "bench_aliases.yaml"
+        self.config_path.write_text(
+            textwrap.dedent(CONFIG).format(
+                upstream_port=self.upstream_port, key_hash=hash_key(SERVICE_KEY)
+            )
+        )
+
+    def _seed_credit(self) -> None:
+        import redis
+
+        from proxy.guard import encode_snapshot, snapshot_key
+
+        client = redis.Redis(port=self.redis_port)
+        client.set(snapshot_key(PREFIX, USER_ID), encode_snapshot(10**12))
+        client.close()
+
+    @property
+    def redis_url(self) -> str | None:
+        return f"redis://127.0.0.1:{self.redis_port}/0" if self.redis_port else None
+
+    def direct(self) -> Target:
+        url = f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions"
+        return Target("direct", url, "bench-model", {}, None)
+
+    def bare(self) -> Target:
+        port = free_port()
+        argv = python(
+            "-m", "bench.bare_relay", "--port", str(port),
+            "--upstream", f"http://127.0.0.1:{self.upstream_port}/v1",
+        )  # fmt: skip
+        if self.loop == "uvloop":
+            argv.append("--uvloop")
+        proc = self._start(
+            Proc("bare", pinned(PROXY_CORE, argv), self.base_env(), self.workdir / "bare.log", port)
+        )
+        return Target("bare", f"http://127.0.0.1:{port}/v1/chat/completions", "x", {}, proc)
+
+    def proxy(
+        self,
+        name: str,
+        *,
+        full: bool,
+        workers: int = 1,
+        cores: str | None = PROXY_CORE,
+        extra_env: dict[str, str] | None = None,
+    ) -> Target:
+        """`full`: Redis guard + paid alias (metering, pricing, outbox with a JSON-lines
+        sink). Otherwise the relay only: no Redis, a free alias, no payer."""
+        port = free_port()
+        env = self.base_env()
+        env["LLM_PROXY_OUTBOX_PATH"] = str(self.workdir / f"outbox-{name}.sqlite3")
+        env["LLM_PROXY_SINK_PATH"] = str(self.workdir / f"sink-{name}.jsonl")
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # serve --workers sets its own
+        headers = {"Authorization": f"Bearer {SERVICE_KEY}"}
+        if full:
+            if self.redis_url is None:
+                raise RuntimeError("the full pipeline needs redis-server on PATH")
+            env["REDIS_URL"] = self.redis_url
+            headers["X-User-Id"] = str(USER_ID)
+        env.update(extra_env or {})
+        argv = python(
+            "-m", "proxy", "--log-level", self.log_level, "serve",
+            "--config", str(self.config_path), "--port", str(port), "--loop", self.loop,
+        )  # fmt: skip
+        if workers != 1:
+            argv += ["--workers", str(workers)]
+        proc = self._start(Proc(name, pinned(cores, argv), env, self.workdir / f"{name}.log", port))
+        model = "bench-paid" if full else "bench-free"
+        return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", model, headers, proc)
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
