@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -153,6 +153,17 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
         }
         line["usage_source"] = metered.source
     return orjson.dumps(line, option=orjson.OPT_UTC_Z).decode()
+
+
+def plain_access_log(stream: TextIO) -> logging.Handler:
+    """Write the access log to `stream` as bare JSON lines (no time/level prefix, not
+    repeated by the root handlers), so a log shipper can parse every line as one
+    object. For the CLI's logging set-up; returns the handler (to remove it)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access_log.addHandler(handler)
+    access_log.propagate = False
+    return handler
 
 
 def redact_url(url: str) -> str:

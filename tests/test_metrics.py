@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -23,7 +24,7 @@ from proxy.chat_request import ChatRequest
 from proxy.config import Config, parse_config
 from proxy.metering import Metered
 from proxy.metrics import NO_ALIAS, ProxyMetrics, status_class
-from proxy.observability import Observer, access_line, redact_url
+from proxy.observability import Observer, access_line, plain_access_log, redact_url
 from proxy.usage import Outcome, Usage, UsageSource
 
 CONFIG_YAML = """
@@ -327,6 +328,27 @@ def test_access_log_is_skipped_when_disabled(
     obs.request_started()
     obs.request_finished(ex, settle(ex, 100.5), 100.5)
     assert len([r for r in caplog.records if r.name == "proxy.access"]) == 1
+
+
+def test_plain_access_log_writes_bare_json_lines(config: Config) -> None:
+    buf = io.StringIO()
+    handler = plain_access_log(buf)
+    logger = logging.getLogger("proxy.access")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        obs = Observer()
+        for _ in range(2):
+            ex = exchange(config)
+            obs.request_started()
+            obs.request_finished(ex, settle(ex, 100.5), 100.5)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        logger.setLevel(level)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2
+    assert [orjson.loads(line)["alias"] for line in lines] == ["smart", "smart"]
 
 
 def test_redact_url() -> None:
