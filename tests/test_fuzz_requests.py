@@ -470,6 +470,34 @@ def test_body_over_the_limit_without_content_length_is_refused(proxy: ThreadedPr
     assert_rejected(proxy, 413, body)
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_content_type_is_neither_required_nor_trusted(
+    proxy: ThreadedProxy, content_type: str | None
+) -> None:
+    """Deliberately lenient (README's `curl -d` example sends a form content type):
+    the body is JSON or it is refused, whatever its label says. Nothing is lost by
+    this: a browser cannot send the Authorization header cross-origin without a
+    CORS preflight, so a "simple" content type opens no CSRF hole."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    status, body, _ = proxy.post(b"model=smart&messages=hi", headers)
+    err = assert_rejected(proxy, status, body)
+    assert (status, err["code"]) == (400, "invalid_json")
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Authorization", f"Bearer {SERVICE_KEY}")
+        conn.putheader("X-User-Id", "7")
+        raw = orjson.dumps(VALID)
+        conn.putheader("Content-Length", str(len(raw)))
+        if content_type is not None:
+            conn.putheader("Content-Type", content_type)
+        conn.endheaders(raw)
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    proxy.accept_side_effects(calls=1, charges=1)
+
+
 def test_duplicate_keys_the_last_one_wins_everywhere(proxy: ThreadedProxy) -> None:
     """orjson keeps the last of duplicate keys; the proxy forwards its own
     re-serialisation, so the upstream cannot read the body differently than the
