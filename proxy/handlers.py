@@ -36,6 +36,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if ex.ctx is not None:
             err.headers = {**(err.headers or {}), "X-Request-Id": ex.ctx.request_id}
         raise
+    except asyncio.CancelledError:
+        # The client left before any step recorded an outcome (e.g. while sending
+        # its body): an abort, not a proxy or upstream failure in metrics and logs.
+        if ex.outcome is None:
+            ex.finish(Outcome.CLIENT_ABORTED, 499)
+        raise
     finally:
         # Runs on every exit, the client's disconnect (CancelledError) and shutdown
         # included. The charge is enqueued before any await, so no cancellation can

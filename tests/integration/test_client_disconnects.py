@@ -199,3 +199,25 @@ async def test_random_disconnects_under_concurrency_leak_nothing_and_account_onc
         ) as resp,
     ):
         assert resp.status == 200
+
+
+async def test_client_leaving_while_sending_its_body_is_an_abort_not_a_500(
+    start_proxy: StartProxy,
+) -> None:
+    obs = RecordingObserver()
+    h = await start_proxy(observer=obs)
+    port = int(h.url.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + SERVICE_KEY.encode()
+        + b'\r\nContent-Length: 1000\r\n\r\n{"model":'
+    )
+    await writer.drain()
+    await poll(lambda: obs.in_flight == 1, within=5)  # the handler is reading the body
+    writer.close()
+    await writer.wait_closed()
+    assert await poll(lambda: len(obs.finished) == 1, within=5)
+    [f] = obs.finished
+    assert (f.outcome, f.status, f.event_id) == (Outcome.CLIENT_ABORTED, 499, None)
+    assert h.recorder.requests == []
