@@ -409,7 +409,6 @@ async def _consume_event_ids(
     return by_id
 
 
-@pytest.mark.slow
 async def test_kafka_outage_under_load_loses_no_charge(
     start_proxy: StartProxy, kafka_broker: KafkaBroker, kafka_topic: str
 ) -> None:
