@@ -76,15 +76,21 @@ class StreamMeter:
         if framer is None:
             self._chunks.append(data)
             return data
-        events = framer.feed(data)
-        if not events:
+        out = framer.feed_complete(data)
+        if not out:
             return b""
-        out = events[0] if len(events) == 1 else b"".join(events)
         if sse.USAGE_KEY in out:
-            kept = [e for e in events if not self._take_usage_event(e)]
             # Chunks carry `"usage":null` only because we asked for usage; the
-            # caller did not, so it gets the chunks it would have got.
-            out = b"".join(kept).replace(sse.USAGE_NULL, b"")
+            # caller did not, so it gets the chunks it would have got. Every chunk
+            # has it, so the common case is one replace: once the nulls are gone,
+            # no `"usage"` left means no usage object to look at (a JSON string
+            # cannot hold the raw bytes `"usage"`; its quotes are escaped).
+            out = out.replace(sse.USAGE_NULL, b"")
+            if sse.USAGE_KEY in out:  # once per stream: the usage event is here
+                split = sse.EventFramer()
+                events = split.feed(out)
+                kept = b"".join(e for e in events if not self._take_usage_event(e))
+                out = kept + split.pending  # a stray blank line stays relayed
         if out:
             self._chunks.append(out)
         return out

@@ -56,6 +56,36 @@ class EventFramer:
         self._buf = buf[start:] if start < len(buf) else b""
         return events
 
+    def feed_complete(self, data: bytes) -> bytes:
+        """Like `feed`, but the complete events come back as one bytes object.
+
+        The relay's per-chunk path: no list, no slicing when a read holds whole
+        events (the usual case), which is most reads.
+        """
+        buf = self._buf + data if self._buf else data
+        sep = self._sep
+        if sep is None:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                self._buf = buf
+                return b""
+            sep = self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
+        if buf.endswith(sep):
+            self._buf = b""
+            return buf
+        # Cut after the last separator, found scanning forward as `feed` does.
+        # (The same bytes come out either way; runs of extra blank lines may only
+        # be cut at a different place.)
+        start = 0
+        step = len(sep)
+        while True:
+            end = buf.find(sep, start)
+            if end < 0:
+                break
+            start = end + step
+        self._buf = buf[start:]
+        return buf[:start]
+
     @property
     def pending(self) -> bytes:
         """Bytes of an event that has not been terminated yet."""
