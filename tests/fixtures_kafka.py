@@ -11,6 +11,7 @@ idempotent producers: tests build producers with `idempotent=False`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -74,8 +75,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 class KafkaBroker:
     """A tansu child process, or a handle on an external broker."""
 
-    def __init__(self, bootstrap: str | None = None) -> None:
+    def __init__(self, bootstrap: str | None = None, *, advertised_port: int | None = None) -> None:
         self.external = bootstrap is not None
+        # Clients are told to reach the broker on this port (a KafkaGate in front of it).
+        self.advertised_port = advertised_port
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
         if bootstrap is not None:
@@ -119,7 +122,7 @@ class KafkaBroker:
                     "--listener-url",
                     url,
                     "--advertised-listener-url",
-                    url,
+                    f"tcp://{self.host}:{self.advertised_port or self.port}",
                     "--storage-engine",
                     "memory://tansu/",
                 ],
@@ -199,7 +202,7 @@ async def consume_messages(
     bootstrap: str,
     topic: str,
     expected: int,
-    timeout: float,  # noqa: ASYNC109 - returns what it got on timeout, never raises
+    timeout: float,
 ) -> list[ConsumedMessage]:
     """Read the topic from the beginning (no consumer group) until `expected`
     messages arrived or `timeout` seconds passed; returns what was read."""
@@ -236,11 +239,77 @@ async def consume_all(
     bootstrap: str,
     topic: str,
     expected: int,
-    timeout: float,  # noqa: ASYNC109 - returns what it got on timeout, never raises
+    timeout: float,
 ) -> list[tuple[bytes | None, bytes]]:
     """(key, value) of the first `expected` messages of `topic` (fewer on timeout)."""
     messages = await consume_messages(bootstrap, topic, expected, timeout)
     return [(m.key, m.value) for m in messages]
+
+
+class KafkaGate:
+    """A TCP forwarder in front of a broker that advertises the gate's port.
+
+    Closing the gate makes the broker unreachable for every client (connections
+    reset, new ones refused) while the broker keeps its state: a Kafka outage as
+    the proxy sees it, without the test broker forgetting its topics on restart.
+    """
+
+    def __init__(self, port: int, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host, self.port, self.target_port = host, port, target_port
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def open(self) -> None:
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for w in list(self._writers):
+            w.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+
+@pytest.fixture
+async def gated_kafka() -> AsyncIterator[tuple[KafkaBroker, KafkaGate]]:
+    """A broker of its own behind a KafkaGate; `broker.bootstrap` is NOT the address
+    to use: clients connect to the gate (`f"127.0.0.1:{gate.port}"`)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("needs a managed test broker behind a gate")
+    gate_port = free_port()
+    broker = KafkaBroker(advertised_port=gate_port)
+    broker.start()
+    gate = KafkaGate(gate_port, broker.port)
+    await gate.open()
+    try:
+        yield broker, gate
+    finally:
+        await gate.close()
+        broker.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

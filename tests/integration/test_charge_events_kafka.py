@@ -29,8 +29,22 @@ def events_of(messages) -> dict[str, dict]:
         ev = ChargeEvent.from_json(m.value)  # the contract validates every message
         assert m.key == str(ev.user_id).encode()
         assert m.header("event_id") == ev.event_id.encode()
-        out.setdefault(ev.event_id, orjson.loads(m.value))
+        event = orjson.loads(m.value)
+        # A re-sent event is the same event: same id, same content.
+        assert out.setdefault(ev.event_id, event) == event
     return out
+
+
+async def read_until(bootstrap: str, topic: str, want: set[str], before=()) -> dict[str, dict]:
+    """Events by id, reading until every wanted request id arrived (at-least-once
+    delivery may repeat events, so a message count is not enough)."""
+    events: dict[str, dict] = {}
+    for _ in range(12):
+        msgs = await consume_messages(bootstrap, topic, 10**6, timeout=5)
+        events = events_of([*before, *msgs])
+        if {e["request_id"] for e in events.values()} >= want:
+            break
+    return events
 
 
 async def test_mixed_requests_produce_exactly_the_expected_events(
@@ -108,20 +122,23 @@ async def test_mixed_requests_produce_exactly_the_expected_events(
 
 
 @pytest.mark.slow
-async def test_broker_down_for_20s_loses_no_event(
-    start_proxy: StartProxy, kafka_broker, kafka_topic: str
+async def test_kafka_unreachable_for_20s_loses_no_event(
+    start_proxy: StartProxy, gated_kafka
 ) -> None:
-    if kafka_broker.external:
-        pytest.skip("needs to stop the broker; KAFKA_BOOTSTRAP_SERVERS points at an external one")
-    h = await start_proxy(kafka_bootstrap=kafka_broker.bootstrap, topic=kafka_topic)
-    before = []
+    """Kafka is cut off for 20 s while requests keep flowing (the gate resets every
+    connection and refuses new ones, as a dead broker would), then comes back: every
+    event arrives. The broker stays up behind the gate because the test broker
+    forgets its topics on restart (the outbox-level test covers a real restart)."""
+    _, gate = gated_kafka
+    bootstrap = f"127.0.0.1:{gate.port}"
+    topic = "charges-outage"
+    await create_topic(bootstrap, topic)
+    h = await start_proxy(kafka_bootstrap=bootstrap, topic=topic)
     for i in range(5):
         await h.chat(
             {"model": "smart", "messages": MESSAGES}, h.headers(**{"X-Request-Id": f"before-{i}"})
         )
-    # The broker forgets everything when stopped: read what was published first.
-    before = await consume_messages(kafka_broker.bootstrap, kafka_topic, 5, timeout=20)
-    kafka_broker.stop()
+    await gate.close()
     try:
         loop = asyncio.get_running_loop()
         end = loop.time() + 20
@@ -134,14 +151,13 @@ async def test_broker_down_for_20s_loses_no_event(
             assert status == 200  # serving goes on while Kafka is away
             during += 1
             await asyncio.sleep(0.2)
-        assert h.state.outbox.pending_count() >= during  # piled up safely on disk
+        assert h.state.outbox.pending_count() >= during - 1  # piled up safely on disk
+        assert h.state.relay.publish_failed > 0
     finally:
-        kafka_broker.start()
-        # The test broker comes back with an empty store (a real cluster keeps its topics).
-        await create_topic(kafka_broker.bootstrap, kafka_topic)
-    after = await consume_messages(kafka_broker.bootstrap, kafka_topic, during, timeout=60)
-    rids = {e["request_id"] for e in events_of(before + after).values()}
-    assert rids == {f"before-{i}" for i in range(5)} | {f"during-{i}" for i in range(during)}
+        await gate.open()
+    want = {f"before-{i}" for i in range(5)} | {f"during-{i}" for i in range(during)}
+    events = await read_until(bootstrap, topic, want)
+    assert {e["request_id"] for e in events.values()} == want
 
 
 @pytest.mark.slow
@@ -232,10 +248,7 @@ server: {{shutdown_grace_s: 5, outbox_drain_s: 5}}
         await asyncio.gather(*clients)
     proc = await start_server()  # drains whatever the first run left in the outbox
     try:
-        msgs = await consume_messages(
-            kafka_broker.bootstrap, kafka_topic, len(finished), timeout=30
-        )
-        events = events_of(msgs)
+        events = await read_until(kafka_broker.bootstrap, kafka_topic, finished)
         rids = [e["request_id"] for e in events.values()]
         assert len(rids) == len(set(rids)), "one event per request (dupes only by event_id)"
         assert finished <= set(rids)
