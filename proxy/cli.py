@@ -15,6 +15,8 @@ from aiohttp import web
 
 from proxy.config import Config, Settings, config_path_from_env, load_config
 from proxy.errors import ConfigError
+from proxy.ledger_cli import register as register_ledger_commands
+from proxy.observability import plain_access_log
 
 log = logging.getLogger("proxy.cli")
 
@@ -25,6 +27,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # Access lines are bare JSON objects on stdout, one per request, for log shippers.
+    plain_access_log(sys.stdout)
 
 
 def install_event_loop(choice: str) -> str:
@@ -220,12 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     kinit.add_argument("--replication-factor", type=int)
     kinit.set_defaults(func=cmd_kafka_init)
 
-    try:
-        from proxy.ledger_cli import register
-    except ImportError:  # pragma: no cover - ledger module not installed
-        pass
-    else:
-        register(sub)
+    register_ledger_commands(sub)
     return parser
 
 

@@ -48,7 +48,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # lose it; then the request waits (shielded) for its batch to be on disk.
         committed = _settle_and_record(state, ex)
         if committed is not None:
-            await _wait_committed(committed, ex)
+            await _wait_committed(committed, ex, state)
 
 
 async def _chat_completions(
@@ -124,11 +124,14 @@ def _settle_and_record(state: ProxyState, ex: Exchange) -> asyncio.Future[None] 
     return committed
 
 
-async def _wait_committed(committed: asyncio.Future[None], ex: Exchange) -> None:
+async def _wait_committed(committed: asyncio.Future[None], ex: Exchange, state: ProxyState) -> None:
     try:
         await asyncio.shield(committed)
-    except Exception:
-        log.exception("committing the charge of request %s failed", ex.request_id)
+    except Exception as exc:
+        # The outbox keeps the event and retries the commit; this request only
+        # reports that its charge is not on disk yet.
+        log.error("committing the charge of request %s failed: %r", ex.request_id, exc)
+        state.observer.charge_commit_failed()
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -271,6 +271,9 @@ class ProxyMetrics:
         self._requests[key] = child
         return child
 
+    def charge_commit_failed(self) -> None:
+        self._enqueue_failed.inc()
+
     def charge_published(self, events: int) -> None:
         self._published.inc(events)
 

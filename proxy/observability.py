@@ -84,6 +84,13 @@ class Observer:
     def request_started(self) -> None:
         self.in_flight += 1
 
+    def charge_commit_failed(self) -> None:
+        """The outbox could not commit a charge yet (it retries): counted and shown
+        as `failing` by /readyz until a later charge commits."""
+        self.record_failures += 1
+        self.last_record_failed = True
+        self.metrics.charge_commit_failed()
+
     def charge_published(self, events: int) -> None:
         self.metrics.charge_published(events)
 
