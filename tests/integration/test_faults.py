@@ -23,7 +23,7 @@ from proxy.guard import GuardDecision
 from proxy.kafka import EVENT_ID_HEADER, create_topic
 from proxy.tokens import EncodingRegistry, count_chat_prompt, count_completion
 from proxy.usage import Outcome, UsageSource
-from tests.fixtures_kafka import KafkaBroker, consume_messages
+from tests.fixtures_kafka import KafkaBroker, KafkaGate, consume_messages
 from tests.fixtures_proxy import PROVIDER_KEY, ProxyHarness, RecordingObserver, StartProxy
 from tests.fixtures_redis import RedisServer
 
@@ -398,25 +398,37 @@ async def test_redis_hanging_guard_gives_up_within_its_budget(
 # -- Kafka ------------------------------------------------------------------------------
 
 
-async def _consume_event_ids(
-    broker: KafkaBroker, topic: str, want: set[str]
-) -> dict[str, set[bytes]]:
-    """event_id -> distinct payloads seen (duplicates of one event must be identical)."""
-    messages = await consume_messages(broker.bootstrap, topic, len(want), 30)
+async def _consume_event_ids(bootstrap: str, topic: str, want: set[str]) -> dict[str, set[bytes]]:
+    """event_id -> distinct payloads seen (duplicates of one event must be identical);
+    reads again while some of `want` is missing (duplicates can fill the count)."""
     by_id: dict[str, set[bytes]] = {}
-    for m in messages:
-        by_id.setdefault((m.header(EVENT_ID_HEADER) or b"").decode(), set()).add(m.value)
+    expected = len(want)
+    for _ in range(3):
+        messages = await consume_messages(bootstrap, topic, expected, 30)
+        by_id = {}
+        for m in messages:
+            by_id.setdefault((m.header(EVENT_ID_HEADER) or b"").decode(), set()).add(m.value)
+        if want <= by_id.keys() or len(messages) < expected:
+            break
+        expected = len(messages) + len(want - by_id.keys())
     return by_id
 
 
 async def test_kafka_outage_under_load_loses_no_charge(
-    start_proxy: StartProxy, kafka_broker: KafkaBroker, kafka_topic: str
+    start_proxy: StartProxy, gated_kafka: tuple[KafkaBroker, KafkaGate]
 ) -> None:
-    if kafka_broker.external:
-        pytest.skip("stops the broker: needs the managed tansu broker")
+    """Kafka unreachable for a few seconds under load (the gate resets connections
+    and refuses new ones; the test broker behind it keeps its topics, which a
+    restart would lose): callers never notice, the outbox backlog rises, then drains,
+    and every charge arrives."""
+    _, gate = gated_kafka
+    bootstrap = f"127.0.0.1:{gate.port}"
+    topic = f"faults-{uuid.uuid4().hex[:8]}"
+    await create_topic(bootstrap, topic)
     obs = RecordingObserver()
-    h = await start_proxy(kafka_bootstrap=kafka_broker.bootstrap, topic=kafka_topic, observer=obs)
+    h = await start_proxy(kafka_bootstrap=bootstrap, topic=topic, observer=obs)
     stop = asyncio.Event()
+    backlog: list[int] = []
 
     async def client(i: int) -> None:
         n = 0
@@ -424,6 +436,7 @@ async def test_kafka_outage_under_load_loses_no_charge(
             status, _, _ = await h.chat(chat_body(stream=n % 2 == 0), h.headers(user_id=i + 1))
             assert status == 200  # Kafka being away never reaches the caller
             n += 1
+            backlog.append(h.state.outbox.pending_count())
             await asyncio.sleep(0.02)
 
     async def run_load(seconds: float) -> None:
@@ -433,30 +446,23 @@ async def test_kafka_outage_under_load_loses_no_charge(
         stop.set()
         await asyncio.gather(*clients)
 
+    await run_load(1.0)
+    await h.flush_events()
+    before = len(obs.finished)
+    await gate.close()
     try:
-        await run_load(1.0)
-        await h.flush_events()
-        # tansu's memory store forgets everything when stopped: read phase 1 now.
-        before = {f.event_id for f in obs.finished if f.event_id}
-        seen = await _consume_event_ids(kafka_broker, kafka_topic, before)
-        assert before <= seen.keys()
-
-        kafka_broker.stop()
         await run_load(3.0)
-        during = {f.event_id for f in obs.finished if f.event_id} - before
-        assert during
+        during = len(obs.finished) - before
         # Committed to the outbox and held there: the backlog rose with the load.
-        assert h.state.outbox.pending_count() >= len(during) // 2
-        assert h.state.relay.consecutive_failures > 0 or h.state.outbox.pending_count() > 0
-
-        kafka_broker.start()  # same port, empty store
-        await create_topic(kafka_broker.bootstrap, kafka_topic)
-        await wait_until(lambda: h.state.outbox.pending_count() == 0, 60, "outbox drained")
-        later = await _consume_event_ids(kafka_broker, kafka_topic, during)
-        assert during <= later.keys(), f"{len(during - later.keys())} charges lost"
-        assert all(len(payloads) == 1 for payloads in later.values())
+        assert h.state.outbox.pending_count() >= during > 0
+        assert max(backlog) >= during
     finally:
-        stop.set()
-        kafka_broker.ensure_up()
-    assert len(obs.finished) == len({f.request_id for f in obs.finished})
-    assert all(f.event_id for f in obs.finished)
+        await gate.open()
+    await wait_until(lambda: h.state.outbox.pending_count() == 0, 60, "outbox drained")
+
+    want = {f.event_id for f in obs.finished if f.event_id}
+    assert len(want) == len(obs.finished)  # every request here relayed tokens
+    seen = await _consume_event_ids(bootstrap, topic, want)
+    assert want <= seen.keys(), f"{len(want - seen.keys())} charges lost"
+    assert all(len(payloads) == 1 for payloads in seen.values())
+    assert len({f.request_id for f in obs.finished}) == len(obs.finished)
