@@ -45,8 +45,30 @@ class ChatRequest:
             ) from None
 
 
+_UNLABELLED = frozenset({"application/octet-stream"})
+
+
+def check_content_type(request: web.Request) -> None:
+    """A declared content type must be JSON. None at all, or the generic
+    `application/octet-stream` many HTTP libraries send for raw bytes, is accepted;
+    a form, text or multipart body is refused before it is read."""
+    declared = request.headers.get("Content-Type")
+    if declared is None or not declared.strip():
+        return
+    mime = declared.split(";", 1)[0].strip().lower()
+    if mime in _UNLABELLED or (mime.startswith("application/") and mime.endswith("json")):
+        return
+    raise ApiError(
+        415,
+        f"Content-Type must be application/json, got {mime[:100]!r}",
+        type="invalid_request_error",
+        code="unsupported_media_type",
+    )
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The raw body, refusing oversized ones before reading them whole."""
+    check_content_type(request)
     length = request.content_length
     if length is not None and length > limit:
         raise too_large(limit)

@@ -301,7 +301,10 @@ def test_json_that_is_not_an_object_is_refused_whatever_the_content_type(
 ) -> None:
     status, body, _ = proxy.post(json.dumps(value).encode(), {"Content-Type": content_type})
     err = assert_rejected(proxy, status, body)
-    assert (status, err["code"]) == (400, "invalid_json")
+    if content_type in ("application/json", "application/octet-stream", ""):
+        assert (status, err["code"]) == (400, "invalid_json")
+    else:
+        assert (status, err["code"]) == (415, "unsupported_media_type")
 
 
 @settings(
@@ -470,18 +473,24 @@ def test_body_over_the_limit_without_content_length_is_refused(proxy: ThreadedPr
     assert_rejected(proxy, 413, body)
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
-def test_content_type_is_neither_required_nor_trusted(
-    proxy: ThreadedProxy, content_type: str | None
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        (None, True),
+        ("application/json; charset=utf-8", True),
+        ("APPLICATION/JSON", True),
+        ("application/vnd.api+json", True),
+        ("application/octet-stream", True),
+    ],
+)
+def test_declared_content_type_must_be_json(
+    proxy: ThreadedProxy, content_type: str | None, accepted: bool
 ) -> None:
-    """Deliberately lenient (README's `curl -d` example sends a form content type):
-    the body is JSON or it is refused, whatever its label says. Nothing is lost by
-    this: a browser cannot send the Authorization header cross-origin without a
-    CORS preflight, so a "simple" content type opens no CSRF hole."""
-    headers = {} if content_type is None else {"Content-Type": content_type}
-    status, body, _ = proxy.post(b"model=smart&messages=hi", headers)
-    err = assert_rejected(proxy, status, body)
-    assert (status, err["code"]) == (400, "invalid_json")
+    """A valid JSON body under a non-JSON content type is refused (415) before it is
+    read; no content type at all is accepted, so hand-written clients still work."""
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
     try:
         conn.putrequest("POST", "/v1/chat/completions")
@@ -492,10 +501,16 @@ def test_content_type_is_neither_required_nor_trusted(
         if content_type is not None:
             conn.putheader("Content-Type", content_type)
         conn.endheaders(raw)
-        assert conn.getresponse().status == 200
+        resp = conn.getresponse()
+        status, body = resp.status, resp.read()
     finally:
         conn.close()
-    proxy.accept_side_effects(calls=1, charges=1)
+    if accepted:
+        assert status == 200
+        proxy.accept_side_effects(calls=1, charges=1)
+    else:
+        err = assert_rejected(proxy, status, body)
+        assert (status, err["code"]) == (415, "unsupported_media_type")
 
 
 def test_duplicate_keys_the_last_one_wins_everywhere(proxy: ThreadedProxy) -> None:
