@@ -111,8 +111,8 @@ class Settings:
     sink_path: str = DEFAULT_SINK_PATH
     log_prompts: bool = False
     # Benchmark switch only (LLM_PROXY_METERING=off): streamed replies are relayed
-    # without the meter and so are NOT charged; bench/bench_metering.py measures
-    # what metering costs against it.
+    # without the meter and charged a nominal 1 token; bench/bench_metering.py
+    # measures what metering costs against it.
     metering: bool = True
 
     @classmethod

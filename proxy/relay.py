@@ -16,10 +16,12 @@ from aiohttp import web
 from proxy import sse
 from proxy.accounting import Exchange
 from proxy.errors import ApiError, error_body
-from proxy.metering import StreamMeter, meter_json, meter_stream
+from proxy.metering import Metered, StreamMeter, meter_json, meter_stream
 from proxy.state import STATE
 from proxy.upstream import Watchdog, relay_headers
-from proxy.usage import Outcome
+from proxy.usage import Outcome, Usage, UsageSource
+
+_UNMETERED = Metered(Usage(completion_tokens=1), UsageSource.ESTIMATED)
 
 # Reads from the upstream socket that mean "the upstream went away".
 UPSTREAM_READ_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, OSError)
@@ -135,8 +137,11 @@ async def relay_stream(
             up.release()
         else:
             up.close()  # stop reading at once; the half-read connection is not reusable
-        if meter is not None:
-            ex.metered = meter_stream(meter, ex.chat.body, ex.encoding)
+        # Unmetered (benchmark switch), the request is still charged a token so the
+        # charge pipeline runs as usual and only the metering work differs.
+        ex.metered = (
+            meter_stream(meter, ex.chat.body, ex.encoding) if meter is not None else _UNMETERED
+        )
     return out
 
 
