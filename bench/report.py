@@ -68,7 +68,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
         f"aiohttp {m['aiohttp']}, event loop {m['loop']}, proxy log level {m['log_level']}. "
-        f"{m['pinning']}."
+        f"{m['pinning']}. Load average at start/end: "
+        f"{' '.join(m.get('loadavg_at_start', []))} / {' '.join(m.get('loadavg_at_end', []))}"
+        f" (other work on the box shows here; CPU/request is the robust figure)."
         + (" **Quick mode: numbers are not meaningful.**" if result.get("quick") else ""),
         "",
         "Non-streaming small request (latency: client send → full body; added = target - direct)",
@@ -147,15 +149,16 @@ def markdown(result: dict[str, Any]) -> str:
             "Workers (`serve --workers N`, full pipeline, not pinned; the load generator "
             "shares the 2 cores):",
             "",
-            f"| workers | CPU ms/req @ {result['plan']['workers_rate']} RPS "
-            "| max RPS (128 conns) | p99 at max |",
-            "|---:|---:|---:|---:|",
+            f"| workers | CPU ms/req @ {result['plan']['workers_rate']} RPS per worker "
+            "| max RPS (128 conns) | CPU ms/req at max | p99 at max |",
+            "|---:|---:|---:|---:|---:|",
         ]
         for n in ("1", "2"):
             x = w[n]
             cpu = _f(x["fixed_rate"]["cpu_ms_per_req"], 3)
             p99 = _f((x["max"].get("latency_ms") or {}).get("p99"))
-            lines.append(f"| {n} | {cpu} | {_f(x['max'].get('rps'), 0)} | {p99} |")
+            peak_cpu = _f(x["max"].get("cpu_ms_per_req"), 3)
+            lines.append(f"| {n} | {cpu} | {_f(x['max'].get('rps'), 0)} | {peak_cpu} | {p99} |")
         lines.append(
             f"\nCPU per request, 2 workers / 1 worker: {_f(w['cpu_per_req_ratio_2_vs_1'], 3)}"
         )
