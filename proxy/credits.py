@@ -152,6 +152,13 @@ class CreditState:
         }
 
 
+def check_limits(stream_maxlen: int, applied_ttl_s: int, blocked_ttl_s: int) -> None:
+    """Redis rejects EX 0 and MAXLEN 0 would empty the ledger: refuse such settings
+    at start-up, not in a retry loop on the first event."""
+    if applied_ttl_s <= 0 or stream_maxlen <= 0 or blocked_ttl_s < 0:
+        raise ValueError("applied_ttl_s and stream_maxlen must be > 0, blocked_ttl_s >= 0")
+
+
 class CreditStore:
     """Grants and reads against one Redis; owned by the CLI or a test."""
 
@@ -164,8 +171,7 @@ class CreditStore:
         applied_ttl_s: int = DEFAULT_APPLIED_TTL_S,
         blocked_ttl_s: int = DEFAULT_BLOCKED_TTL_S,
     ) -> None:
-        if applied_ttl_s <= 0 or stream_maxlen <= 0 or blocked_ttl_s < 0:
-            raise ValueError("applied_ttl_s and stream_maxlen must be > 0, blocked_ttl_s >= 0")
+        check_limits(stream_maxlen, applied_ttl_s, blocked_ttl_s)
         self._redis = redis
         self.keys = CreditKeys(prefix)
         self._stream_maxlen = stream_maxlen

@@ -29,6 +29,7 @@ from proxy.credits import (
     DEFAULT_STREAM_MAXLEN,
     BalanceChange,
     CreditKeys,
+    check_limits,
     check_user_id,
     utc_now_iso,
 )
@@ -89,10 +90,7 @@ class LedgerSettings:
     rebalance_timeout_ms: int | None = None
 
     def __post_init__(self) -> None:
-        # Redis rejects EX 0 and MAXLEN 0 would empty the ledger: fail at start-up,
-        # not in a retry loop on the first event.
-        if self.applied_ttl_s <= 0 or self.stream_maxlen <= 0 or self.blocked_ttl_s < 0:
-            raise ValueError("applied_ttl_s and stream_maxlen must be > 0, blocked_ttl_s >= 0")
+        check_limits(self.stream_maxlen, self.applied_ttl_s, self.blocked_ttl_s)
 
     @property
     def dead_letter_topic(self) -> str:
@@ -111,6 +109,7 @@ class ChargeApplier:
         applied_ttl_s: int = DEFAULT_APPLIED_TTL_S,
         blocked_ttl_s: int = DEFAULT_BLOCKED_TTL_S,
     ) -> None:
+        check_limits(stream_maxlen, applied_ttl_s, blocked_ttl_s)
         self.keys = CreditKeys(prefix)
         self._stream_maxlen = stream_maxlen
         self._applied_ttl_s = applied_ttl_s

