@@ -2,7 +2,7 @@
 JSON-lines sink. Prints one JSON document.
 
     python bench/bench_outbox.py [--events 20000] [--concurrency 200]
-        [--flush-ms 0] [--synchronous FULL] [--batch-size 500] [--uvloop]
+        [--flush-ms 0] [--batch-size 500] [--uvloop]
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ async def bench_put(args: argparse.Namespace, workdir: Path) -> dict[str, object
     outbox = Outbox(
         workdir / "put.sqlite3",
         flush_interval=args.flush_ms / 1000,
-        synchronous=args.synchronous,
     )
     await outbox.start()
     t0 = time.perf_counter()
@@ -84,7 +83,6 @@ async def bench_relay_sink(args: argparse.Namespace, workdir: Path) -> dict[str,
     outbox = Outbox(
         workdir / "relay.sqlite3",
         flush_interval=args.flush_ms / 1000,
-        synchronous=args.synchronous,
     )
     await outbox.start()
     sink = workdir / "events.jsonl"
@@ -118,7 +116,6 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 "events": args.events,
                 "concurrency": args.concurrency,
                 "flush_ms": args.flush_ms,
-                "synchronous": args.synchronous,
                 "batch_size": args.batch_size,
                 "loop": "uvloop" if args.uvloop else "asyncio",
             },
@@ -132,7 +129,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--flush-ms", type=float, default=0.0)
-    parser.add_argument("--synchronous", default="FULL", choices=["OFF", "NORMAL", "FULL"])
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--uvloop", action="store_true")
     ns = parser.parse_args()

@@ -119,7 +119,7 @@ def payload(i: int) -> bytes:
 
 @pytest.mark.parametrize("flush_interval", [0.0, 0.005])
 async def test_group_commit_batches_concurrent_puts(tmp_path: Path, flush_interval: float) -> None:
-    outbox = await opened(tmp_path / "o.sqlite3", flush_interval=flush_interval, max_batch=512)
+    outbox = await opened(tmp_path / "o.sqlite3", flush_interval=flush_interval)
     await asyncio.gather(*(outbox.put(f"e{i}", b"k", payload(i)) for i in range(1000)))
     stats = outbox.stats()
     assert stats.events_committed == 1000
