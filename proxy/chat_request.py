@@ -21,7 +21,6 @@ class ChatRequest:
     # The caller asked for `stream_options.include_usage` itself; if not, the
     # usage-only chunk we request on its behalf is removed from its stream.
     usage_requested: bool
-    body_user: str | None
 
     def upstream_body(self) -> tuple[bytes, bool]:
         """The body to send upstream, and whether the usage chunk must be stripped."""
@@ -91,7 +90,8 @@ def too_large(limit: int) -> ApiError:
     )
 
 
-def parse_chat_request(raw: bytes, aliases: Mapping[str, Alias]) -> ChatRequest:
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or 400."""
     if not raw:
         raise invalid_request("request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -102,7 +102,19 @@ def parse_chat_request(raw: bytes, aliases: Mapping[str, Alias]) -> ChatRequest:
         ) from None
     if not isinstance(body, dict):
         raise invalid_request("request body must be a JSON object", code="invalid_json")
+    return body
 
+
+def body_user(body: Mapping[str, Any]) -> str | None:
+    """OpenAI's optional end-user field (service keys may bill it, see billing)."""
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid_request("'user' must be a string", param="user", code="invalid_type")
+    return user
+
+
+def parse_chat_request(body: dict[str, Any], aliases: Mapping[str, Alias]) -> ChatRequest:
+    """Validate a decoded body against the configured aliases."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request(
@@ -144,9 +156,4 @@ def parse_chat_request(raw: bytes, aliases: Mapping[str, Alias]) -> ChatRequest:
             "'stream_options' must be an object", param="stream_options", code="invalid_type"
         )
     usage_requested = bool(options and options.get("include_usage") is True)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise invalid_request("'user' must be a string", param="user", code="invalid_type")
-    return ChatRequest(
-        alias=alias, body=body, stream=stream, usage_requested=usage_requested, body_user=user
-    )
+    return ChatRequest(alias=alias, body=body, stream=stream, usage_requested=usage_requested)

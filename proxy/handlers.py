@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from proxy.accounting import Exchange, Settlement, settle
-from proxy.chat_request import parse_chat_request, read_body
+from proxy.chat_request import body_user, decode_body, parse_chat_request, read_body
 from proxy.errors import ApiError
 from proxy.guard import GuardDecision, insufficient_credit_error
 from proxy.relay import relay_error_status, relay_json, relay_stream
@@ -54,10 +54,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _chat_completions(
     request: web.Request, state: ProxyState, ex: Exchange
 ) -> web.StreamResponse:
-    raw = await read_body(request, state.config.server.max_body_bytes)
-    chat = parse_chat_request(raw, state.config.aliases)
-    ex.chat = chat
-    ex.ctx = ctx = await state.auth.authenticate(request.headers, chat.body_user)
+    body = decode_body(await read_body(request, state.config.server.max_body_bytes))
+    # Who pays comes before what is asked: an unknown key learns nothing about aliases.
+    ex.ctx = ctx = await state.auth.authenticate(request.headers, body_user(body))
+    ex.chat = chat = parse_chat_request(body, state.config.aliases)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
     decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
@@ -136,6 +136,7 @@ async def _wait_committed(committed: asyncio.Future[None], ex: Exchange, state: 
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    await state.auth.authenticate(request.headers)  # the alias list is for callers only
     created = int(state.started_at)
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": alias.provider.name}

@@ -94,6 +94,9 @@ async def test_non_stream_relays_body_and_headers(start_proxy: StartProxy) -> No
 async def test_models_and_health(start_proxy: StartProxy) -> None:
     h = await start_proxy()
     async with h.session.get(f"{h.url}/v1/models") as resp:
+        assert resp.status == 401  # the alias list is for authenticated callers
+        assert_openai_error(await resp.json(), "invalid_api_key")
+    async with h.session.get(f"{h.url}/v1/models", headers=h.headers()) as resp:
         models = await resp.json()
     assert models["object"] == "list"
     assert {m["id"] for m in models["data"]} == {"smart", "legacy", "freebie", "premium"}
@@ -271,3 +274,12 @@ async def test_client_disconnect_closes_upstream_and_leaves_no_task(
             break
         await asyncio.sleep(0.01)
     assert not extra, f"tasks left behind: {extra}"
+
+
+async def test_authentication_comes_before_validation(start_proxy: StartProxy) -> None:
+    h = await start_proxy()
+    for body in ({"model": "no-such-alias", "messages": MESSAGES}, {"model": "smart"}):
+        status, err, _ = await h.chat(body, {"Authorization": "Bearer sk-wrong"})
+        assert status == 401
+        assert_openai_error(err, "invalid_api_key")
+    assert h.recorder.requests == []
