@@ -47,12 +47,18 @@ def install_event_loop(choice: str) -> str:
     return "asyncio"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    path = config_path_from_env(args.config)
+def _load_config(path: str) -> Config | None:
+    """The validated config, or None after telling why (the caller exits 2)."""
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as exc:
         print(f"llm-proxy: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load_config(config_path_from_env(args.config))
+    if config is None:
         return 2
     if args.workers > 1:
         from proxy.workers import run_workers
@@ -70,12 +76,9 @@ def serve_one(
     from proxy.app import build_app
 
     path = config_path_from_env(args.config)
+    config = config or _load_config(path)
     if config is None:
-        try:
-            config = load_config(path)
-        except ConfigError as exc:
-            print(f"llm-proxy: configuration error: {exc}", file=sys.stderr)
-            return 2
+        return 2
     loop_name = install_event_loop(args.loop)
     settings = Settings.from_env()
     log.info("config %s loaded; event loop %s", path, loop_name)
