@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from proxy.billing import AuthConfig
+from proxy.auth_config import AuthConfig
 from proxy.errors import ConfigError
 from proxy.guard import GuardConfig
 from proxy.kafka import idempotence_from_env

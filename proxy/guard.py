@@ -31,7 +31,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.billing import BillingContext, parse_number
+from proxy.auth_config import parse_number
+from proxy.billing import BillingContext
 from proxy.errors import ApiError, ConfigError
 from proxy.snapshot import Snapshot, SnapshotError, SnapshotProvider
 

@@ -16,13 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.billing import (
-    AuthConfig,
-    Authenticator,
-    AuthMode,
-    BillingContext,
-    hash_key,
-)
+from proxy.auth_config import AuthConfig, AuthMode
+from proxy.billing import Authenticator, BillingContext, hash_key
 from proxy.errors import ApiError, ConfigError
 from tests.fixtures_redis import free_port
 

@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 import proxy
 from proxy import ledger_cli
 from proxy.apikeys import KEY_PREFIX, ApiKeyStore, key_sha256
-from proxy.billing import AuthConfig, Authenticator, BillingContext
+from proxy.auth_config import AuthConfig
+from proxy.billing import Authenticator, BillingContext
 from proxy.credits import CreditKeys, CreditStore
 from proxy.errors import ApiError
 from proxy.events import ChargeEvent, new_event_id

@@ -62,7 +62,7 @@ def exchange(
     """A request that started at t=100 s, reached upstream at +2 ms, first byte at +52 ms."""
     ex = Exchange(100.0)
     body = {"model": alias, "messages": [{"role": "user", "content": PROMPT}]}
-    ex.chat = ChatRequest(config.aliases[alias], body, stream, False, None)
+    ex.chat = ChatRequest(config.aliases[alias], body, stream, False)
     ex.ctx = BillingContext.normalize(user_id=user_id, scene="chat", request_id="req-1")
     ex.guard_decision = guard
     if upstream:

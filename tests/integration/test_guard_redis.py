@@ -15,7 +15,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.billing import AuthConfig, Authenticator, BillingContext, hash_key
+from proxy.auth_config import AuthConfig
+from proxy.billing import Authenticator, BillingContext, hash_key
 from proxy.errors import ApiError
 from proxy.guard import (
     CreditBalanceGuard,
