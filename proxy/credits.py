@@ -159,8 +159,11 @@ def check_limits(stream_maxlen: int, applied_ttl_s: int, blocked_ttl_s: int) -> 
         raise ValueError("applied_ttl_s and stream_maxlen must be > 0, blocked_ttl_s >= 0")
 
 
-class CreditStore:
-    """Grants and reads against one Redis; owned by the CLI or a test."""
+class LedgerWriter:
+    """What every writer of the ledger shares: the key layout, the limits each of its
+    Lua scripts is given, and the script itself (`SCRIPT` of the subclass)."""
+
+    SCRIPT = ""
 
     def __init__(
         self,
@@ -177,7 +180,13 @@ class CreditStore:
         self._stream_maxlen = stream_maxlen
         self._applied_ttl_s = applied_ttl_s
         self._blocked_ttl_s = blocked_ttl_s
-        self._grant = redis.register_script(GRANT_LUA)
+        self._script = redis.register_script(self.SCRIPT)
+
+
+class CreditStore(LedgerWriter):
+    """Grants and reads against one Redis; owned by the CLI or a test."""
+
+    SCRIPT = GRANT_LUA
 
     async def grant(
         self, user_id: int, amount: int, *, reason: str = "", grant_id: str | None = None
@@ -192,7 +201,7 @@ class CreditStore:
             raise ValueError(f"amount must be a positive integer, got {amount!r}")
         k = self.keys
         applied_key = k.applied(f"grant:{grant_id}") if grant_id else k.applied("grant:-")
-        res = await self._grant(
+        res = await self._script(
             keys=[
                 k.balance(user_id),
                 k.ledger(user_id),

@@ -28,7 +28,7 @@ from proxy.credits import (
     DEFAULT_PREFIX,
     DEFAULT_STREAM_MAXLEN,
     BalanceChange,
-    CreditKeys,
+    LedgerWriter,
     check_limits,
     check_user_id,
     utc_now_iso,
@@ -97,24 +97,10 @@ class LedgerSettings:
         return self.dlq_topic or f"{self.topic}.dlq"
 
 
-class ChargeApplier:
+class ChargeApplier(LedgerWriter):
     """Applies one charge event to Redis, idempotently."""
 
-    def __init__(
-        self,
-        redis: Redis,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        stream_maxlen: int = DEFAULT_STREAM_MAXLEN,
-        applied_ttl_s: int = DEFAULT_APPLIED_TTL_S,
-        blocked_ttl_s: int = DEFAULT_BLOCKED_TTL_S,
-    ) -> None:
-        check_limits(stream_maxlen, applied_ttl_s, blocked_ttl_s)
-        self.keys = CreditKeys(prefix)
-        self._stream_maxlen = stream_maxlen
-        self._applied_ttl_s = applied_ttl_s
-        self._blocked_ttl_s = blocked_ttl_s
-        self._script = redis.register_script(CHARGE_LUA)
+    SCRIPT = CHARGE_LUA
 
     async def apply(self, event: ChargeEvent) -> BalanceChange:
         k, uid = self.keys, event.user_id
