@@ -114,7 +114,14 @@ async def start_state(config: Config, settings: Settings, observer: Observer) ->
                 if settings.credit_snapshot_url
                 else None
             )
-            guard = CreditBalanceGuard(redis, config.guard, provider)
+            guard = CreditBalanceGuard(
+                redis,
+                config.guard,
+                provider,
+                on_cache_lookup=observer.metrics.guard_cache_lookup,
+                on_cache_live=observer.metrics.guard_cache_state,
+            )
+            guard.start()
             closers.append(guard.close)
         auth = Authenticator(config.auth, redis, config.guard.prefix)
         auth.log_startup(log)
@@ -186,6 +193,10 @@ def _log_startup(state: ProxyState) -> None:
             a.price_rule_id,
             a.tokenizer,
         )
-    log.info("guard: %s", "redis" if state.guard else "off (no REDIS_URL)")
+    guard = state.guard
+    if guard is None:
+        log.info("guard: off (no REDIS_URL)")
+    else:
+        log.info("guard: redis, local cache %s", "on" if guard.cache is not None else "off")
     log.info("charge events: outbox %s -> %s", state.settings.outbox_path, state.sink_description)
     log_metrics_mode(state.observer.metrics, log)

@@ -6,8 +6,10 @@ Whenever it cannot know in time (Redis down or slow, provider down) it fails
 open: the request is served and charged afterwards, which can overdraw a user a
 little but never turns a Redis hiccup into an outage.
 
-Common case: one Redis round trip (MGET of the blocked marker and the snapshot).
-Concurrent checks in the same event-loop tick share one MGET (see `_MGetBatcher`;
+Common case: no I/O at all. Both keys are mirrored in process and Redis tells us
+when they change (`guard.local_cache`, proxy/guard_cache.py). Otherwise, and on
+a cache miss: one Redis round trip (MGET of the blocked marker and the snapshot);
+concurrent checks in the same event-loop tick share one MGET (see `_MGetBatcher`;
 bench/bench_guard.py measures it). Redis keys (single Redis node assumed: MGET
 and the back-fill script span several keys):
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -34,6 +36,7 @@ from redis.exceptions import RedisError
 from proxy.auth_config import parse_number
 from proxy.billing import BillingContext
 from proxy.errors import ApiError, ConfigError
+from proxy.guard_cache import GuardCache
 from proxy.snapshot import Snapshot, SnapshotError, SnapshotProvider
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,11 @@ class GuardConfig:
     provider_timeout_s: float = 1.0
     fail_open_log_interval_s: float = 60.0
     coalesce: bool = True  # batch concurrent checks into one MGET (bench/bench_guard.py)
+    # Keep what was read in process, kept coherent by Redis invalidations
+    # (proxy/guard_cache.py); max_age bounds staleness should an invalidation be missed.
+    local_cache: bool = True
+    local_cache_max_age_s: float = 1.0
+    local_cache_max_entries: int = 100_000
 
     @classmethod
     def from_yaml(cls, raw: Any, path: str = "guard") -> GuardConfig:
@@ -80,9 +88,12 @@ class GuardConfig:
         prefix = raw.get("prefix", d.prefix)
         if not isinstance(prefix, str) or any(c.isspace() for c in prefix):
             raise ConfigError(f"{path}.prefix: must be a string without spaces, got {prefix!r}")
-        coalesce = raw.get("coalesce", d.coalesce)
-        if not isinstance(coalesce, bool):
-            raise ConfigError(f"{path}.coalesce: must be true or false, got {coalesce!r}")
+        flags = {}
+        for flag in ("coalesce", "local_cache"):
+            value = raw.get(flag, getattr(d, flag))
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}.{flag}: must be true or false, got {value!r}")
+            flags[flag] = value
         return cls(
             prefix=prefix,
             budget_ms=parse_number(raw, "budget_ms", path, d, positive=True),
@@ -94,18 +105,24 @@ class GuardConfig:
             ),
             provider_timeout_s=parse_number(raw, "provider_timeout_s", path, d, positive=True),
             fail_open_log_interval_s=parse_number(raw, "fail_open_log_interval_s", path, d),
-            coalesce=coalesce,
+            local_cache_max_age_s=parse_number(
+                raw, "local_cache_max_age_s", path, d, positive=True
+            ),
+            local_cache_max_entries=int(
+                parse_number(raw, "local_cache_max_entries", path, d, whole=True, positive=True)
+            ),
+            **flags,
         )
 
 
 # -- Redis layout --------------------------------------------------------------------
 
 
-def blocked_key(prefix: str, user_id: int) -> str:
+def blocked_key(prefix: str, user_id: int | str) -> str:
     return f"{prefix}credit:blocked:{user_id}"
 
 
-def snapshot_key(prefix: str, user_id: int) -> str:
+def snapshot_key(prefix: str, user_id: int | str) -> str:
     return f"{prefix}credit:snapshot:{user_id}"
 
 
@@ -185,7 +202,7 @@ class _RateLimitedLog:
         log.warning("%s (%d similar suppressed)", message, suppressed, exc_info=exc_info)
 
 
-_Waiter = tuple[tuple[str, ...], "asyncio.Future[list[Any]]"]
+_Waiter = tuple[Sequence[str], "asyncio.Future[list[Any]]"]
 
 
 class _MGetBatcher:
@@ -206,7 +223,7 @@ class _MGetBatcher:
         self._followers: list[_Waiter] | None = None  # open batch of the current tick
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def mget(self, keys: tuple[str, ...]) -> list[Any]:
+    async def mget(self, keys: Sequence[str]) -> list[Any]:
         if self._followers is not None:
             fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
             self._followers.append((keys, fut))
@@ -277,23 +294,56 @@ class CreditBalanceGuard:
         provider: SnapshotProvider | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_cache_lookup: Callable[[bool], None] | None = None,
+        on_cache_live: Callable[[bool], None] | None = None,
     ) -> None:
         self._config = config
         self._redis = redis
         self._provider = provider
         self._budget_s = config.budget_ms / 1000.0
         self._batcher = _MGetBatcher(redis, self._budget_s) if config.coalesce else None
+        self._mget: Callable[[Sequence[str]], Awaitable[list[Any]]] = (
+            self._batcher.mget if self._batcher is not None else redis.mget
+        )
+        self.cache = (
+            GuardCache(
+                redis,
+                (blocked_key(config.prefix, ""), snapshot_key(config.prefix, "")),
+                max_age_s=config.local_cache_max_age_s,
+                max_entries=config.local_cache_max_entries,
+                on_lookup=on_cache_lookup,
+                on_live=on_cache_live,
+            )
+            if config.local_cache
+            else None
+        )
         self._backfill = redis.register_script(_BACKFILL_LUA)
         self._mark_blocked_script = redis.register_script(_MARK_BLOCKED_LUA)
         self._fetches: dict[int, asyncio.Task[Snapshot]] = {}  # one per user at a time
         self._fail_open_log = _RateLimitedLog(config.fail_open_log_interval_s, clock)
 
+    def start(self) -> None:
+        """Start the cache's invalidation subscription (needs the running loop)."""
+        if self.cache is not None:
+            self.cache.start()
+
     async def check(self, ctx: BillingContext) -> GuardDecision:
         if ctx.user_id <= 0 or ctx.skip_charge:
             return GuardDecision.SKIPPED
+        prefix = self._config.prefix
+        keys = (blocked_key(prefix, ctx.user_id), snapshot_key(prefix, ctx.user_id))
+        cached = self.cache.lookup(keys) if self.cache is not None else None
+        if cached is not None:
+            # The common case decides without I/O, so without the budget's timer.
+            blocked, snapshot = cached
+            if blocked is not None:
+                return GuardDecision.BLOCK
+            credit = decode_snapshot(snapshot) if snapshot is not None else None
+            if credit is not None and credit > 0:
+                return GuardDecision.ALLOW
         try:
             async with asyncio.timeout(self._budget_s):
-                return await self._decide(ctx.user_id)
+                return await self._decide(ctx.user_id, keys, cached)
         except TimeoutError:
             reason = f"check exceeded its {self._config.budget_ms:g} ms budget"
         except SnapshotError as exc:
@@ -316,16 +366,20 @@ class CreditBalanceGuard:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
 
     # -- steps -----------------------------------------------------------------------
 
-    async def _decide(self, user_id: int) -> GuardDecision:
-        prefix = self._config.prefix
-        keys = (blocked_key(prefix, user_id), snapshot_key(prefix, user_id))
-        if self._batcher is not None:
-            blocked, snapshot = await self._batcher.mget(keys)
+    async def _decide(
+        self, user_id: int, keys: tuple[str, str], cached: list[Any] | None
+    ) -> GuardDecision:
+        if cached is not None:
+            blocked, snapshot = cached
+        elif self.cache is not None:
+            blocked, snapshot = await self.cache.read_through(keys, self._mget)
         else:
-            blocked, snapshot = await self._redis.mget(keys)
+            blocked, snapshot = await self._mget(keys)
         if blocked is not None:
             return GuardDecision.BLOCK
         credit = decode_snapshot(snapshot) if snapshot is not None else None

@@ -143,6 +143,20 @@ class ProxyMetrics:
             ("result",),
             registry=r,
         )
+        self.guard_cache = Counter(
+            "llm_proxy_guard_cache_lookups_total",
+            "Guard lookups in the local Redis mirror by result (hit: decided without "
+            "a Redis round trip). Only counted while the mirror is live.",
+            ("result",),
+            registry=r,
+        )
+        self.guard_cache_live = Gauge(
+            "llm_proxy_guard_cache_live",
+            "1 while the guard's local mirror receives Redis invalidations (else every "
+            "check reads Redis).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.charge_events = Counter(
             "llm_proxy_charge_events_total",
             "Charge events by result: enqueued/enqueue_failed into the outbox, "
@@ -178,6 +192,7 @@ class ProxyMetrics:
         )
         # Children created up front so that rate() sees a 0 before the first event.
         self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
+        self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
         charge = {res: self.charge_events.labels(res) for res in CHARGE_RESULTS}
         self._enqueued = charge["enqueued"]
         self._enqueue_failed = charge["enqueue_failed"]
@@ -273,6 +288,12 @@ class ProxyMetrics:
 
     def charge_commit_failed(self) -> None:
         self._enqueue_failed.inc()
+
+    def guard_cache_lookup(self, hit: bool) -> None:
+        (self._cache_hit if hit else self._cache_miss).inc()
+
+    def guard_cache_state(self, live: bool) -> None:
+        self.guard_cache_live.set(1 if live else 0)
 
     def charge_published(self, events: int) -> None:
         self._published.inc(events)

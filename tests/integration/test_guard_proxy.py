@@ -157,3 +157,45 @@ async def test_user_key_pays_for_itself_and_cannot_act_for_others(
         created.api_key not in str(r["headers"]) and SERVICE_KEY not in str(r["headers"])
         for r in h.recorder.requests
     )
+
+
+async def test_cached_guard_serves_then_sees_a_block(
+    start_proxy: StartProxy, redis_server, redis_client, redis_prefix: str
+) -> None:
+    """Through the proxy with the local guard cache (on by default): repeated
+    requests are decided from the cache (metrics say so), and a block written
+    to Redis afterwards still stops the next requests before the upstream."""
+    from tests.integration.test_observability import scrape, value
+
+    h = await guarded(start_proxy, redis_server, redis_prefix)
+    guard = h.state.guard
+    assert guard is not None and guard.cache is not None
+    for _ in range(300):
+        if guard.cache.live:
+            break
+        await asyncio.sleep(0.01)
+    assert guard.cache.live
+    await redis_client.set(snapshot_key(redis_prefix, 7), snapshot(10**6))
+    for _ in range(10):
+        status, _, _ = await h.chat(REQ)
+        assert status == 200
+    got = await scrape(h)
+    assert value(got, "llm_proxy_guard_cache_live") == 1
+    hits = value(got, "llm_proxy_guard_cache_lookups_total", result="hit")
+    misses = value(got, "llm_proxy_guard_cache_lookups_total", result="miss")
+    assert hits is not None and misses is not None
+    assert hits + misses == 10 and hits >= 8  # the setup write may cost a second miss
+
+    await redis_client.set(blocked_key(redis_prefix, 7), b"ledger")
+    served = len(h.recorder.requests)
+    statuses = []
+    for _ in range(100):  # the invalidation travels one hop, like a read would
+        status, _, _ = await h.chat(REQ)
+        statuses.append(status)
+        if status == 402:
+            break
+        await asyncio.sleep(0.01)
+    assert statuses[-1] == 402
+    assert len(h.recorder.requests) == served + len(statuses) - 1
+    status, _, _ = await h.chat({**REQ, "stream": True})
+    assert status == 402
