@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
 from urllib.parse import urlsplit, urlunsplit
@@ -97,11 +96,13 @@ class Observer:
     def charge_publish_failed(self, events: int) -> None:
         self.metrics.charge_publish_failed(events)
 
-    def request_finished(self, ex: Exchange, settlement: Settlement | None, now: float) -> None:
+    def request_finished(
+        self, ex: Exchange, settlement: Settlement | None, now: float, done: float
+    ) -> None:
         """`settlement` is None when settling or handing the charge to the outbox
-        failed (the handler logged why); `now` is when the relay ended. Called before
-        the charge's commit is awaited: the outbox retries failed commits itself."""
-        done = time.perf_counter()
+        failed (the handler logged why); `now` is when the relay ended, `done` when
+        the charge was handed to the outbox. Called once the response is out, in
+        the loop round after (the outbox reports failed commits itself)."""
         self.in_flight -= 1
         if settlement is None:
             self.record_failures += 1

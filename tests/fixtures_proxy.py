@@ -168,8 +168,10 @@ class RecordingObserver(Observer):
         super().__init__()
         self.finished: list[Finished] = []
 
-    def request_finished(self, ex: Exchange, settlement: Settlement | None, now: float) -> None:
-        super().request_finished(ex, settlement, now)
+    def request_finished(
+        self, ex: Exchange, settlement: Settlement | None, now: float, done: float
+    ) -> None:
+        super().request_finished(ex, settlement, now, done)
         event = settlement.event if settlement is not None else None
         self.finished.append(
             Finished(

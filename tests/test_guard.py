@@ -88,6 +88,11 @@ def test_guard_config_defaults_when_absent() -> None:
     c = GuardConfig.from_yaml(None)
     assert (c.prefix, c.budget_ms, c.blocked_ttl_s, c.snapshot_ttl_s) == ("llmproxy:", 50, 300, 300)
     assert (c.provider_timeout_s, c.fail_open_log_interval_s, c.coalesce) == (1.0, 60, True)
+    assert (c.local_cache, c.local_cache_max_age_s, c.local_cache_max_entries) == (
+        True,
+        1.0,
+        100_000,
+    )
 
 
 def test_guard_config_reads_values() -> None:
@@ -96,6 +101,16 @@ def test_guard_config_reads_values() -> None:
     )
     assert (c.prefix, c.budget_ms, c.blocked_ttl_s, c.coalesce) == ("x:", 20, 60, False)
     assert isinstance(c.blocked_ttl_s, int)
+    c = GuardConfig.from_yaml(
+        {"local_cache": False, "local_cache_max_age_s": 0.25, "local_cache_max_entries": 10}
+    )
+    assert (c.local_cache, c.local_cache_max_age_s, c.local_cache_max_entries) == (False, 0.25, 10)
+
+
+def test_guard_without_local_cache_has_none() -> None:
+    client = aioredis.Redis(port=1)  # never connected: nothing here does I/O
+    assert CreditBalanceGuard(client, GuardConfig(local_cache=False)).cache is None
+    assert CreditBalanceGuard(client, GuardConfig()).cache is not None
 
 
 @pytest.mark.parametrize(
@@ -107,6 +122,9 @@ def test_guard_config_reads_values() -> None:
         ({"snapshot_ttl_s": True}, "guard.snapshot_ttl_s"),
         ({"prefix": "a b"}, "guard.prefix: must be a string without spaces"),
         ({"coalesce": "yes"}, "guard.coalesce: must be true or false"),
+        ({"local_cache": 1}, "guard.local_cache: must be true or false, got 1"),
+        ({"local_cache_max_age_s": 0}, "guard.local_cache_max_age_s: must be a positive number"),
+        ({"local_cache_max_entries": 0.5}, "guard.local_cache_max_entries: must be a positive"),
         ({"budget": 5}, "guard.budget: unknown key"),
         (["x"], "guard: must be a mapping"),
     ],

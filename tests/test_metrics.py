@@ -257,10 +257,10 @@ def test_observer_in_flight_and_record_failures(config: Config) -> None:
     obs.refresh_live()
     assert value(scrape(obs.metrics), "llm_proxy_requests_in_flight") == 2
     ex = exchange(config)
-    obs.request_finished(ex, None, 100.5)
+    obs.request_finished(ex, None, 100.5, 100.6)
     assert obs.record_failures == 1 and obs.last_record_failed
     ex = exchange(config)
-    obs.request_finished(ex, settle(ex, 100.5), 100.5)
+    obs.request_finished(ex, settle(ex, 100.5), 100.5, 100.6)
     assert obs.record_failures == 1 and not obs.last_record_failed
     obs.refresh_live()
     assert value(scrape(obs.metrics), "llm_proxy_requests_in_flight") == 0
@@ -322,11 +322,11 @@ def test_access_log_is_skipped_when_disabled(
     obs = Observer()
     ex = exchange(config)
     obs.request_started()
-    obs.request_finished(ex, settle(ex, 100.5), 100.5)
+    obs.request_finished(ex, settle(ex, 100.5), 100.5, 100.6)
     assert not [r for r in caplog.records if r.name == "proxy.access"]
     caplog.set_level(logging.INFO, logger="proxy.access")
     obs.request_started()
-    obs.request_finished(ex, settle(ex, 100.5), 100.5)
+    obs.request_finished(ex, settle(ex, 100.5), 100.5, 100.6)
     assert len([r for r in caplog.records if r.name == "proxy.access"]) == 1
 
 
@@ -341,7 +341,7 @@ def test_plain_access_log_writes_bare_json_lines(config: Config) -> None:
         for _ in range(2):
             ex = exchange(config)
             obs.request_started()
-            obs.request_finished(ex, settle(ex, 100.5), 100.5)
+            obs.request_finished(ex, settle(ex, 100.5), 100.5, 100.6)
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
