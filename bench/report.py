@@ -147,7 +147,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "Workers (`serve --workers N`, full pipeline, not pinned; the load generator "
-            "shares the 2 cores):",
+            "shares the 2 cores; CPU at the fixed rate: median of alternating rounds):",
             "",
             f"| workers | CPU ms/req @ {result['plan']['workers_rate']} RPS per worker "
             "| max RPS (128 conns) | CPU ms/req at max | p99 at max |",
