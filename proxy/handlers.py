@@ -94,7 +94,7 @@ async def _chat_completions(
             ex.finish(Outcome.CLIENT_ABORTED, 499)
             raise
         ex.finish(Outcome.TIMEOUT, 504, error_kind="timeout")
-        raise timed_out(provider, "waiting for the response head") from None
+        raise timed_out(provider, f"{wd.expired}, waiting for the response head") from None
     except UpstreamFailure as failure:
         wd.cancel()
         if failure.kind == "timeout":

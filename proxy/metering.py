@@ -63,36 +63,60 @@ class StreamMeter:
     the usage event is found after the stream ends by scanning its tail.
     """
 
-    __slots__ = ("_chunks", "_framer", "_usage", "strip_usage")
+    __slots__ = ("_chunks", "_close", "_framer", "_null_tail", "_sep_len", "_usage", "strip_usage")
 
     def __init__(self, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self._framer = sse.EventFramer() if strip_usage else None
         self._chunks: list[bytes] = []  # what the client was sent (references, no copies)
         self._usage: Usage | None = None
+        # `,"usage":null}` + the stream's event separator, once that is known.
+        self._null_tail: bytes | None = None
+        self._close = b""  # `}` + the separator: what the cut leaves of that tail
+        self._sep_len = 0
 
     def relay(self, data: bytes) -> bytes:
         framer = self._framer
         if framer is None:
             self._chunks.append(data)
             return data
+        tail = self._null_tail
+        if (
+            tail is not None
+            and data.endswith(tail)
+            and data.find(b"\n") >= len(data) - self._sep_len
+            and not framer.pending
+        ):
+            # The usual read: exactly one complete single-line event (its first
+            # newline is its terminator; JSON holds no raw newlines) whose last
+            # member, closing the top-level object, is `"usage":null`. Cut that
+            # member and nothing else needs looking at: ~0.25 us per chunk
+            # instead of ~0.6 for framing + replace + scan (measured in-process).
+            out = data[: -len(tail)] + self._close
+            self._chunks.append(out)
+            return out
         out = framer.feed_complete(data)
         if not out:
             return b""
-        if sse.USAGE_KEY in out:
-            # Chunks carry `"usage":null` only because we asked for usage; the
-            # caller did not, so it gets the chunks it would have got. Every chunk
-            # has it, so the common case is one replace: once the nulls are gone,
-            # no `"usage"` left means no usage object to look at (a JSON string
-            # cannot hold the raw bytes `"usage"`; its quotes are escaped).
-            out = out.replace(sse.USAGE_NULL, b"")
-            if sse.USAGE_KEY in out:  # once per stream: the usage event is here
-                split = sse.EventFramer()
-                events = split.feed(out)
-                kept = b"".join(e for e in events if not self._take_usage_event(e))
-                out = kept + split.pending  # a stray blank line stays relayed
-        if out:
-            self._chunks.append(out)
+        if tail is None and framer.separator is not None:
+            self._close = b"}" + framer.separator
+            self._null_tail = sse.USAGE_NULL + self._close
+            self._sep_len = len(framer.separator)
+        # Chunks carry `"usage":null` only because we asked for usage; the caller
+        # did not, so it gets the chunks it would have got. `replace` returns the
+        # same object when there is nothing to remove, so it runs unguarded: a
+        # guarding `in` would cost a second scan of every chunk. Once the nulls are
+        # gone, no `"usage"` left means no usage object to look at (a JSON string
+        # cannot hold the raw bytes `"usage"`; its quotes are escaped).
+        out = out.replace(sse.USAGE_NULL, b"")
+        if sse.USAGE_KEY in out:  # once per stream: the usage event is here
+            split = sse.EventFramer()
+            events = split.feed(out)
+            kept = b"".join(e for e in events if not self._take_usage_event(e))
+            out = kept + split.pending  # a stray blank line stays relayed
+            if not out:
+                return b""
+        self._chunks.append(out)
         return out
 
     def _take_usage_event(self, event: bytes) -> bool:

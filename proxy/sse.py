@@ -87,6 +87,11 @@ class EventFramer:
         return buf[:start]
 
     @property
+    def separator(self) -> bytes | None:
+        """The event separator, once the first line ending has been seen."""
+        return self._sep
+
+    @property
     def pending(self) -> bytes:
         """Bytes of an event that has not been terminated yet."""
         return self._buf

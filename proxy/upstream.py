@@ -50,15 +50,27 @@ def timed_out(provider: Provider, what: str) -> ApiError:
 
 
 class Watchdog:
-    """Bounds the wait for the first byte and the gap between chunks.
+    """Bounds the wait for the first byte, the gap between chunks and the whole exchange.
 
     One timer per request that re-arms itself lazily: a chunk only stores the
     time it arrived (no timer churn per chunk); when the timer fires it checks
     that stamp and either re-arms or cancels the reading task, which the caller
     turns into a timeout (`expired` tells a timeout from a client disconnect).
+    The total bound lives here too rather than in aiohttp's ClientTimeout, which
+    would arm a second timer per request (~8 us CPU, measured).
     """
 
-    __slots__ = ("_handle", "_limit", "_loop", "_task", "expired", "idle", "last", "started")
+    __slots__ = (
+        "_end",
+        "_handle",
+        "_limit",
+        "_loop",
+        "_task",
+        "expired",
+        "idle",
+        "last",
+        "started",
+    )
 
     def __init__(self, timeouts: Timeouts) -> None:
         self._loop = asyncio.get_running_loop()
@@ -66,9 +78,10 @@ class Watchdog:
         self.idle = timeouts.idle
         self._limit = timeouts.first_byte
         self.started = self.last = self._loop.time()
+        self._end = self.started + timeouts.total
         self.expired: str | None = None
         self._handle: asyncio.TimerHandle | None = self._loop.call_at(
-            self.last + self._limit, self._check
+            min(self.last + self._limit, self._end), self._check
         )
 
     def first_byte(self) -> None:
@@ -77,17 +90,21 @@ class Watchdog:
             # The armed timer still points at the first-byte deadline; a stall right
             # after the first chunk must be caught after `idle`, not after that.
             self._handle.cancel()
-            self._handle = self._loop.call_at(self.last + self.idle, self._check)
+            self._handle = self._loop.call_at(min(self.last + self.idle, self._end), self._check)
         self._limit = self.idle
 
     def touch(self) -> None:
         self.last = self._loop.time()
 
     def _check(self) -> None:
-        deadline = self.last + self._limit
-        if self._loop.time() >= deadline:
+        deadline = min(self.last + self._limit, self._end)
+        now = self._loop.time()
+        if now >= deadline:
             self._handle = None
-            self.expired = "first byte" if self._limit is not self.idle else "idle"
+            if now >= self._end:
+                self.expired = "total"
+            else:
+                self.expired = "first byte" if self._limit is not self.idle else "idle"
             if self._task is not None:
                 self._task.cancel()
         else:
@@ -124,9 +141,11 @@ class UpstreamPools:
             )
             sessions[name] = aiohttp.ClientSession(
                 connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=p.timeouts.total, sock_connect=p.timeouts.connect
-                ),
+                # total: enforced by the request's Watchdog (see there).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=p.timeouts.connect),
+                # Upstream cookies must not travel from one caller's request to the
+                # next one's: every caller shares this session.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # The body is relayed as received; decompressing and re-sending
                 # would cost CPU for nothing on the usual internal links.
                 auto_decompress=False,

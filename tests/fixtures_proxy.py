@@ -39,7 +39,7 @@ providers:
     base_url: {base_url}
     api_key_env: FAKE_PROVIDER_KEY
     stream_usage: {stream_usage}
-    timeouts: {{connect: 1, first_byte: {first_byte}, idle: {idle}, total: 30}}
+    timeouts: {{connect: 1, first_byte: {first_byte}, idle: {idle}, total: {total}}}
 price_rules:
   std: {{input: 1000, cached_input: 500, output: 2000}}
   premium: {{input: 10000000, output: 10000000}}   # 10 credits per token
@@ -208,6 +208,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
         stream_usage: bool = True,
         first_byte: float = 5,
         idle: float = 5,
+        total: float = 30,
         redis_url: str | None = None,
         kafka_bootstrap: str | None = None,
         credit_snapshot_url: str | None = None,
@@ -226,6 +227,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
             stream_usage=str(stream_usage).lower(),
             first_byte=first_byte,
             idle=idle,
+            total=total,
         )
         text += auth_yaml if auth_yaml is not None else service_key_yaml()
         if guard_prefix is not None:

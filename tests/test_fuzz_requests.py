@@ -59,7 +59,11 @@ class ThreadedProxy:
         self.fake_app = build_fake_app(Behaviour())
         fake_port = await self._serve(self.fake_app)
         text = BASE_YAML.format(
-            base_url=f"http://127.0.0.1:{fake_port}/v1", stream_usage="true", first_byte=5, idle=5
+            base_url=f"http://127.0.0.1:{fake_port}/v1",
+            stream_usage="true",
+            first_byte=5,
+            idle=5,
+            total=30,
         )
         text += service_key_yaml() + f"\nserver:\n  max_body_bytes: {MAX_BODY}\n"
         config = parse_config(

@@ -82,6 +82,56 @@ def test_strip_mode_removes_usage_chunk_and_records_usage(seed: int) -> None:
     assert meter.upstream_usage() == Usage(11, 7, 3, 2)
 
 
+def split_by_events(data: bytes, sep: bytes, seed: int) -> list[bytes]:
+    """Reads as upstreams usually deliver them: whole events, one or a few per read,
+    sometimes cut mid-event."""
+    rng = random.Random(seed)
+    events = [e + sep for e in data.split(sep) if e]
+    out: list[bytes] = []
+    i = 0
+    while i < len(events):
+        n = rng.choice((1, 1, 1, 2, 3))
+        piece = b"".join(events[i : i + n])
+        i += n
+        if rng.random() < 0.2 and len(piece) > 10:  # cut one read in two
+            cut = rng.randint(1, len(piece) - 1)
+            out += [piece[:cut], piece[cut:]]
+        else:
+            out.append(piece)
+    return out
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+@pytest.mark.parametrize("seed", range(20))
+def test_strip_mode_on_whole_event_reads(sep: bytes, seed: int) -> None:
+    """The per-read fast path (one single-line event ending in `"usage":null`)
+    and the general path give the same bytes, whatever mix of reads arrives."""
+    words = [f"w{i}" for i in range(30)]
+    body = stream(words, True, sep)
+    # A comment line (keep-alive) between events: a multi-line read, general path.
+    body = body.replace(sep, sep + b": keep-alive" + sep, 1)
+    expected = stream(words, False, sep).replace(sep, sep + b": keep-alive" + sep, 1)
+    meter = StreamMeter(strip_usage=True)
+    out = b"".join(meter.relay(p) for p in split_by_events(body, sep, seed))
+    assert out + meter.unterminated() == expected
+    assert meter.upstream_usage() == Usage(11, 7, 3, 2)
+
+
+def test_strip_mode_fast_path_leaves_other_events_alone() -> None:
+    meter = StreamMeter(strip_usage=True)
+    first = chunk({"content": "a"})
+    assert meter.relay(first) == chunk({"content": "a"}, usage_null=False)
+    # Whole single-line events without the null member pass unchanged.
+    plain = chunk({"content": "b"}, usage_null=False)
+    assert meter.relay(plain) == plain
+    # Two events in one read: both lose their null, the usage event goes.
+    usage_event = b"data: " + orjson.dumps({"id": "c1", "choices": [], "usage": USAGE}) + b"\n\n"
+    assert meter.relay(chunk({"content": "c"}) + usage_event) == chunk(
+        {"content": "c"}, usage_null=False
+    )
+    assert meter.upstream_usage() == Usage(11, 7, 3, 2)
+
+
 def test_pass_through_mode_is_identity_and_finds_usage_in_tail() -> None:
     body = stream(["x"] * 300, True)
     meter = StreamMeter(strip_usage=False)

@@ -218,6 +218,42 @@ async def test_stall_between_chunks_ends_with_timeout_event_and_charges_what_was
     await wait_until(lambda: h.recorder.open_connections == 0, 5, "stalled upstream released")
 
 
+async def test_stream_past_total_limit_ends_with_timeout_event(start_proxy: StartProxy) -> None:
+    """A stream that keeps trickling (never idle) is still cut at `timeouts.total`."""
+    obs = RecordingObserver()
+    h = await start_proxy(
+        behaviour=Behaviour(chunks=100, chunk_delay=0.05),
+        first_byte=60,
+        idle=60,
+        total=0.5,
+        observer=obs,
+    )
+    async with asyncio.timeout(20):
+        status, raw, _ = await h.chat(chat_body(stream=True))
+    assert status == 200
+    assert isinstance(raw, bytes)
+    last = sse_events(raw)[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    error = orjson.loads(last.split(b"data: ", 1)[1])
+    assert_openai_error(error, "upstream_timeout")
+    assert "(total)" in error["error"]["message"]
+    assert 0 < len(relayed_text(raw).split()) < 100
+    [event] = await settled(h, obs, 1)
+    assert event["outcome"] == Outcome.TIMEOUT
+    assert event["usage"]["completion"] == count_completion(ENC, relayed_text(raw))
+
+
+async def test_non_streamed_reply_past_total_limit_is_504(start_proxy: StartProxy) -> None:
+    h = await start_proxy(
+        behaviour=Behaviour(first_byte_delay=1.0), first_byte=60, idle=60, total=0.3
+    )
+    async with asyncio.timeout(20):
+        status, body, _ = await h.chat(chat_body())
+    assert status == 504
+    assert_openai_error(body, "upstream_timeout")
+    assert "(total, waiting for the response head)" in body["error"]["message"]
+
+
 @pytest.mark.parametrize("usage_requested", [False, True])
 async def test_malformed_sse_event_is_relayed_and_metering_survives(
     start_proxy: StartProxy, usage_requested: bool

@@ -270,7 +270,9 @@ async def test_readiness_unready_without_provider_key_or_outbox(start_proxy: Sta
     assert report["ready"] is False and report["checks"]["outbox"]["status"] == "closed"
 
     # A config whose only provider has no key (its env var is unset) serves nothing.
-    text = BASE_YAML.format(base_url="http://x/v1", stream_usage="true", first_byte=1, idle=1)
+    text = BASE_YAML.format(
+        base_url="http://x/v1", stream_usage="true", first_byte=1, idle=1, total=30
+    )
     h.state.config = parse_config(yaml.safe_load(text + service_key_yaml()), "t.yaml", {})
     async with h.session.get(f"{h.url}/readyz") as resp:
         report = await resp.json()
