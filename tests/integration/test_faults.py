@@ -194,6 +194,20 @@ async def test_reset_mid_stream_ends_with_error_event_and_charges_what_was_relay
     assert event["credits"] > 0
 
 
+async def stream_cut_by_timeout(h: ProxyHarness) -> tuple[bytes, dict[str, Any]]:
+    """Stream one request that a proxy timeout ends: 200, then an SSE error event.
+    Returns the raw stream and the error event's JSON."""
+    async with asyncio.timeout(20):
+        status, raw, _ = await h.chat(chat_body(stream=True))
+    assert status == 200
+    assert isinstance(raw, bytes)
+    last = sse_events(raw)[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    error = orjson.loads(last.split(b"data: ", 1)[1])
+    assert_openai_error(error, "upstream_timeout")
+    return raw, error
+
+
 async def test_stall_between_chunks_ends_with_timeout_event_and_charges_what_was_relayed(
     start_proxy: StartProxy,
 ) -> None:
@@ -201,13 +215,7 @@ async def test_stall_between_chunks_ends_with_timeout_event_and_charges_what_was
     # A first-byte limit far above the idle one: the idle limit alone must end the
     # stall (a hang here means the first-byte deadline was still the one armed).
     h = await start_proxy(behaviour=Behaviour(stall_after=2), first_byte=60, idle=0.3, observer=obs)
-    async with asyncio.timeout(20):
-        status, raw, _ = await h.chat(chat_body(stream=True))
-    assert status == 200
-    assert isinstance(raw, bytes)
-    last = sse_events(raw)[-1]
-    assert last.startswith(b"event: error\ndata: ")
-    assert_openai_error(orjson.loads(last.split(b"data: ", 1)[1]), "upstream_timeout")
+    raw, _ = await stream_cut_by_timeout(h)
     relayed = " ".join(reply_words(h.recorder.requests[0]["body"], 8)[:2])
     assert relayed_text(raw) == relayed
 
@@ -228,14 +236,7 @@ async def test_stream_past_total_limit_ends_with_timeout_event(start_proxy: Star
         total=0.5,
         observer=obs,
     )
-    async with asyncio.timeout(20):
-        status, raw, _ = await h.chat(chat_body(stream=True))
-    assert status == 200
-    assert isinstance(raw, bytes)
-    last = sse_events(raw)[-1]
-    assert last.startswith(b"event: error\ndata: ")
-    error = orjson.loads(last.split(b"data: ", 1)[1])
-    assert_openai_error(error, "upstream_timeout")
+    raw, error = await stream_cut_by_timeout(h)
     assert "(total)" in error["error"]["message"]
     assert 0 < len(relayed_text(raw).split()) < 100
     [event] = await settled(h, obs, 1)
