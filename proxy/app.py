@@ -65,8 +65,14 @@ _HTTP_CODES = {
 
 
 def build_app(
-    config: Config, settings: Settings, *, observer: Observer | None = None
+    config: Config,
+    settings: Settings,
+    *,
+    observer: Observer | None = None,
+    encodings: EncodingRegistry | None = None,
 ) -> web.Application:
+    """`encodings`: a registry to share with other apps of this process (the loaded
+    encodings are read-only and ~80 MB each); by default the app loads its own."""
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
@@ -79,7 +85,7 @@ def build_app(
     app.router.add_get("/metrics", obs.metrics_endpoint)
 
     async def lifecycle(app: web.Application) -> Any:
-        state = await start_state(config, settings, obs)
+        state = await start_state(config, settings, obs, encodings)
         app[STATE] = state
         yield
         await stop_state(state)
@@ -88,7 +94,12 @@ def build_app(
     return app
 
 
-async def start_state(config: Config, settings: Settings, observer: Observer) -> ProxyState:
+async def start_state(
+    config: Config,
+    settings: Settings,
+    observer: Observer,
+    encodings: EncodingRegistry | None = None,
+) -> ProxyState:
     closers: list[Any] = []
     try:
         upstream = UpstreamPools.create(config.providers)
@@ -126,7 +137,8 @@ async def start_state(config: Config, settings: Settings, observer: Observer) ->
         auth = Authenticator(config.auth, redis, config.guard.prefix)
         auth.log_startup(log)
 
-        encodings = EncodingRegistry()
+        if encodings is None:
+            encodings = EncodingRegistry()
         encodings.preload({a.tokenizer for a in config.aliases.values()})
 
         outbox = Outbox(settings.outbox_path)

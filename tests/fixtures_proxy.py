@@ -25,6 +25,7 @@ from proxy.config import Config, Settings, parse_config
 from proxy.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
 from proxy.observability import Observer
 from proxy.state import STATE, ProxyState
+from proxy.tokens import EncodingRegistry
 from proxy.usage import Outcome, Usage, UsageSource
 
 if TYPE_CHECKING:
@@ -195,8 +196,17 @@ class RecordingObserver(Observer):
 StartProxy = Callable[..., Awaitable[ProxyHarness]]
 
 
+@pytest.fixture(scope="session")
+def shared_encodings() -> EncodingRegistry:
+    """One registry for every proxy the tests start: loading o200k costs ~80 MB and
+    a noticeable fraction of a second per app otherwise."""
+    return EncodingRegistry()
+
+
 @pytest.fixture
-async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
+async def start_proxy(
+    tmp_path: Path, shared_encodings: EncodingRegistry
+) -> AsyncIterator[StartProxy]:
     servers: list[TestServer] = []
     sessions: list[aiohttp.ClientSession] = []
 
@@ -247,7 +257,7 @@ async def start_proxy(tmp_path: Path) -> AsyncIterator[StartProxy]:
             sink_path=str(tmp_path / f"events-{len(servers)}.jsonl"),
             **(settings_overrides or {}),
         )
-        proxy_app = build_app(config, settings, observer=observer)
+        proxy_app = build_app(config, settings, observer=observer, encodings=shared_encodings)
         server = TestServer(proxy_app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)
