@@ -108,11 +108,20 @@ class GuardConfig:
             local_cache_max_age_s=parse_number(
                 raw, "local_cache_max_age_s", path, d, positive=True
             ),
-            local_cache_max_entries=int(
-                parse_number(raw, "local_cache_max_entries", path, d, whole=True, positive=True)
+            local_cache_max_entries=_at_least_two(
+                int(
+                    parse_number(raw, "local_cache_max_entries", path, d, whole=True, positive=True)
+                ),
+                f"{path}.local_cache_max_entries",
             ),
             **flags,
         )
+
+
+def _at_least_two(value: int, where: str) -> int:
+    if value < 2:
+        raise ConfigError(f"{where}: must be at least 2 (each user takes two entries)")
+    return value
 
 
 # -- Redis layout --------------------------------------------------------------------
@@ -231,6 +240,11 @@ class _MGetBatcher:
         self._followers = followers = []
         try:
             await asyncio.sleep(0)  # let this tick's other callers join
+        except asyncio.CancelledError:
+            # Cancelled before sending: whoever joined still needs its read.
+            self._followers = None
+            self._serve_orphans(followers)
+            raise
         finally:
             self._followers = None
         all_keys = list(keys)
@@ -271,6 +285,11 @@ class _MGetBatcher:
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        except BaseException:  # cancelled (shutdown): leave nobody hanging
+            for _, fut in waiting:
+                if not fut.done():
+                    fut.cancel()
+            raise
         i = 0
         for keys, fut in waiting:
             if not fut.done():

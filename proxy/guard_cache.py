@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -43,9 +44,17 @@ from redis.exceptions import RedisError, ResponseError
 log = logging.getLogger(__name__)
 
 INVALIDATE_CHANNEL = "__redis__:invalidate"
+# Error replies that say "not now" rather than "never" (a long script, a replica
+# loading, a failover): the subscription is retried like after a lost link.
+_TRANSIENT_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "TRYAGAIN")
 CLIENT_NAME = "llm-proxy-guard-cache"  # how the subscription shows in CLIENT LIST
 
 Values = list[Any]  # what MGET returns: bytes or None per key
+
+
+class _TrackingRefused(Exception):
+    """The server answered the subscription's set-up with an error that will not pass
+    by itself (no CLIENT TRACKING before Redis 6, the command renamed away, an ACL)."""
 
 
 class GuardCache:
@@ -57,6 +66,7 @@ class GuardCache:
         max_age_s: float,
         max_entries: int,
         ping_interval_s: float = 5.0,
+        recheck_refused_s: float = 300.0,
         on_lookup: Callable[[bool], None] | None = None,
         on_live: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -66,10 +76,12 @@ class GuardCache:
         self._max_age = max_age_s
         self._max_entries = max_entries
         self._ping_interval = ping_interval_s
+        self._recheck_refused = recheck_refused_s
         self._on_lookup = on_lookup
         self._on_live = on_live
         self._clock = clock
-        self._entries: dict[str, tuple[Any, float]] = {}  # key -> (value, stored at)
+        # key -> (value, stored at), oldest store first (the eviction order)
+        self._entries: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         self._pending: dict[str, int] = {}  # key -> reads in flight
         self._dirty: set[str] = set()  # invalidated while a read was in flight
         self._epoch = 0  # bumped on every reset: older in-flight reads are not stored
@@ -132,8 +144,8 @@ class GuardCache:
 
     def _store(self, key: str, value: Any, now: float) -> None:
         entries = self._entries
-        if key not in entries and len(entries) >= self._max_entries:
-            del entries[next(iter(entries))]  # the oldest insertion goes first
+        if entries.pop(key, None) is None and len(entries) >= self._max_entries:
+            entries.popitem(last=False)  # the least recently stored goes first
         entries[key] = (value, now)
 
     # -- invalidation ------------------------------------------------------------------
@@ -145,7 +157,9 @@ class GuardCache:
             return
         entries, pending, dirty = self._entries, self._pending, self._dirty
         for raw in keys:
-            key = raw.decode() if isinstance(raw, bytes) else raw
+            # A key that is not valid text cannot be one of ours: dropping a
+            # garbled name is harmless, raising would end the subscription.
+            key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             entries.pop(key, None)
             if key in pending:
                 dirty.add(key)
@@ -180,33 +194,43 @@ class GuardCache:
         last_error = ""
         while True:
             self._went_live = False
+            delay: float | None = None
             try:
                 await self._subscribe_and_listen()
-            except ResponseError as exc:
-                # The server refuses tracking (too old, or the command is disabled):
-                # retrying will not help. Checks keep reading Redis every time.
+            except _TrackingRefused as exc:
+                # Checks keep reading Redis every time; asked again now and then in
+                # case the server was upgraded or the ACL changed.
+                if not self.unsupported:
+                    log.warning(
+                        "guard cache off: Redis refused client tracking (%s); "
+                        "asking again every %g s",
+                        exc,
+                        self._recheck_refused,
+                    )
                 self.unsupported = True
-                log.warning("guard cache off: Redis refused client tracking (%s)", exc)
-                return
+                delay = self._recheck_refused
             except (RedisError, OSError, TimeoutError) as exc:
                 error = type(exc).__name__
                 if error != last_error:  # one line per kind of trouble, not per retry
                     log.warning("guard cache paused: invalidation stream lost (%s)", error)
                     last_error = error
-            else:
-                last_error = ""
+            except Exception:  # a bug here must not end the subscription for good
+                log.exception("guard cache paused: unexpected error")
             finally:
                 self._set_live(False)
-            # A link that worked and broke is retried at once; one that keeps
-            # failing backs off (capped) so a dead Redis is not hammered.
-            backoff = 0.1 if self._went_live else min(backoff * 2, 5.0)
-            await asyncio.sleep(backoff)
+            if delay is None:
+                # A link that worked and broke is retried at once; one that keeps
+                # failing backs off (capped) so a dead Redis is not hammered.
+                backoff = delay = 0.1 if self._went_live else min(backoff * 2, 5.0)
+            await asyncio.sleep(delay)
 
     async def _subscribe_and_listen(self) -> None:
         pool = self._redis.connection_pool
         kwargs = {
             **pool.connection_kwargs,
             "protocol": 2,
+            # The messages are matched as bytes, whatever the data clients decode to.
+            "decode_responses": False,
             "client_name": CLIENT_NAME,
             # Pongs arrive every ping interval; silence for three means a dead link.
             "socket_timeout": self._ping_interval * 3,
@@ -214,39 +238,53 @@ class GuardCache:
         conn = pool.connection_class(**kwargs)
         pinger: asyncio.Task[None] | None = None
         try:
-            await conn.connect()
-            await conn.send_command("CLIENT", "ID")
-            client_id = await conn.read_response()
-            prefixes = [arg for p in self._prefixes for arg in ("PREFIX", p)]
-            await conn.send_command(
-                "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", *prefixes
-            )
-            await conn.read_response()
-            await conn.send_command("SUBSCRIBE", INVALIDATE_CHANNEL)
-            await conn.read_response()
+            try:
+                await conn.connect()
+                await conn.send_command("CLIENT", "ID")
+                client_id = await conn.read_response()
+                prefixes = [arg for p in self._prefixes for arg in ("PREFIX", p)]
+                await conn.send_command(
+                    "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", *prefixes
+                )
+                await conn.read_response()
+                await conn.send_command("SUBSCRIBE", INVALIDATE_CHANNEL)
+                await conn.read_response()
+            except ResponseError as exc:
+                if str(exc).startswith(_TRANSIENT_REPLIES):
+                    raise
+                raise _TrackingRefused(str(exc)) from exc
             # From here on every change is announced: start from an empty cache.
             self._set_live(True)
             self._went_live = True
+            self.unsupported = False
             log.info("guard cache on: tracking %s", ", ".join(self._prefixes))
             pinger = asyncio.get_running_loop().create_task(self._ping(conn))
+            channel = INVALIDATE_CHANNEL.encode()
             while True:
+                # An error reply (e.g. BUSY to a PING) raises: a reconnect follows.
                 message = await conn.read_response()
                 if (
                     isinstance(message, list)
                     and len(message) == 3
                     and message[0] == b"message"
-                    and message[1] == INVALIDATE_CHANNEL.encode()
+                    and message[1] == channel
                 ):
                     self.invalidate(message[2])
         finally:
+            # Dark at once, before anything below yields to the loop: the link is
+            # gone and invalidations with it.
+            self._set_live(False)
             if pinger is not None:
                 pinger.cancel()
+                await asyncio.gather(pinger, return_exceptions=True)
             await conn.disconnect()
 
     async def _ping(self, conn: Any) -> None:
         try:
             while True:
                 await asyncio.sleep(self._ping_interval)
+                if not conn.is_connected:
+                    return  # never let a PING open a fresh, untracked connection
                 await conn.send_command("PING")
         except (RedisError, OSError):
             pass  # the reader sees the same broken link and reconnects

@@ -125,6 +125,7 @@ def test_guard_without_local_cache_has_none() -> None:
         ({"local_cache": 1}, "guard.local_cache: must be true or false, got 1"),
         ({"local_cache_max_age_s": 0}, "guard.local_cache_max_age_s: must be a positive number"),
         ({"local_cache_max_entries": 0.5}, "guard.local_cache_max_entries: must be a positive"),
+        ({"local_cache_max_entries": 1}, "guard.local_cache_max_entries: must be at least 2"),
         ({"budget": 5}, "guard.budget: unknown key"),
         (["x"], "guard: must be a mapping"),
     ],

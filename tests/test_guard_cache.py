@@ -159,3 +159,20 @@ async def test_oldest_entries_evicted_at_capacity() -> None:
     for i in range(5):
         await cache.read_through((f"k{i}",), Reads([str(i).encode()]))
     assert [cache.lookup((f"k{i}",)) for i in range(5)] == [None, None, [b"2"], [b"3"], [b"4"]]
+
+
+async def test_restored_entry_moves_to_the_back_of_the_eviction_queue() -> None:
+    clock = Clock()
+    cache = live_cache(clock, max_entries=2)
+    await cache.read_through(("a",), Reads([b"1"]))
+    await cache.read_through(("b",), Reads([b"2"]))
+    clock.now += 2  # both stale now; "a" is read again and stored anew
+    await cache.read_through(("a",), Reads([b"3"]))
+    await cache.read_through(("c",), Reads([b"4"]))  # evicts "b", the least recently stored
+    assert [cache.lookup((k,)) for k in "abc"] == [[b"3"], None, [b"4"]]
+
+
+def test_garbled_invalidation_key_is_ignored() -> None:
+    cache = live_cache(Clock())
+    cache.invalidate([b"p:credit:snapshot:\xff"])  # not ours, not text: no error
+    assert cache.live

@@ -23,7 +23,7 @@ from proxy.guard import (
     encode_snapshot,
     snapshot_key,
 )
-from proxy.guard_cache import CLIENT_NAME
+from proxy.guard_cache import CLIENT_NAME, GuardCache
 from tests.fixtures_redis import RedisServer
 from tests.integration.test_guard_redis import command_calls
 
@@ -70,8 +70,10 @@ async def cached_guard(
 ) -> AsyncIterator[Callable[..., CreditBalanceGuard]]:
     made: list[tuple[CreditBalanceGuard, aioredis.Redis]] = []
 
-    def make(lookups: Lookups | None = None, url: str | None = None) -> CreditBalanceGuard:
-        client = aioredis.Redis.from_url(url or redis_server.url, socket_timeout=2)
+    def make(
+        lookups: Lookups | None = None, url: str | None = None, **client_kw: object
+    ) -> CreditBalanceGuard:
+        client = aioredis.Redis.from_url(url or redis_server.url, socket_timeout=2, **client_kw)
         config = GuardConfig(prefix=redis_prefix, budget_ms=2000, local_cache_max_age_s=3600)
         guard = CreditBalanceGuard(client, config, on_cache_lookup=lookups)
         guard.start()
@@ -234,3 +236,67 @@ async def test_redis_refusing_tracking_leaves_cache_off(cached_guard) -> None:  
         assert not guard.cache.live
     finally:
         server.close()
+
+
+async def test_decoding_client_still_gets_invalidations(  # type: ignore[no-untyped-def]
+    cached_guard, redis_client, redis_prefix
+) -> None:
+    """A Redis client made with decode_responses=True (e.g. from REDIS_URL) must not
+    turn the invalidation messages into strings the cache does not recognise."""
+    lookups = Lookups()
+    guard = cached_guard(lookups, decode_responses=True)
+    await live(guard)
+    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(100))
+    await cached(guard, lookups)
+    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
+    await eventually(lambda: decides(guard, GuardDecision.BLOCK), "block seen")
+
+
+async def test_undecodable_key_does_not_end_the_subscription(  # type: ignore[no-untyped-def]
+    cached_guard, redis_client, redis_prefix
+) -> None:
+    lookups = Lookups()
+    guard = cached_guard(lookups)
+    await live(guard)
+    await redis_client.set(snapshot_key(redis_prefix, "").encode() + b"\xff\xfe", b"junk")
+    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(100))
+    await cached(guard, lookups)  # still live and caching
+    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
+    await eventually(lambda: decides(guard, GuardDecision.BLOCK), "block seen")
+
+
+async def test_busy_server_pauses_the_cache_but_does_not_disable_it(  # type: ignore[no-untyped-def]
+    redis_server: RedisServer, redis_client, redis_prefix
+) -> None:
+    """A long Lua script makes Redis answer BUSY (here to the keep-alive PING): a
+    passing condition, so the subscription is re-established afterwards."""
+    if redis_server.external:
+        pytest.skip("changes busy-reply-threshold: only with the tests' own redis-server")
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=5)
+    states: list[bool] = []
+    cache = GuardCache(
+        client,
+        (f"{redis_prefix}credit:",),
+        max_age_s=60,
+        max_entries=10,
+        ping_interval_s=0.05,
+        on_live=states.append,
+    )
+    cache.start()
+    before = (await redis_client.config_get("busy-reply-threshold"))["busy-reply-threshold"]
+    try:
+        await eventually(lambda: cache.live, "subscription up")
+        await redis_client.config_set("busy-reply-threshold", 100)
+        spin = (
+            "local s = redis.call('TIME') local t0 = s[1] * 1e6 + s[2] "
+            "repeat local t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 > 400000 "
+            "return 1"
+        )
+        await redis_client.eval(spin, 0)
+        await eventually(lambda: cache.live, "subscription back after the script")
+        assert states[:2] == [True, False]  # the BUSY reply did break the link
+        assert not cache.unsupported
+    finally:
+        await redis_client.config_set("busy-reply-threshold", before)
+        await cache.aclose()
+        await client.aclose()

@@ -263,6 +263,21 @@ async def test_followers_still_answered_when_leader_is_cancelled(  # type: ignor
     assert tasks[0].cancelled()
 
 
+async def test_followers_answered_when_leader_is_cancelled_before_sending(  # type: ignore[no-untyped-def]
+    make_guard, redis_client, redis_prefix
+) -> None:
+    await redis_client.set(blocked_key(redis_prefix, 2), b"ledger")
+    guard = make_guard(budget_ms=3000)
+    leader = asyncio.create_task(guard.check(ctx(1)))
+    follower = asyncio.create_task(guard.check(ctx(2)))
+    await asyncio.sleep(0)  # both ran their first step: the leader now yields to let joiners in
+    leader.cancel()  # lands before the shared MGET was sent
+    # Not a fail-open after the whole budget: the follower gets a read of its own.
+    assert await asyncio.wait_for(follower, 1.0) is GuardDecision.BLOCK
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
 # -- Redis outages (the guard fails open and recovers; auth fails closed) -------------------
 
 
