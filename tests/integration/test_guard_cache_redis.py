@@ -104,6 +104,26 @@ async def live(guard: CreditBalanceGuard) -> None:
     await eventually(lambda: guard.cache.live, "the cache's subscription is up")  # type: ignore[union-attr]
 
 
+async def warm_guard(
+    cached_guard: Callable[..., CreditBalanceGuard],
+    redis_client: aioredis.Redis,
+    prefix: str,
+    **client_kw: object,
+) -> tuple[CreditBalanceGuard, Lookups]:
+    """A live guard whose cache holds USER (credit 100)."""
+    lookups = Lookups()
+    guard = cached_guard(lookups, **client_kw)
+    await live(guard)
+    await redis_client.set(snapshot_key(prefix, USER), encode_snapshot(100))
+    await cached(guard, lookups)
+    return guard, lookups
+
+
+async def sees_block(guard: CreditBalanceGuard, redis_client: aioredis.Redis, prefix: str) -> None:
+    await redis_client.set(blocked_key(prefix, USER), b"ledger")
+    await eventually(lambda: decides(guard, GuardDecision.BLOCK), "block seen")
+
+
 async def test_hits_decide_without_redis(cached_guard, redis_client, redis_prefix) -> None:  # type: ignore[no-untyped-def]
     lookups = Lookups()
     guard = cached_guard(lookups)
@@ -148,11 +168,7 @@ async def test_every_kind_of_change_reaches_the_cache(  # type: ignore[no-untype
 async def test_other_users_changes_do_not_evict(  # type: ignore[no-untyped-def]
     cached_guard, redis_client, redis_prefix
 ) -> None:
-    lookups = Lookups()
-    guard = cached_guard(lookups)
-    await live(guard)
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(100))
-    await cached(guard, lookups)
+    guard, lookups = await warm_guard(cached_guard, redis_client, redis_prefix)
     await redis_client.set(snapshot_key(redis_prefix, USER + 1), encode_snapshot(5))
     await redis_client.set(f"{redis_prefix}unrelated", b"1")
     await asyncio.sleep(0.1)  # let any (wrong) invalidation arrive
@@ -243,26 +259,19 @@ async def test_decoding_client_still_gets_invalidations(  # type: ignore[no-unty
 ) -> None:
     """A Redis client made with decode_responses=True (e.g. from REDIS_URL) must not
     turn the invalidation messages into strings the cache does not recognise."""
-    lookups = Lookups()
-    guard = cached_guard(lookups, decode_responses=True)
-    await live(guard)
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(100))
-    await cached(guard, lookups)
-    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
-    await eventually(lambda: decides(guard, GuardDecision.BLOCK), "block seen")
+    guard, _ = await warm_guard(cached_guard, redis_client, redis_prefix, decode_responses=True)
+    await sees_block(guard, redis_client, redis_prefix)
 
 
 async def test_undecodable_key_does_not_end_the_subscription(  # type: ignore[no-untyped-def]
     cached_guard, redis_client, redis_prefix
 ) -> None:
-    lookups = Lookups()
-    guard = cached_guard(lookups)
-    await live(guard)
+    guard, lookups = await warm_guard(cached_guard, redis_client, redis_prefix)
     await redis_client.set(snapshot_key(redis_prefix, "").encode() + b"\xff\xfe", b"junk")
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(100))
-    await cached(guard, lookups)  # still live and caching
-    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
-    await eventually(lambda: decides(guard, GuardDecision.BLOCK), "block seen")
+    await asyncio.sleep(0.05)  # its invalidation arrives
+    assert guard.cache is not None and guard.cache.live
+    await cached(guard, lookups)  # still caching
+    await sees_block(guard, redis_client, redis_prefix)
 
 
 async def test_busy_server_pauses_the_cache_but_does_not_disable_it(  # type: ignore[no-untyped-def]
