@@ -129,8 +129,8 @@ def _settle(
             event.event_id, event.kafka_key(), event.to_json()
         ), settlement
     except Exception:
-        # Never lose the reason a charge could not be recorded; the request
-        # itself has already been answered.
+        # Never lose the reason a charge could not be recorded; the answer itself
+        # goes out regardless (it is relayed, or about to be).
         log.exception("settling request %s failed", ex.request_id)
         return None, None
 
