@@ -35,15 +35,20 @@ class EventFramer:
         self._buf = b""
         self._sep: bytes | None = None
 
+    def _learn_separator(self, buf: bytes) -> bytes | None:
+        """From the first line ending (None until one arrived); called until then only."""
+        nl = buf.find(b"\n")
+        if nl < 0:
+            return None
+        self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
+        return self._sep
+
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf + data if self._buf else data
-        sep = self._sep
+        sep = self._sep or self._learn_separator(buf)
         if sep is None:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                self._buf = buf
-                return []
-            sep = self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
+            self._buf = buf
+            return []
         events: list[bytes] = []
         start = 0
         step = len(sep)
@@ -63,13 +68,10 @@ class EventFramer:
         events (the usual case), which is most reads.
         """
         buf = self._buf + data if self._buf else data
-        sep = self._sep
+        sep = self._sep or self._learn_separator(buf)
         if sep is None:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                self._buf = buf
-                return b""
-            sep = self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
+            self._buf = buf
+            return b""
         if buf.endswith(sep):
             self._buf = b""
             return buf
