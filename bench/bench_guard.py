@@ -28,14 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis.asyncio as aioredis
 import uvloop
 
-from proxy.billing import BillingContext
-from proxy.guard import (
-    CreditBalanceGuard,
-    GuardConfig,
-    GuardDecision,
-    encode_snapshot,
-    snapshot_key,
-)
+from proxy.billing.guard import CreditBalanceGuard, GuardDecision
+from proxy.billing.payer import BillingContext
+from proxy.config import GuardConfig
+from proxy.contract.redis_keys import RedisKeys, encode_snapshot
 from tests.fixtures_redis import RedisServer
 
 USERS = 1000
@@ -56,7 +52,7 @@ async def _seed(url: str, prefix: str) -> None:
     client = aioredis.Redis.from_url(url)
     async with client.pipeline(transaction=False) as pipe:
         for user in range(1, USERS + 1):
-            pipe.set(snapshot_key(prefix, user), encode_snapshot(1_000_000), ex=3600)
+            pipe.set(RedisKeys(prefix).snapshot(user), encode_snapshot(1_000_000), ex=3600)
         await pipe.execute()
     await client.aclose()
 

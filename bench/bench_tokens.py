@@ -9,13 +9,8 @@ import random
 import time
 from collections.abc import Callable
 
-from proxy.tokens import (
-    SUPPORTED_ENCODINGS,
-    EncodingRegistry,
-    count_chat_prompt,
-    count_completion,
-    count_text,
-)
+from proxy.billing.encodings import SUPPORTED_ENCODINGS, EncodingRegistry
+from proxy.billing.tokens import count_chat_prompt, count_completion, count_text
 
 
 def _best_of(n: int, fn: Callable[[], object]) -> float:

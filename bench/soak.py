@@ -110,14 +110,14 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
 def run_fake(port: int, chunks: int, delay: float) -> None:
     from aiohttp import web
 
-    from proxy.fake_upstream import ENCODINGS, Behaviour, build_fake_app
+    from proxy.devtools.fake_upstream import ENCODINGS, Behaviour, build_fake_app
 
     app = build_fake_app(Behaviour(chunks=chunks, chunk_delay=delay, fault_field=FAULT_FIELD))
     app[ENCODINGS].preload(["o200k_base"])
 
     async def forget_requests(app: web.Application) -> Any:
         # The fake keeps every request for tests; a soak would grow it without end.
-        from proxy.fake_upstream import RECORDER
+        from proxy.devtools.fake_upstream import RECORDER
 
         async def trim() -> None:
             while True:
@@ -304,13 +304,13 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int | None:
 def seed_redis(port: int) -> None:
     import redis
 
-    from proxy.guard import blocked_key, encode_snapshot, snapshot_key
+    from proxy.contract.redis_keys import RedisKeys, encode_snapshot
 
     client = redis.Redis(host="127.0.0.1", port=port)
     try:
         for user in range(1, 51):
-            client.set(snapshot_key("soak:", user), encode_snapshot(10**9), ex=86_400)
-        client.set(blocked_key("soak:", BLOCKED_USER), b"soak", ex=86_400)
+            client.set(RedisKeys("soak:").snapshot(user), encode_snapshot(10**9), ex=86_400)
+        client.set(RedisKeys("soak:").blocked(BLOCKED_USER), b"soak", ex=86_400)
     finally:
         client.close()
 

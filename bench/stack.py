@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.harness import Proc, free_port, pinned, python
-from proxy.billing import hash_key
+from proxy.contract.redis_keys import key_sha256 as hash_key
 
 SERVICE_KEY = "sk-bench-service-key"
 USER_ID = 42
@@ -126,10 +126,10 @@ class Stack:
     def _seed_credit(self) -> None:
         import redis
 
-        from proxy.guard import encode_snapshot, snapshot_key
+        from proxy.contract.redis_keys import RedisKeys, encode_snapshot
 
         client = redis.Redis(port=self.redis_port)
-        client.set(snapshot_key(PREFIX, USER_ID), encode_snapshot(10**12))
+        client.set(RedisKeys(PREFIX).snapshot(USER_ID), encode_snapshot(10**12))
         client.close()
 
     @property

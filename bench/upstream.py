@@ -1,6 +1,6 @@
 """A fast OpenAI-shaped fake upstream for benchmarks (raw asyncio protocol + uvloop).
 
-`proxy/fake_upstream.py` is built for fault injection and counts usage with the
+`proxy/devtools/fake_upstream.py` is built for fault injection and counts usage with the
 tokenizer on every reply; here the upstream must never be the bottleneck, so it
 answers from precomputed bytes on a bare `asyncio.Protocol` (HTTP/1.1 keep-alive,
 Content-Length request bodies, chunked SSE responses).

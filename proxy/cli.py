@@ -1,4 +1,5 @@
-"""`llm-proxy` sub-commands. No business logic here: each command wires modules together."""
+"""`llm-proxy`: the one entry point. No business logic here: each command wires
+modules together; the ledger's commands live in proxy.ledger.cli."""
 
 from __future__ import annotations
 
@@ -6,48 +7,23 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
 
 from aiohttp import web
+from aiokafka.errors import KafkaError
 
-from proxy.config import Config, Settings, config_path_from_env, load_config
+from proxy.config import EnvSettings, YamlConfig, load_config
 from proxy.errors import ConfigError
-from proxy.ledger_cli import register as register_ledger_commands
-from proxy.observability import plain_access_log
+from proxy.ledger.cli import register as register_ledger_commands
+from proxy.logs import setup_logging
+from proxy.server.options import LOOP_CHOICES, ServeOptions
 
-log = logging.getLogger("proxy.cli")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # Access lines are bare JSON objects on stdout, one per request, for log shippers.
-    plain_access_log(sys.stdout)
+log = logging.getLogger(__name__)
 
 
-def install_event_loop(choice: str) -> str:
-    """uvloop when asked or available (`auto`); the numbers in bench/ say it pays."""
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise SystemExit(
-                    "uvloop requested but not installed (pip install uvloop)"
-                ) from None
-            return "asyncio"
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        return "uvloop"
-    return "asyncio"
-
-
-def _load_config(path: str) -> Config | None:
+def _load_config(path: str) -> YamlConfig | None:
     """The validated config, or None after telling why (the caller exits 2)."""
     try:
         return load_config(path)
@@ -56,48 +32,32 @@ def _load_config(path: str) -> Config | None:
         return None
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load_config(config_path_from_env(args.config))
+def cmd_serve(args: argparse.Namespace, settings: EnvSettings) -> int:
+    options = ServeOptions(
+        config_path=settings.config_file(args.config),
+        host=args.host,
+        port=args.port,
+        loop=args.loop,
+        log_level=args.log_level,
+        workers=args.workers,
+    )
+    config = _load_config(options.config_path)
     if config is None:
         return 2
-    if args.workers > 1:
-        from proxy.workers import run_workers
+    if options.workers > 1:
+        from proxy.server.workers import run_workers
 
         # Workers get the grace period plus the outbox drain before being killed.
         grace = config.server.shutdown_grace_s + config.server.outbox_drain_s + 5
-        return run_workers(args, stop_timeout_s=grace)
-    return serve_one(args, config)
+        return run_workers(options, settings, stop_timeout_s=grace)
+    from proxy.server.serve import serve_one
+
+    return serve_one(options, config, settings)
 
 
-def serve_one(
-    args: argparse.Namespace, config: Config | None = None, *, reuse_port: bool = False
-) -> int:
-    """One proxy process; `reuse_port` when it is one of `--workers N` (proxy/workers.py)."""
-    from proxy.app import build_app
-
-    path = config_path_from_env(args.config)
-    config = config or _load_config(path)
-    if config is None:
-        return 2
-    loop_name = install_event_loop(args.loop)
-    settings = Settings.from_env()
-    log.info("config %s loaded; event loop %s", path, loop_name)
-    app = build_app(config, settings)
-    web.run_app(
-        app,
-        host=args.host,
-        port=args.port,
-        access_log=None,  # our own structured access log replaces aiohttp's
-        shutdown_timeout=config.server.shutdown_grace_s,
-        handler_cancellation=True,  # a client disconnect stops the upstream read at once
-        reuse_port=reuse_port or None,
-        print=lambda msg: log.info("%s", msg.strip()),
-    )
-    return 0
-
-
-def cmd_fake_upstream(args: argparse.Namespace) -> int:
-    from proxy.fake_upstream import Behaviour, build_fake_app
+def cmd_fake_upstream(args: argparse.Namespace, settings: EnvSettings) -> int:
+    from proxy.devtools.fake_upstream import Behaviour, build_fake_app
+    from proxy.server.serve import install_event_loop
 
     install_event_loop(args.loop)
     behaviour = Behaviour(
@@ -114,16 +74,15 @@ def cmd_fake_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, settings: EnvSettings) -> int:
     """Proxy plus fake upstream in one process: the offline quick start."""
-    from proxy.app import build_app
-    from proxy.config import load_config
-    from proxy.fake_upstream import Behaviour, build_fake_app
+    from proxy.devtools.fake_upstream import Behaviour, build_fake_app
+    from proxy.server.app import build_app
+    from proxy.server.serve import install_event_loop
 
-    demo_file = resources.files("proxy").joinpath("demo_aliases.yaml")
+    demo_file = resources.files("proxy.devtools").joinpath("demo_aliases.yaml")
     with resources.as_file(demo_file) as path:
         config = load_config(path)
-    settings = Settings.from_env()
     install_event_loop(args.loop)
 
     async def main() -> None:
@@ -155,22 +114,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_kafka_init(args: argparse.Namespace) -> int:
-    from proxy.kafka import kafka_init
+def cmd_kafka_init(args: argparse.Namespace, settings: EnvSettings) -> int:
+    """Create the events topic. Exit 0 when the topic exists afterwards, 1 when the
+    broker failed, 2 for bad arguments."""
+    from proxy.delivery.kafka import create_topic
 
-    config = load_config(config_path_from_env(args.config))
-    bootstrap = args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    config = _load_config(settings.config_file(args.config))
+    if config is None:
+        return 2
+    bootstrap = args.bootstrap or settings.kafka_bootstrap
     if not bootstrap:
         print("llm-proxy: set KAFKA_BOOTSTRAP_SERVERS or --bootstrap", file=sys.stderr)
         return 2
-    return asyncio.run(
-        kafka_init(
-            bootstrap,
-            args.topic or config.events.topic,
-            args.partitions or config.events.partitions,
-            args.replication_factor or config.events.replication_factor,
+    topic = args.topic or config.events.topic
+    e = config.events
+    partitions = e.partitions if args.partitions is None else args.partitions
+    replication = args.replication_factor
+    if replication is None:
+        replication = e.replication_factor
+    if not topic or partitions < 1 or replication < 1:
+        print("kafka-init: need a topic name, partitions >= 1, replication >= 1", file=sys.stderr)
+        return 2
+    try:
+        created = asyncio.run(create_topic(bootstrap, topic, partitions, replication))
+    except (KafkaError, OSError) as exc:
+        print(f"kafka-init: cannot create topic {topic!r} on {bootstrap}: {exc}", file=sys.stderr)
+        return 1
+    if created:
+        print(
+            f"kafka-init: created topic {topic!r} on {bootstrap} "
+            f"(partitions={partitions}, replication={replication})"
         )
-    )
+    else:
+        print(f"kafka-init: topic {topic!r} already exists on {bootstrap}; nothing to do")
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -183,9 +160,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: EnvSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-proxy", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    parser.add_argument("--log-level", default=settings.log_level)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
@@ -194,11 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    serve.add_argument("--loop", choices=LOOP_CHOICES, default="auto")
     serve.add_argument(
         "--workers",
         type=_positive_int,
-        default=os.environ.get("LLM_PROXY_WORKERS", "1"),
+        default=settings.workers,
         help="processes sharing the port via SO_REUSEPORT (default $LLM_PROXY_WORKERS or 1)",
     )
     serve.set_defaults(func=cmd_serve)
@@ -209,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--chunks", type=int, default=8, help="content chunks per streamed reply")
     fake.add_argument("--delay", type=float, default=0.0, help="seconds between chunks")
     fake.add_argument("--first-byte-delay", type=float, default=0.0)
-    fake.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    fake.add_argument("--loop", choices=LOOP_CHOICES, default="auto")
     fake.set_defaults(func=cmd_fake_upstream)
 
     demo = sub.add_parser("demo", help="offline demo: proxy + fake upstream, no services needed")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--delay", type=float, default=0.05, help="seconds between chunks")
-    demo.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    demo.add_argument("--loop", choices=LOOP_CHOICES, default="auto")
     demo.set_defaults(func=cmd_demo)
 
     kinit = sub.add_parser("kafka-init", help="create the charge-event topic")
@@ -232,9 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    return int(args.func(args) or 0)
+    try:
+        settings = EnvSettings.from_env()
+    except ConfigError as exc:
+        print(f"llm-proxy: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
+    setup_logging(args.log_level)
+    return int(args.func(args, settings) or 0)
 
 
 if __name__ == "__main__":

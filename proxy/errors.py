@@ -1,4 +1,8 @@
-"""Errors defined once: start-up configuration errors and OpenAI-shaped API errors."""
+"""Errors defined once: the configuration error and every OpenAI-shaped API error.
+
+Every error a caller can get is built by one of the functions below, so its
+status, type and code are spelled in one place.
+"""
 
 from __future__ import annotations
 
@@ -51,5 +55,136 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return orjson.dumps({"error": {"message": message, "type": type, "code": code, "param": param}})
 
 
+# -- the caller's request -----------------------------------------------------------
+
+
 def invalid_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, type="invalid_request_error", code=code, param=param)
+
+
+def unsupported_media_type(mime: str) -> ApiError:
+    return ApiError(
+        415,
+        f"Content-Type must be application/json, got {mime[:100]!r}",
+        code="unsupported_media_type",
+    )
+
+
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"request body exceeds the limit of {limit} bytes", code="request_too_large"
+    )
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{model[:200]}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
+# -- who pays ---------------------------------------------------------------------
+
+
+def unauthorized(message: str, *, invalid_token: bool) -> ApiError:
+    challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+    return ApiError(
+        401,
+        message,
+        type="invalid_request_error",  # what OpenAI answers for bad keys
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": challenge},
+    )
+
+
+def forbidden(message: str, param: str | None = None) -> ApiError:
+    return ApiError(403, message, type="permission_error", code="permission_denied", param=param)
+
+
+def auth_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "API key verification is temporarily unavailable, please retry",
+        type="service_unavailable",
+        code="auth_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+def insufficient_credit() -> ApiError:
+    """What a guard `block` decision is answered with."""
+    return ApiError(
+        402,
+        "Your credit balance is insufficient for this request. Please top up and retry.",
+        type="insufficient_quota",
+        code="credit_balance_insufficient",
+    )
+
+
+# -- the upstream -----------------------------------------------------------------
+
+
+def credentials_missing(provider: str) -> ApiError:
+    return ApiError(
+        503,
+        f"provider {provider!r} has no API key configured",
+        type="server_error",
+        code="upstream_credentials_missing",
+    )
+
+
+def upstream_unavailable(provider: str, what: str) -> ApiError:
+    return ApiError(
+        502,
+        f"upstream provider {provider!r} is unavailable ({what})",
+        type="upstream_error",
+        code="upstream_unavailable",
+    )
+
+
+def upstream_timeout(provider: str, what: str) -> ApiError:
+    return ApiError(
+        504,
+        f"upstream provider {provider!r} timed out ({what})",
+        type="upstream_error",
+        code="upstream_timeout",
+    )
+
+
+def upstream_status_body(status: int, body: bytes) -> bytes:
+    """The upstream's error body when it is OpenAI-shaped JSON, else wrapped into that shape."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return body
+    return error_body(
+        f"upstream returned HTTP {status}", type="upstream_error", code=f"upstream_http_{status}"
+    )
+
+
+# -- the proxy itself ----------------------------------------------------------------
+
+HTTP_CODES = {
+    404: ("not_found", "invalid_request_error"),
+    405: ("method_not_allowed", "invalid_request_error"),
+    413: ("request_too_large", "invalid_request_error"),
+}
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "internal error in the proxy", type="server_error", code="internal_error")
+
+
+def upstream_read_failed(provider: str, what: str, *, streaming: bool) -> ApiError:
+    """The connection broke while the body was read (502, or an SSE error event)."""
+    if streaming:
+        message = f"upstream provider {provider!r} failed mid-stream ({what})"
+        code = "upstream_stream_error"
+    else:
+        message = f"upstream provider {provider!r} failed while sending the response ({what})"
+        code = "upstream_unavailable"
+    return ApiError(502, message, type="upstream_error", code=code)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from proxy.kafka import create_topic
+from proxy.delivery.kafka import create_topic
 from tests.servers import ChildServer, free_port
 
 

@@ -20,16 +20,17 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import build_app
-from proxy.config import Config, Settings, parse_config
-from proxy.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
-from proxy.observability import Observer
-from proxy.state import STATE, ProxyState
-from proxy.tokens import EncodingRegistry
-from proxy.usage import Outcome, Usage, UsageSource
+from proxy.billing.encodings import EncodingRegistry
+from proxy.config import EnvSettings, YamlConfig, parse_config
+from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.devtools.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
+from proxy.server.app import build_app
+from proxy.server.state import STATE, ProxyState
+from proxy.telemetry.observer import Observer
 
 if TYPE_CHECKING:
-    from proxy.accounting import Exchange, Settlement
+    from proxy.billing.record import Exchange
+    from proxy.billing.settlement import Settlement
 
 PROVIDER_KEY = "sk-provider-secret-for-tests"
 SERVICE_KEY = "sk-service-key-for-tests"
@@ -59,8 +60,8 @@ class ProxyHarness:
     session: aiohttp.ClientSession
     proxy_app: web.Application
     fake_app: web.Application
-    config: Config
-    settings: Settings
+    config: YamlConfig
+    settings: EnvSettings
     fake_server: TestServer | None = None
 
     @property
@@ -133,7 +134,7 @@ class ProxyHarness:
 
 
 def service_key_yaml(scenes: str = '["*"]') -> str:
-    from proxy.billing import hash_key
+    from proxy.contract.redis_keys import key_sha256 as hash_key
 
     return textwrap.dedent(
         f"""
@@ -248,7 +249,7 @@ async def start_proxy(
         config = parse_config(
             yaml.safe_load(text), "test.yaml", {"FAKE_PROVIDER_KEY": PROVIDER_KEY}
         )
-        settings = Settings(
+        settings = EnvSettings(
             redis_url=redis_url,
             kafka_bootstrap=kafka_bootstrap,
             kafka_idempotent=False,  # the test broker's in-memory store rejects idempotence

@@ -2,8 +2,7 @@
 
 No timing assertions: the numbers belong to bench/, this only checks that every
 scenario produced results of the documented shape and that traffic really went
-through (requests succeeded, the full pipeline wrote charge events). Also the
-small pure helpers of `serve --workers N` that the harness's workers run relies on.
+through (requests succeeded, the full pipeline wrote charge events).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
-from proxy.workers import orphaned_outboxes, worker_env, worker_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,22 +68,3 @@ def test_quick_run_produces_results_of_the_documented_shape(tmp_path: Path) -> N
     ]
     assert "| 500 RPS | proxy, full pipeline |" in markdown
     assert "Quick mode" in markdown
-
-
-def test_worker_zero_keeps_the_configured_files_and_others_get_their_own() -> None:
-    assert worker_path("data/outbox.sqlite3", 0) == "data/outbox.sqlite3"
-    assert worker_path("data/outbox.sqlite3", 3) == "data/outbox-w3.sqlite3"
-    env = worker_env({"LLM_PROXY_OUTBOX_PATH": "/var/lib/p/ob.db"}, 1)
-    assert env == {
-        "LLM_PROXY_WORKER": "1",
-        "LLM_PROXY_OUTBOX_PATH": "/var/lib/p/ob-w1.db",
-        "LLM_PROXY_SINK_PATH": "data/charge-events-w1.jsonl",
-    }
-
-
-def test_outboxes_of_workers_not_started_are_reported(tmp_path: Path) -> None:
-    for name in ("outbox.sqlite3", "outbox-w1.sqlite3", "outbox-w2.sqlite3", "outbox-wx.sqlite3"):
-        (tmp_path / name).write_bytes(b"")
-    base = str(tmp_path / "outbox.sqlite3")
-    assert orphaned_outboxes(base, 2) == [tmp_path / "outbox-w2.sqlite3"]
-    assert orphaned_outboxes(base, 3) == []

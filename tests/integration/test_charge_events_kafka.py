@@ -13,10 +13,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.billing import hash_key
-from proxy.events import ChargeEvent
-from proxy.fake_upstream import Behaviour, build_fake_app
-from proxy.kafka import create_topic
+from proxy.contract.charge_event import ChargeEvent
+from proxy.contract.redis_keys import key_sha256 as hash_key
+from proxy.delivery.kafka import create_topic
+from proxy.devtools.fake_upstream import Behaviour, build_fake_app
 from tests.fixtures_kafka import consume_messages, free_port
 from tests.fixtures_proxy import SERVICE_KEY, StartProxy
 
@@ -152,7 +152,7 @@ async def test_kafka_unreachable_for_20s_loses_no_event(
             during += 1
             await asyncio.sleep(0.2)
         assert h.state.outbox.pending_count() >= during - 1  # piled up safely on disk
-        assert h.state.relay.publish_failed > 0
+        assert h.state.publisher.publish_failed > 0
     finally:
         await gate.open()
     want = {f"before-{i}" for i in range(5)} | {f"during-{i}" for i in range(during)}

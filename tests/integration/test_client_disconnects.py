@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.fake_upstream import ENCODINGS, Behaviour
-from proxy.usage import Outcome, UsageSource
+from proxy.contract.usage import Outcome, UsageSource
+from proxy.devtools.fake_upstream import ENCODINGS, Behaviour
 from tests.fixtures_proxy import SERVICE_KEY, ProxyHarness, RecordingObserver, StartProxy
 
 STREAMS = 240  # concurrent requests, all started together

@@ -18,11 +18,12 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.fake_upstream import ENCODINGS, Behaviour, reply_words
-from proxy.guard import GuardDecision
-from proxy.kafka import EVENT_ID_HEADER, create_topic
-from proxy.tokens import EncodingRegistry, count_chat_prompt, count_completion
-from proxy.usage import Outcome, UsageSource
+from proxy.billing.encodings import EncodingRegistry
+from proxy.billing.guard import GuardDecision
+from proxy.billing.tokens import count_chat_prompt, count_completion
+from proxy.contract.usage import Outcome, UsageSource
+from proxy.delivery.kafka import EVENT_ID_HEADER, create_topic
+from proxy.devtools.fake_upstream import ENCODINGS, Behaviour, reply_words
 from tests.fixtures_kafka import KafkaBroker, KafkaGate, consume_messages
 from tests.fixtures_proxy import PROVIDER_KEY, ProxyHarness, RecordingObserver, StartProxy
 from tests.fixtures_redis import RedisServer
@@ -378,7 +379,7 @@ async def test_redis_stopped_guard_fails_open_and_requests_are_charged(
         status, _, _ = await h.chat(chat_body())
         assert status == 200
         redis_server.stop()
-        with caplog.at_level(logging.WARNING, logger="proxy.guard"):
+        with caplog.at_level(logging.WARNING, logger="proxy.billing.guard"):
             results = await asyncio.gather(*(h.chat(chat_body()) for _ in range(20)))
         assert [r[0] for r in results] == [200] * 20
         assert any("failing open" in r.getMessage() for r in caplog.records)
@@ -417,7 +418,7 @@ async def test_redis_hanging_guard_gives_up_within_its_budget(
     try:
         assert (await h.chat(chat_body()))[0] == 200
         redis_server.pause()
-        with caplog.at_level(logging.WARNING, logger="proxy.guard"):
+        with caplog.at_level(logging.WARNING, logger="proxy.billing.guard"):
             results = await asyncio.gather(*(h.chat(chat_body()) for _ in range(20)))
         assert [r[0] for r in results] == [200] * 20
         reasons = [r.getMessage() for r in caplog.records if "failing open" in r.getMessage()]

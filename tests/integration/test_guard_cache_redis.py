@@ -14,16 +14,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.billing import BillingContext
-from proxy.guard import (
-    CreditBalanceGuard,
-    GuardConfig,
-    GuardDecision,
-    blocked_key,
-    encode_snapshot,
-    snapshot_key,
-)
-from proxy.guard_cache import CLIENT_NAME, GuardCache
+from proxy.billing.guard import CreditBalanceGuard, GuardDecision
+from proxy.billing.guard_cache import CLIENT_NAME, GuardCache
+from proxy.billing.payer import BillingContext
+from proxy.config import GuardConfig
+from proxy.contract.redis_keys import RedisKeys, encode_snapshot
 from tests.fixtures_redis import RedisServer
 from tests.integration.test_guard_redis import command_calls
 
@@ -114,13 +109,13 @@ async def warm_guard(
     lookups = Lookups()
     guard = cached_guard(lookups, **client_kw)
     await live(guard)
-    await redis_client.set(snapshot_key(prefix, USER), encode_snapshot(100))
+    await redis_client.set(RedisKeys(prefix).snapshot(USER), encode_snapshot(100))
     await cached(guard, lookups)
     return guard, lookups
 
 
 async def sees_block(guard: CreditBalanceGuard, redis_client: aioredis.Redis, prefix: str) -> None:
-    await redis_client.set(blocked_key(prefix, USER), b"ledger")
+    await redis_client.set(RedisKeys(prefix).blocked(USER), b"ledger")
     await eventually(lambda: decides(guard, GuardDecision.BLOCK), "block seen")
 
 
@@ -128,7 +123,7 @@ async def test_hits_decide_without_redis(cached_guard, redis_client, redis_prefi
     lookups = Lookups()
     guard = cached_guard(lookups)
     await live(guard)
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(100))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(100))
     assert await guard.check(ctx()) is GuardDecision.ALLOW
     assert (lookups.hits, lookups.misses) == (0, 1)
     await cached(guard, lookups)
@@ -144,7 +139,7 @@ async def test_every_kind_of_change_reaches_the_cache(  # type: ignore[no-untype
 ) -> None:
     guard = cached_guard()
     await live(guard)
-    snap, blocked = snapshot_key(redis_prefix, USER), blocked_key(redis_prefix, USER)
+    snap, blocked = RedisKeys(redis_prefix).snapshot(USER), RedisKeys(redis_prefix).blocked(USER)
     await redis_client.set(snap, encode_snapshot(100))
     assert await guard.check(ctx()) is GuardDecision.ALLOW
     assert await guard.check(ctx()) is GuardDecision.ALLOW  # from the cache now
@@ -169,7 +164,7 @@ async def test_other_users_changes_do_not_evict(  # type: ignore[no-untyped-def]
     cached_guard, redis_client, redis_prefix
 ) -> None:
     guard, lookups = await warm_guard(cached_guard, redis_client, redis_prefix)
-    await redis_client.set(snapshot_key(redis_prefix, USER + 1), encode_snapshot(5))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER + 1), encode_snapshot(5))
     await redis_client.set(f"{redis_prefix}unrelated", b"1")
     await asyncio.sleep(0.1)  # let any (wrong) invalidation arrive
     before = lookups.hits
@@ -191,7 +186,7 @@ async def test_lost_subscription_empties_cache_until_back(  # type: ignore[no-un
 ) -> None:
     guard = cached_guard()
     await live(guard)
-    snap = snapshot_key(redis_prefix, USER)
+    snap = RedisKeys(redis_prefix).snapshot(USER)
     await redis_client.set(snap, encode_snapshot(100))
     assert await guard.check(ctx()) is GuardDecision.ALLOW
     # Kill the subscription and change the key in the same breath: the
@@ -211,7 +206,7 @@ async def test_redis_restart_resubscribes(  # type: ignore[no-untyped-def]
     lookups = Lookups()
     guard = cached_guard(lookups)
     await live(guard)
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(0))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(0))
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     redis_server.stop()
     try:
@@ -242,9 +237,9 @@ async def test_redis_refusing_tracking_leaves_cache_off(cached_guard) -> None:  
         await eventually(lambda: guard.cache.unsupported, "tracking refused")
         writer = aioredis.Redis.from_url(server.url)
         try:
-            await writer.set(snapshot_key(guard._config.prefix, USER), encode_snapshot(5))
+            await writer.set(RedisKeys(guard._config.prefix).snapshot(USER), encode_snapshot(5))
             assert await guard.check(ctx()) is GuardDecision.ALLOW
-            await writer.set(blocked_key(guard._config.prefix, USER), b"1")
+            await writer.set(RedisKeys(guard._config.prefix).blocked(USER), b"1")
             assert await guard.check(ctx()) is GuardDecision.BLOCK  # read every time
         finally:
             await writer.aclose()
@@ -267,7 +262,7 @@ async def test_undecodable_key_does_not_end_the_subscription(  # type: ignore[no
     cached_guard, redis_client, redis_prefix
 ) -> None:
     guard, lookups = await warm_guard(cached_guard, redis_client, redis_prefix)
-    await redis_client.set(snapshot_key(redis_prefix, "").encode() + b"\xff\xfe", b"junk")
+    await redis_client.set(RedisKeys(redis_prefix).snapshot("").encode() + b"\xff\xfe", b"junk")
     await asyncio.sleep(0.05)  # its invalidation arrives
     assert guard.cache is not None and guard.cache.live
     await cached(guard, lookups)  # still caching

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.apikeys import ApiKeyStore
-from proxy.guard import blocked_key, snapshot_key
+from proxy.contract.redis_keys import RedisKeys
+from proxy.ledger.apikeys import ApiKeyStore
 from tests.fixtures_proxy import SERVICE_KEY, StartProxy
 
 REQ = {"model": "smart", "messages": [{"role": "user", "content": "hi"}]}
@@ -30,8 +30,8 @@ async def test_blocked_key_is_402_without_upstream_call(
     start_proxy: StartProxy, redis_server, redis_client, redis_prefix: str
 ) -> None:
     h = await guarded(start_proxy, redis_server, redis_prefix)
-    await redis_client.set(blocked_key(redis_prefix, 7), b"1")
-    await redis_client.set(snapshot_key(redis_prefix, 7), snapshot(1000))
+    await redis_client.set(RedisKeys(redis_prefix).blocked(7), b"1")
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(7), snapshot(1000))
     for stream in (False, True):
         status, body, headers = await h.chat({**REQ, "stream": stream})
         assert status == 402
@@ -47,7 +47,7 @@ async def test_positive_snapshot_is_served(
     start_proxy: StartProxy, redis_server, redis_client, redis_prefix: str
 ) -> None:
     h = await guarded(start_proxy, redis_server, redis_prefix)
-    await redis_client.set(snapshot_key(redis_prefix, 7), snapshot(50))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(7), snapshot(50))
     status, _, _ = await h.chat(REQ)
     assert status == 200
     assert len(h.recorder.requests) == 1
@@ -59,10 +59,10 @@ async def test_exhausted_snapshot_blocks_and_sets_blocked_key_with_ttl(
     h = await guarded(
         start_proxy, redis_server, redis_prefix, extra_yaml=""
     )  # guard.blocked_ttl_s default 300
-    await redis_client.set(snapshot_key(redis_prefix, 7), snapshot(0))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(7), snapshot(0))
     status, _, _ = await h.chat(REQ)
     assert status == 402
-    ttl = await redis_client.ttl(blocked_key(redis_prefix, 7))
+    ttl = await redis_client.ttl(RedisKeys(redis_prefix).blocked(7))
     assert 290 <= ttl <= 300
     assert h.recorder.requests == []
 
@@ -91,9 +91,9 @@ async def test_missing_snapshot_consults_provider_once_and_backfills(
         results = await asyncio.gather(*(h.chat(REQ) for _ in range(5)))
         assert [r[0] for r in results] == [200] * 5
         assert calls == ["7"]
-        stored = orjson.loads(await redis_client.get(snapshot_key(redis_prefix, 7)))
+        stored = orjson.loads(await redis_client.get(RedisKeys(redis_prefix).snapshot(7)))
         assert stored["available_credit"] == 500
-        assert await redis_client.exists(blocked_key(redis_prefix, 7)) == 0
+        assert await redis_client.exists(RedisKeys(redis_prefix).blocked(7)) == 0
     finally:
         await provider.close()
 
@@ -104,7 +104,7 @@ async def test_redis_stopped_fails_open_then_recovers(
     if redis_server.external:
         pytest.skip("stops the server; REDIS_URL points at an external one")
     h = await guarded(start_proxy, redis_server, redis_prefix)
-    await redis_client.set(blocked_key(redis_prefix, 7), b"1")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(7), b"1")
     assert (await h.chat(REQ))[0] == 402
     redis_server.stop()
     try:
@@ -125,7 +125,7 @@ async def test_redis_stopped_fails_open_then_recovers(
     # Same proxy, no restart: the guard reads Redis again (the blocked key died with the
     # server's memory, so block the user anew, over a fresh connection).
     fresh = aioredis.Redis.from_url(redis_server.url)
-    await fresh.set(blocked_key(redis_prefix, 7), b"1")
+    await fresh.set(RedisKeys(redis_prefix).blocked(7), b"1")
     await fresh.aclose()
     for _ in range(50):
         if (await h.chat(REQ))[0] == 402:
@@ -183,7 +183,7 @@ async def test_cached_guard_serves_then_sees_a_block(
             break
         await asyncio.sleep(0.01)
     assert guard.cache.live
-    await redis_client.set(snapshot_key(redis_prefix, 7), snapshot(10**6))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(7), snapshot(10**6))
     for _ in range(10):
         status, _, _ = await h.chat(REQ)
         assert status == 200
@@ -194,7 +194,7 @@ async def test_cached_guard_serves_then_sees_a_block(
     assert hits is not None and misses is not None
     assert hits + misses == 10 and hits >= 8  # the setup write may cost a second miss
 
-    await redis_client.set(blocked_key(redis_prefix, 7), b"ledger")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(7), b"ledger")
     served = len(h.recorder.requests)
     statuses = []
     for _ in range(100):  # the invalidation travels one hop, like a read would

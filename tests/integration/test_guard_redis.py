@@ -15,21 +15,17 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.auth_config import AuthConfig
-from proxy.billing import Authenticator, BillingContext, hash_key
+from proxy.billing.auth import Authenticator
+from proxy.billing.guard import CreditBalanceGuard, GuardDecision
+from proxy.billing.payer import BillingContext
+from proxy.billing.snapshot_client import SnapshotClient
+from proxy.config import AuthConfig, GuardConfig
+from proxy.contract.redis_keys import RedisKeys, encode_snapshot
+from proxy.contract.redis_keys import key_sha256 as hash_key
 from proxy.errors import ApiError
-from proxy.guard import (
-    CreditBalanceGuard,
-    GuardConfig,
-    GuardDecision,
-    blocked_key,
-    encode_snapshot,
-    snapshot_key,
-)
-from proxy.snapshot import SnapshotProvider
-from tests import test_guard as guard_tests
+from tests.billing import test_guard as guard_tests
+from tests.billing.test_guard import FakeProvider
 from tests.fixtures_redis import RedisServer, free_port
-from tests.test_guard import FakeProvider
 
 # The fake provider and HTTP session fixtures live with the unit tests.
 fake_provider = guard_tests.fake_provider
@@ -78,7 +74,7 @@ async def make_guard(
             provider_timeout_s=provider_timeout_s,
             coalesce=coalesce,
         )
-        snap = SnapshotProvider(provider.url, provider_timeout_s, http) if provider else None
+        snap = SnapshotClient(provider.url, provider_timeout_s, http) if provider else None
         guard = CreditBalanceGuard(redis_client, config, snap)
         guards.append(guard)
         return guard
@@ -93,16 +89,16 @@ async def make_guard(
 
 async def test_blocked_key_blocks(make_guard, redis_client, redis_prefix) -> None:  # type: ignore[no-untyped-def]
     guard = make_guard()
-    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(1000))
+    await redis_client.set(RedisKeys(redis_prefix).blocked(USER), b"ledger")
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(1000))
     assert await guard.check(ctx()) is GuardDecision.BLOCK
 
 
 async def test_positive_snapshot_allows(make_guard, redis_client, redis_prefix) -> None:  # type: ignore[no-untyped-def]
     guard = make_guard()
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(1))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(1))
     assert await guard.check(ctx()) is GuardDecision.ALLOW
-    assert await redis_client.exists(blocked_key(redis_prefix, USER)) == 0
+    assert await redis_client.exists(RedisKeys(redis_prefix).blocked(USER)) == 0
 
 
 @pytest.mark.parametrize("credit", [0, -50])
@@ -110,9 +106,9 @@ async def test_exhausted_snapshot_blocks_and_sets_marker(  # type: ignore[no-unt
     make_guard, redis_client, redis_prefix, credit
 ) -> None:
     guard = make_guard()
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(credit))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(credit))
     assert await guard.check(ctx()) is GuardDecision.BLOCK
-    ttl = await redis_client.ttl(blocked_key(redis_prefix, USER))
+    ttl = await redis_client.ttl(RedisKeys(redis_prefix).blocked(USER))
     assert 0 < ttl <= 123
 
 
@@ -132,9 +128,9 @@ async def test_missing_snapshot_fetched_once_and_backfilled(  # type: ignore[no-
     decisions = await asyncio.gather(*(guard.check(ctx()) for _ in range(10)))
     assert decisions == [GuardDecision.ALLOW] * 10
     assert fake_provider.calls == {USER: 1}
-    raw = await redis_client.get(snapshot_key(redis_prefix, USER))
+    raw = await redis_client.get(RedisKeys(redis_prefix).snapshot(USER))
     assert orjson.loads(raw)["available_credit"] == 700
-    assert 0 < await redis_client.ttl(snapshot_key(redis_prefix, USER)) <= 456
+    assert 0 < await redis_client.ttl(RedisKeys(redis_prefix).snapshot(USER)) <= 456
     # The next check is served from the back-filled snapshot.
     assert await guard.check(ctx()) is GuardDecision.ALLOW
     assert fake_provider.calls == {USER: 1}
@@ -147,7 +143,7 @@ async def test_provider_says_no_credit_sets_blocked_key(  # type: ignore[no-unty
     fake_provider.set(USER, balance, is_blocked)
     guard = make_guard(fake_provider)
     assert await guard.check(ctx()) is GuardDecision.BLOCK
-    assert 0 < await redis_client.ttl(blocked_key(redis_prefix, USER)) <= 123
+    assert 0 < await redis_client.ttl(RedisKeys(redis_prefix).blocked(USER)) <= 123
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     assert fake_provider.total_calls == 1
 
@@ -156,25 +152,25 @@ async def test_provider_says_credit_clears_stale_blocked_key(  # type: ignore[no
     make_guard, fake_provider, redis_client, redis_prefix
 ) -> None:
     # A blocked marker with no snapshot (e.g. snapshot expired first) is still honoured ...
-    await redis_client.set(blocked_key(redis_prefix, USER), b"x", ex=60)
+    await redis_client.set(RedisKeys(redis_prefix).blocked(USER), b"x", ex=60)
     fake_provider.set(USER, 10)
     guard = make_guard(fake_provider)
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     assert fake_provider.total_calls == 0
     # ... and once it expires, the provider's good answer allows and leaves no marker.
-    await redis_client.delete(blocked_key(redis_prefix, USER))
+    await redis_client.delete(RedisKeys(redis_prefix).blocked(USER))
     assert await guard.check(ctx()) is GuardDecision.ALLOW
-    assert await redis_client.exists(blocked_key(redis_prefix, USER)) == 0
+    assert await redis_client.exists(RedisKeys(redis_prefix).blocked(USER)) == 0
 
 
 async def test_malformed_snapshot_is_refetched_and_repaired(  # type: ignore[no-untyped-def]
     make_guard, fake_provider, redis_client, redis_prefix
 ) -> None:
-    await redis_client.set(snapshot_key(redis_prefix, USER), b"{broken")
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), b"{broken")
     fake_provider.set(USER, 0)
     guard = make_guard(fake_provider)
     assert await guard.check(ctx()) is GuardDecision.BLOCK
-    raw = await redis_client.get(snapshot_key(redis_prefix, USER))
+    raw = await redis_client.get(RedisKeys(redis_prefix).snapshot(USER))
     assert orjson.loads(raw)["available_credit"] == 0
 
 
@@ -187,11 +183,11 @@ async def test_backfill_does_not_overwrite_fresher_snapshot(  # type: ignore[no-
     check = asyncio.create_task(guard.check(ctx()))
     await asyncio.wait_for(fake_provider.called.wait(), GENEROUS_S)
     # The billing side writes a fresh snapshot while the provider is answering.
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(99))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(99))
     assert await check is GuardDecision.BLOCK  # this request goes by the provider's word
-    raw = await redis_client.get(snapshot_key(redis_prefix, USER))
+    raw = await redis_client.get(RedisKeys(redis_prefix).snapshot(USER))
     assert orjson.loads(raw)["available_credit"] == 99
-    assert await redis_client.exists(blocked_key(redis_prefix, USER)) == 0
+    assert await redis_client.exists(RedisKeys(redis_prefix).blocked(USER)) == 0
 
 
 async def test_provider_down_fails_open(make_guard, fake_provider) -> None:  # type: ignore[no-untyped-def]
@@ -206,7 +202,7 @@ async def test_slow_provider_fails_open_but_still_backfills(  # type: ignore[no-
     fake_provider.delay_s = 0.3
     guard = make_guard(fake_provider, budget_ms=30)
     assert await guard.check(ctx()) is GuardDecision.FAIL_OPEN
-    await wait_for_key(redis_client, blocked_key(redis_prefix, USER))
+    await wait_for_key(redis_client, RedisKeys(redis_prefix).blocked(USER))
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     assert fake_provider.total_calls == 1
 
@@ -222,7 +218,7 @@ async def test_caller_cancellation_does_not_cancel_fetch(  # type: ignore[no-unt
     task.cancel()  # the client went away
     with pytest.raises(asyncio.CancelledError):
         await task
-    raw = await wait_for_key(redis_client, snapshot_key(redis_prefix, USER))
+    raw = await wait_for_key(redis_client, RedisKeys(redis_prefix).snapshot(USER))
     assert orjson.loads(raw)["available_credit"] == 5
 
 
@@ -235,7 +231,7 @@ async def test_concurrent_checks_share_one_mget(  # type: ignore[no-untyped-def]
 ) -> None:
     users = range(1, 51)
     for user in users:
-        await redis_client.set(snapshot_key(redis_prefix, user), encode_snapshot(user % 3))
+        await redis_client.set(RedisKeys(redis_prefix).snapshot(user), encode_snapshot(user % 3))
     guard = make_guard(coalesce=coalesce)
     before = await command_calls(redis_client, "mget")
     decisions = await asyncio.gather(*(guard.check(ctx(u)) for u in users))
@@ -248,8 +244,8 @@ async def test_concurrent_checks_share_one_mget(  # type: ignore[no-untyped-def]
 async def test_followers_still_answered_when_leader_is_cancelled(  # type: ignore[no-untyped-def]
     make_guard, redis_server: RedisServer, redis_client, redis_prefix
 ) -> None:
-    await redis_client.set(snapshot_key(redis_prefix, 1), encode_snapshot(5))
-    await redis_client.set(snapshot_key(redis_prefix, 2), encode_snapshot(0))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(1), encode_snapshot(5))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(2), encode_snapshot(0))
     guard = make_guard(budget_ms=3000)
     redis_server.pause()  # hold the shared MGET in flight
     try:
@@ -266,7 +262,7 @@ async def test_followers_still_answered_when_leader_is_cancelled(  # type: ignor
 async def test_followers_answered_when_leader_is_cancelled_before_sending(  # type: ignore[no-untyped-def]
     make_guard, redis_client, redis_prefix
 ) -> None:
-    await redis_client.set(blocked_key(redis_prefix, 2), b"ledger")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(2), b"ledger")
     guard = make_guard(budget_ms=3000)
     leader = asyncio.create_task(guard.check(ctx(1)))
     follower = asyncio.create_task(guard.check(ctx(2)))
@@ -297,7 +293,7 @@ async def test_redis_stopped_then_restarted(  # type: ignore[no-untyped-def]
     make_guard, redis_server: RedisServer, redis_client, redis_prefix, coalesce
 ) -> None:
     guard = make_guard(budget_ms=200, coalesce=coalesce)
-    await redis_client.set(snapshot_key(redis_prefix, USER), encode_snapshot(0))
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), encode_snapshot(0))
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     redis_server.stop()
     try:
@@ -307,7 +303,7 @@ async def test_redis_stopped_then_restarted(  # type: ignore[no-untyped-def]
         redis_server.start()  # same port; the data is gone (no persistence)
     # Same guard, same client: the pool reconnects by itself.
     assert await guard.check(ctx()) is GuardDecision.ALLOW
-    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(USER), b"ledger")
     assert await guard.check(ctx()) is GuardDecision.BLOCK
 
 
@@ -316,7 +312,7 @@ async def test_redis_paused_fails_open_within_budget(  # type: ignore[no-untyped
     make_guard, redis_server: RedisServer, redis_client, redis_prefix, coalesce
 ) -> None:
     guard = make_guard(budget_ms=100, coalesce=coalesce)
-    await redis_client.set(blocked_key(redis_prefix, USER), b"ledger")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(USER), b"ledger")
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     redis_server.pause()
     try:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from proxy.credits import CreditStore
-from proxy.events import ChargeEvent
-from proxy.ledger import LedgerConsumer, LedgerSettings
+from proxy.contract.charge_event import ChargeEvent
+from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
+from proxy.ledger.store import CreditStore
 from tests.fixtures_kafka import consume_messages
 from tests.fixtures_proxy import StartProxy
 

@@ -18,11 +18,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
-from proxy.credits import CreditStore
-from proxy.events import ChargeEvent, new_event_id
-from proxy.kafka import make_producer
-from proxy.ledger import LedgerConsumer, LedgerSettings
-from proxy.usage import Outcome, Usage, UsageSource
+from proxy.contract.charge_event import ChargeEvent, new_event_id
+from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.delivery.kafka import make_producer
+from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
+from proxy.ledger.store import CreditStore
 from tests.fixtures_kafka import KafkaBroker, consume_messages
 from tests.fixtures_redis import RedisServer
 

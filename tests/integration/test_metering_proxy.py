@@ -7,9 +7,11 @@ import asyncio
 import aiohttp
 import orjson
 
-from proxy.fake_upstream import Behaviour
-from proxy.metering import completion_parts
-from proxy.tokens import EncodingRegistry, count_chat_prompt, count_text
+from proxy.billing.encodings import EncodingRegistry
+from proxy.billing.metering import completion_parts
+from proxy.billing.tokens import count_chat_prompt, count_text
+from proxy.devtools.fake_upstream import Behaviour
+from proxy.upstream import sse
 from tests.fixtures_proxy import StartProxy
 
 MESSAGES = [
@@ -81,7 +83,7 @@ async def test_non_stream_without_usage_is_estimated(start_proxy: StartProxy) ->
 async def test_provider_without_stream_usage_is_estimated(start_proxy: StartProxy) -> None:
     h = await start_proxy(stream_usage=False)
     _, body, _ = await h.chat({**REQ, "stream": True})
-    text, _ = completion_parts(body)
+    text, _ = completion_parts(sse.iter_event_objects(body))
     (event,) = await settled(h)
     assert event["usage_source"] == "estimated"
     assert event["usage"]["completion"] == count_text(enc(), text)
@@ -104,7 +106,9 @@ async def test_client_abort_after_k_chunks_is_charged_for_relayed_text(
     assert event["outcome"] == "client_aborted"
     assert event["usage_source"] == "estimated"
     # Everything the proxy relayed (the client may have received a bit more than it read).
-    assert event["usage"]["completion"] >= count_text(enc(), completion_parts(received)[0])
+    assert event["usage"]["completion"] >= count_text(
+        enc(), completion_parts(sse.iter_event_objects(received))[0]
+    )
     assert event["usage"]["prompt"] == count_chat_prompt(enc(), REQ)
     assert event["credits"] >= 1
 
@@ -132,7 +136,9 @@ async def test_client_abort_estimate_equals_count_of_relayed_text(
     words = data.split(b"\r\n\r\n", 1)[1]
     # Chunked transfer framing aside, the relayed events are in `data` verbatim.
     text, _ = completion_parts(
-        b"".join(line + b"\n\n" for line in words.split(b"\n") if line.startswith(b"data: "))
+        sse.iter_event_objects(
+            b"".join(line + b"\n\n" for line in words.split(b"\n") if line.startswith(b"data: "))
+        )
     )
     assert event["usage"]["completion"] == count_text(enc(), text)
 
@@ -142,7 +148,7 @@ async def test_upstream_death_mid_stream_is_upstream_error_with_estimate(
 ) -> None:
     h = await start_proxy(behaviour=Behaviour(chunks=20, reset_after=6))
     _, body, _ = await h.chat({**REQ, "stream": True})
-    text, _ = completion_parts(body)
+    text, _ = completion_parts(sse.iter_event_objects(body))
     (event,) = await settled(h)
     assert event["outcome"] == "upstream_error"
     assert event["usage_source"] == "estimated"

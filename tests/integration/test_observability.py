@@ -18,8 +18,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import parse_config
-from proxy.fake_upstream import Behaviour
-from proxy.guard import blocked_key
+from proxy.contract.redis_keys import RedisKeys
+from proxy.devtools.fake_upstream import Behaviour
 from tests.fixtures_proxy import (
     BASE_YAML,
     PROVIDER_KEY,
@@ -101,7 +101,7 @@ async def test_metrics_after_a_known_set_of_requests(
     h = await start_proxy(
         behaviour=Behaviour(cached_tokens=3), redis_url=redis_server.url, guard_prefix=redis_prefix
     )
-    await redis_client.set(blocked_key(redis_prefix, 8), b"1")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(8), b"1")
     body = {"model": "smart", "messages": MESSAGES}
 
     status, reply, _ = await h.chat(body)  # 1: completed, non-streamed
@@ -295,7 +295,7 @@ async def test_access_log_lines_and_no_secrets(
 ) -> None:
     caplog.set_level(logging.DEBUG)  # everything, every logger
     h = await start_proxy(redis_url=redis_server.url, guard_prefix=redis_prefix)
-    await redis_client.set(blocked_key(redis_prefix, 8), b"1")
+    await redis_client.set(RedisKeys(redis_prefix).blocked(8), b"1")
     body = {"model": "smart", "messages": MESSAGES, "user": PROMPT_MARKER}
     assert (await h.chat(body, h.headers(**{"X-Request-Id": "req-nonstream"})))[0] == 200
     stream = {**body, "stream": True}
@@ -346,7 +346,9 @@ async def test_access_log_lines_and_no_secrets(
     for secret in (SERVICE_KEY, PROVIDER_KEY, PROMPT_MARKER, "sk-wrong-key", "Bearer"):
         assert secret not in text, secret
     # Start-up names what is loaded and which optional parts are on.
-    startup = "\n".join(r.getMessage() for r in caplog.records if r.name == "proxy.app")
+    startup = "\n".join(
+        r.getMessage() for r in caplog.records if r.name == "proxy.server.lifecycle"
+    )
     for expected in ("provider fake", "alias smart", "alias legacy", "guard: redis", "metrics:"):
         assert expected in startup
     assert "charge events: outbox" in startup and "jsonl file" in startup

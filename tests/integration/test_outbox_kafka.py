@@ -12,22 +12,26 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from proxy.kafka import EVENT_ID_HEADER, KafkaPublisher, create_topic, kafka_init, make_producer
-from proxy.outbox import Outbox, OutboxRelay
+from proxy import cli
+from proxy.delivery.kafka import EVENT_ID_HEADER, KafkaSink, create_topic, make_producer
+from proxy.delivery.outbox import Outbox
+from proxy.delivery.publisher import OutboxPublisher
 from tests.fixtures_kafka import ConsumedMessage, KafkaBroker, consume_messages, free_port
 
 # Short timeouts so an outage is noticed, and recovered from, within seconds.
 REQUEST_TIMEOUT_MS = 3000
 
+REPO = Path(__file__).resolve().parents[2]
 
-def relay_to(broker: KafkaBroker, outbox: Outbox, topic: str) -> OutboxRelay:
+
+def relay_to(broker: KafkaBroker, outbox: Outbox, topic: str) -> OutboxPublisher:
     producer = make_producer(
         broker.bootstrap,
         idempotent=broker.supports_idempotence,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
     )
-    publisher = KafkaPublisher(producer, topic, send_timeout=10.0)
-    relay = OutboxRelay(outbox, publisher, batch_size=100, backoff_initial=0.1, backoff_max=1.0)
+    publisher = KafkaSink(producer, topic, send_timeout=10.0)
+    relay = OutboxPublisher(outbox, publisher, batch_size=100, backoff_initial=0.1, backoff_max=1.0)
     relay.start()
     return relay
 
@@ -70,7 +74,7 @@ async def test_events_arrive_with_keys_and_event_id_headers(
     await outbox.start()
     relay = relay_to(kafka_broker, outbox, kafka_topic)
     events = [event(i) for i in range(300)]
-    await asyncio.gather(*(outbox.put(*e) for e in events))
+    await asyncio.gather(*(outbox.put_nowait(*e) for e in events))
     await wait_until(lambda: outbox.pending_count() == 0, within=30)
     assert relay.published == 300
     await relay.close(5.0)
@@ -103,7 +107,7 @@ async def test_broker_outage_loses_nothing(gated_kafka, tmp_path: Path) -> None:
     relay = relay_to(kafka_broker, outbox, kafka_topic)
     try:
         before = [event(i) for i in range(100)]
-        await asyncio.gather(*(outbox.put(*e) for e in before))
+        await asyncio.gather(*(outbox.put_nowait(*e) for e in before))
         await wait_until(lambda: outbox.pending_count() == 0, within=30)
         seen = await consume_ids(kafka_broker, kafka_topic, {e[0] for e in before})
         assert seen.keys() == {e[0] for e in before}
@@ -111,7 +115,8 @@ async def test_broker_outage_loses_nothing(gated_kafka, tmp_path: Path) -> None:
         await gate.close()
         during = [event(i) for i in range(100, 300)]
         for chunk in range(40):  # 40 x 0.5 s = 20 s of traffic with the broker down
-            await asyncio.gather(*(outbox.put(*e) for e in during[chunk * 5 : chunk * 5 + 5]))
+            batch = during[chunk * 5 : chunk * 5 + 5]
+            await asyncio.gather(*(outbox.put_nowait(*e) for e in batch))
             await asyncio.sleep(0.5)
         assert outbox.pending_count() == len(during)  # committed, none lost, none deleted
         assert relay.publish_failed > 0
@@ -119,7 +124,7 @@ async def test_broker_outage_loses_nothing(gated_kafka, tmp_path: Path) -> None:
 
         await gate.open()
         after = [event(i) for i in range(300, 350)]
-        await asyncio.gather(*(outbox.put(*e) for e in after))
+        await asyncio.gather(*(outbox.put_nowait(*e) for e in after))
         await wait_until(lambda: outbox.pending_count() == 0, within=40)
 
         later = await consume_ids(kafka_broker, kafka_topic, {e[0] for e in during + after})
@@ -144,7 +149,7 @@ async def test_broker_down_at_startup_then_up(tmp_path: Path) -> None:
     relay = relay_to(broker, outbox, "late-topic")
     try:
         events = [event(i) for i in range(20)]
-        await asyncio.gather(*(outbox.put(*e) for e in events))
+        await asyncio.gather(*(outbox.put_nowait(*e) for e in events))
         await wait_until(lambda: relay.publish_failed >= 40, within=20)  # two failed rounds
         assert outbox.pending_count() == 20
         broker.start()
@@ -165,7 +170,7 @@ async def test_reopened_outbox_drains_leftovers(
     await first.start()
     events = [event(i) for i in range(50)]
     for e in events:
-        await first.put(*e)
+        await first.put_nowait(*e)
     await first.close()  # e.g. the previous process stopped with Kafka unreachable
 
     outbox = Outbox(path)
@@ -176,6 +181,24 @@ async def test_reopened_outbox_drains_leftovers(
     await relay.close(5.0)
     by_id = await consume_ids(kafka_broker, kafka_topic, {e[0] for e in events})
     assert by_id.keys() == {e[0] for e in events}
+
+
+async def kafka_init(bootstrap: str, topic: str, partitions: int, replication: int) -> int:
+    """`llm-proxy kafka-init` as a user runs it (in a thread: it runs its own loop)."""
+    argv = [
+        "kafka-init",
+        "--config",
+        str(REPO / "model_aliases.yaml"),
+        "--bootstrap",
+        bootstrap,
+        "--topic",
+        topic,
+        "--partitions",
+        str(partitions),
+        "--replication-factor",
+        str(replication),
+    ]
+    return await asyncio.to_thread(cli.main, argv)
 
 
 async def test_kafka_init_creates_the_topic_once(

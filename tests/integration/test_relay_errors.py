@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.fake_upstream import Behaviour
+from proxy.devtools.fake_upstream import Behaviour
 from tests.fixtures_proxy import StartProxy
 
 MESSAGES = [{"role": "user", "content": "hello there"}]

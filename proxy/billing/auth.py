@@ -1,0 +1,248 @@
+"""Authentication: an API key (and, for service keys, the user they act for) into a
+`BillingContext`.
+
+Two kinds of keys, both given as `Authorization: Bearer <key>`:
+
+* service keys (listed in config by their sha256) are trusted back-ends that act
+  for users: `X-User-Id` (or, failing that, a numeric body `user` field; the
+  header wins over the body), `X-Billing-Scene` (must be one of the key's scenes,
+  "unknown" when absent), `X-Skip-Charge`, `X-Conversation-Id`;
+* user keys are looked up in Redis (`<prefix>apikey:<sha256 hex>` -> user id) and
+  always bill their own user; they may pick a scene (it does not change who
+  pays) but may not act for someone else nor skip charging.
+
+Auth fails closed: when Redis cannot be asked about an uncached user key the
+request gets 503, because serving it would mean not knowing whom to charge.
+Keys and Authorization headers are never logged, not even in part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.billing.payer import (
+    DIGITS_RE,
+    VISIBLE_ASCII_RE,
+    BillingContext,
+    body_user_id,
+    parse_user_id,
+)
+from proxy.config.model import AuthConfig, AuthMode, ServiceKey
+from proxy.contract.payers import MAX_USER_ID
+from proxy.contract.redis_keys import RedisKeys, key_digest
+from proxy.errors import auth_unavailable, forbidden, unauthorized
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LEN = 512  # longer "keys" are garbage; refuse before hashing them
+
+
+class _UserKeyCache:
+    """Bounded LRU of sha256 -> (expires_at, user id or None for 'no such key')."""
+
+    def __init__(self, size: int, clock: Callable[[], float]) -> None:
+        self._size = size
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, int | None]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[bool, int | None]:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return False, None
+        expires_at, user_id = entry
+        if self._clock() >= expires_at:
+            del self._entries[digest]
+            return False, None
+        self._entries.move_to_end(digest)
+        return True, user_id
+
+    def put(self, digest: str, user_id: int | None, ttl: float) -> None:
+        if ttl <= 0 or self._size <= 0:
+            return
+        self._entries[digest] = (self._clock() + ttl, user_id)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class Authenticator:
+    """Turns request headers into a BillingContext or raises ApiError (400/401/403/503)."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        redis: aioredis.Redis | None,
+        prefix: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._redis = redis
+        self._keys = RedisKeys(prefix)
+        self._cache = _UserKeyCache(config.user_key_cache_size, clock)
+        # One Redis lookup per key at a time, however many requests carry it.
+        self._inflight: dict[str, asyncio.Task[int | None]] = {}
+
+    def describe(self) -> str:
+        """One line for start-up logs; names and counts only, no hashes or keys."""
+        c = self._config
+        if c.mode is AuthMode.NONE:
+            return "auth mode=none: NO API KEYS CHECKED, X-User-Id is trusted (development only)"
+        names = ", ".join(k.name for k in c.service_keys) or "-"
+        user_keys = "redis" if self._redis is not None else "disabled (no Redis)"
+        return (
+            f"auth mode=keys service_keys=[{names}] user_keys={user_keys} "
+            f"user_key_cache_ttl_s={c.user_key_cache_ttl_s:g}"
+        )
+
+    def log_startup(self, logger: logging.Logger | None = None) -> None:
+        """Log describe(); a loud WARNING when mode is none."""
+        logger = logger or log
+        if self._config.mode is AuthMode.NONE:
+            logger.warning("!!! %s !!!", self.describe())
+        else:
+            logger.info("%s", self.describe())
+
+    async def authenticate(
+        self, headers: Mapping[str, str], body_user: str | None = None
+    ) -> BillingContext:
+        """`headers` must be case-insensitive (aiohttp's CIMultiDictProxy is)."""
+        if self._config.mode is AuthMode.NONE:
+            return self._acting_for(headers, body_user, principal="anonymous", key=None)
+        key = _bearer_key(headers.get("Authorization"))
+        digest = key_digest(key)
+        service = self._match_service_key(digest)
+        if service is not None:
+            return self._acting_for(headers, body_user, principal=service.name, key=service)
+        user_id = await self._user_for(digest.hex())
+        if user_id is None:
+            raise unauthorized("Incorrect API key provided", invalid_token=True)
+        return self._for_user(headers, user_id)
+
+    # -- service keys / mode none ----------------------------------------------------
+
+    def _match_service_key(self, digest: bytes) -> ServiceKey | None:
+        # Compare against every entry, without early exit, so timing reveals nothing.
+        found: ServiceKey | None = None
+        for candidate in self._config.service_keys:
+            if hmac.compare_digest(digest, candidate.sha256):
+                found = candidate
+        return found
+
+    def _acting_for(
+        self,
+        headers: Mapping[str, str],
+        body_user: str | None,
+        *,
+        principal: str,
+        key: ServiceKey | None,
+    ) -> BillingContext:
+        header_user = (headers.get("X-User-Id") or "").strip()
+        # Precedence: X-User-Id header, then a numeric body `user`, else nobody (0).
+        user_id = parse_user_id(header_user) if header_user else body_user_id(body_user)
+        ctx = _context(headers, user_id, principal)
+        if key is not None and not key.allows(ctx.scene):
+            allowed = ", ".join(sorted(key.scenes))
+            raise forbidden(
+                f"service key {key.name!r} may not bill scene {ctx.scene!r}; "
+                f"send X-Billing-Scene with one of: {allowed}",
+                param="X-Billing-Scene",
+            )
+        return ctx
+
+    # -- user keys -------------------------------------------------------------------
+
+    def _for_user(self, headers: Mapping[str, str], user_id: int) -> BillingContext:
+        claimed = (headers.get("X-User-Id") or "").strip()
+        if claimed and parse_user_id(claimed) != user_id:
+            raise forbidden("a user API key cannot act for another user", param="X-User-Id")
+        ctx = _context(headers, user_id, "user")
+        # A false X-Skip-Charge asks for nothing special and is accepted.
+        if ctx.skip_charge:
+            raise forbidden("a user API key cannot skip charging", param="X-Skip-Charge")
+        return ctx
+
+    async def _user_for(self, digest_hex: str) -> int | None:
+        hit, user_id = self._cache.get(digest_hex)
+        if hit:
+            return user_id
+        if self._redis is None:
+            return None  # no Redis configured: service keys are the only keys
+        task = self._inflight.get(digest_hex)
+        if task is None:
+            task = asyncio.ensure_future(self._lookup(digest_hex))
+            self._inflight[digest_hex] = task
+            task.add_done_callback(lambda t: self._lookup_done(digest_hex, t))
+        # Shielded: one caller giving up must not fail the others sharing the lookup.
+        return await asyncio.shield(task)
+
+    def _lookup_done(self, digest_hex: str, task: asyncio.Task[int | None]) -> None:
+        self._inflight.pop(digest_hex, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: every waiter may have gone away
+
+    async def _lookup(self, digest_hex: str) -> int | None:
+        assert self._redis is not None
+        try:
+            async with asyncio.timeout(self._config.redis_timeout_s):
+                raw = await self._redis.get(self._keys.apikey(digest_hex))
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("user key lookup failed, answering 503: %s", type(exc).__name__)
+            raise auth_unavailable() from None
+        user_id = _stored_user_id(raw)
+        if user_id is None:
+            if raw is not None:
+                log.error("malformed user id stored for an API key; treating the key as unknown")
+            ttl = min(self._config.user_key_negative_ttl_s, self._config.user_key_cache_ttl_s)
+        else:
+            ttl = self._config.user_key_cache_ttl_s
+        self._cache.put(digest_hex, user_id, ttl)
+        return user_id
+
+
+def _context(headers: Mapping[str, str], user_id: int, principal: str) -> BillingContext:
+    return BillingContext.normalize(
+        user_id=user_id,
+        scene=headers.get("X-Billing-Scene"),
+        request_id=headers.get("X-Request-Id"),
+        conversation_id=headers.get("X-Conversation-Id"),
+        skip_charge=headers.get("X-Skip-Charge"),
+        principal=principal,
+    )
+
+
+def _bearer_key(header: str | None) -> str:
+    if header is None or not header.strip():
+        raise unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>'", invalid_token=False
+        )
+    scheme, _, key = header.strip().partition(" ")
+    key = key.strip()
+    if (
+        scheme.lower() != "bearer"
+        or not key
+        or len(key) > MAX_KEY_LEN
+        or not VISIBLE_ASCII_RE.fullmatch(key)
+    ):
+        raise unauthorized(
+            "Malformed Authorization header: expected 'Bearer <key>'", invalid_token=True
+        )
+    return key
+
+
+def _stored_user_id(raw: bytes | str | None) -> int | None:
+    if raw is None:
+        return None
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    if not DIGITS_RE.fullmatch(text.strip()):
+        return None
+    value = int(text)
+    return value if 0 < value <= MAX_USER_ID else None

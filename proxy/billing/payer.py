@@ -1,0 +1,139 @@
+"""Who pays: the billing context of a request and the parsers of its header values.
+
+`X-User-Id` and a numeric body `user` name a payer (service keys only, see
+proxy.billing.auth); `X-Billing-Scene`, `X-Request-Id`, `X-Conversation-Id` and
+`X-Skip-Charge` describe the call. Values that cannot be meant are a 400.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+
+from proxy.config.model import SCENE_RE
+from proxy.contract.payers import MAX_USER_ID
+from proxy.errors import invalid_request
+
+MAX_REQUEST_ID_LEN = 128
+MAX_CONVERSATION_ID_LEN = 256
+DEFAULT_SCENE = "unknown"
+
+VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
+DIGITS_RE = re.compile(r"[0-9]{1,19}")
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class BillingContext:
+    user_id: int  # > 0; 0 means there is nobody to charge
+    scene: str
+    request_id: str
+    conversation_id: str | None
+    skip_charge: bool
+    principal: str  # service key name, "user" or "anonymous": for logs, never the key
+
+    @classmethod
+    def normalize(
+        cls,
+        *,
+        user_id: int | str | None = None,
+        scene: str | None = None,
+        request_id: str | None = None,
+        conversation_id: str | None = None,
+        skip_charge: bool | str | None = False,
+        principal: str = "anonymous",
+    ) -> BillingContext:
+        """Build from raw header-ish values: trims, defaults, validates.
+
+        Raises ApiError(400) for values that cannot be meant (a non-numeric user
+        id, a scene with odd characters); a bad request id is replaced instead,
+        since it only serves to correlate logs.
+        """
+        return cls(
+            user_id=parse_user_id(user_id),
+            scene=parse_scene(scene),
+            request_id=parse_request_id(request_id),
+            conversation_id=parse_conversation_id(conversation_id),
+            skip_charge=parse_bool(skip_charge, param="X-Skip-Charge"),
+            principal=principal,
+        )
+
+
+def parse_user_id(raw: int | str | None, *, param: str = "X-User-Id") -> int:
+    """None, blank or int 0 -> 0 (nobody); else a positive 64-bit integer, or 400.
+
+    A header saying "0" is refused: a caller naming a user must name a real one.
+    """
+    if raw is None:
+        return 0
+    if isinstance(raw, bool):
+        raise invalid_request(f"{param} must be a positive integer", param=param)
+    if isinstance(raw, int):
+        if raw == 0:
+            return 0  # callers passing an int may say "nobody" explicitly
+        value = raw
+    else:
+        text = raw.strip()
+        if not text:
+            return 0
+        if not DIGITS_RE.fullmatch(text):
+            raise invalid_request(f"{param} must be a positive integer", param=param)
+        value = int(text)
+    if not 0 < value <= MAX_USER_ID:
+        raise invalid_request(f"{param} must be a positive integer", param=param)
+    return value
+
+
+def parse_scene(raw: str | None) -> str:
+    text = (raw or "").strip().lower()
+    if not text:
+        return DEFAULT_SCENE
+    if not SCENE_RE.fullmatch(text):
+        raise invalid_request(
+            "X-Billing-Scene must be 1-64 characters of a-z 0-9 . _ : / -",
+            param="X-Billing-Scene",
+        )
+    return text
+
+
+def parse_request_id(raw: str | None) -> str:
+    text = (raw or "").strip()
+    if 0 < len(text) <= MAX_REQUEST_ID_LEN and VISIBLE_ASCII_RE.fullmatch(text):
+        return text
+    return uuid.uuid4().hex
+
+
+def parse_conversation_id(raw: str | None) -> str | None:
+    text = (raw or "").strip()
+    if not text:
+        return None
+    if len(text) > MAX_CONVERSATION_ID_LEN or not VISIBLE_ASCII_RE.fullmatch(text):
+        raise invalid_request(
+            f"X-Conversation-Id must be at most {MAX_CONVERSATION_ID_LEN} visible ASCII characters",
+            param="X-Conversation-Id",
+        )
+    return text
+
+
+def parse_bool(raw: bool | str | None, *, param: str) -> bool:
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise invalid_request(f"{param} must be true/false, 1/0 or yes/no", param=param)
+
+
+def body_user_id(body_user: str | None) -> int:
+    """OpenAI's `user` field is free-form; only a plain positive integer names a payer."""
+    if body_user is None:
+        return 0
+    text = body_user.strip()
+    if not DIGITS_RE.fullmatch(text) or text.startswith("0"):
+        return 0
+    value = int(text)
+    return value if value <= MAX_USER_ID else 0

@@ -1,0 +1,96 @@
+"""The record of one request: the validated chat request and the mutable `Exchange`
+that every step of the request path fills in (who pays, what was asked, how it
+ended, what was used). `proxy.billing.settlement` turns it into a charge."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import tiktoken
+
+from proxy.billing.guard import GuardDecision
+from proxy.billing.metering import Metered, estimate_prompt_only
+from proxy.billing.payer import BillingContext
+from proxy.config.model import Alias
+from proxy.contract.usage import Outcome
+
+
+class ErrorKind(StrEnum):
+    """How an upstream exchange failed (the `kind` label of upstream error metrics)."""
+
+    CONNECT = "connect"  # no response head: refused, reset, DNS, TLS
+    TIMEOUT = "timeout"  # a Watchdog bound expired
+    STATUS = "status"  # the upstream answered 4xx/5xx
+    MID_STREAM = "mid_stream"  # the connection broke while the body was read
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A chat.completions body validated against the configured aliases."""
+
+    alias: Alias
+    body: dict[str, Any]  # the caller's body, as parsed (used for prompt counting)
+    stream: bool
+    # The caller asked for `stream_options.include_usage` itself; if not, the
+    # usage-only chunk we request on its behalf is removed from its stream.
+    usage_requested: bool
+
+
+class Exchange:
+    """Mutable, per-request facts (one object per request, never shared)."""
+
+    __slots__ = (
+        "chat",
+        "ctx",
+        "encoding",
+        "error_kind",
+        "first_byte_at",
+        "guard_decision",
+        "metered",
+        "outcome",
+        "started",
+        "status",
+        "upstream_started",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.upstream_started: float | None = None
+        self.first_byte_at: float | None = None
+        self.chat: ChatRequest | None = None
+        self.ctx: BillingContext | None = None
+        self.encoding: tiktoken.Encoding | None = None
+        self.guard_decision: GuardDecision | None = None
+        self.outcome: Outcome | None = None
+        self.status: int = 0
+        self.error_kind: ErrorKind | None = None
+        self.metered: Metered | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.ctx.request_id if self.ctx is not None else ""
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.perf_counter()
+
+    def finish(self, outcome: Outcome, status: int, error_kind: ErrorKind | None = None) -> None:
+        self.outcome = outcome
+        self.status = status
+        if error_kind is not None:
+            self.error_kind = error_kind
+
+    def estimate_prompt_only(self) -> Metered:
+        assert self.chat is not None and self.encoding is not None
+        return estimate_prompt_only(self.chat.body, self.encoding)
+
+    def latency_ms(self, now: float) -> float:
+        return round((now - self.started) * 1000, 3)
+
+    def ttft_ms(self) -> float | None:
+        if self.first_byte_at is None:
+            return None
+        return round((self.first_byte_at - self.started) * 1000, 3)

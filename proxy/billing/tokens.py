@@ -1,0 +1,263 @@
+"""OpenAI chat token counting over an offline encoding (proxy.billing.encodings).
+
+Counting is the metering fallback, used when an upstream reports no usage:
+``count_text``, ``count_chat_prompt`` (the ``prompt_tokens`` OpenAI would report for
+a chat.completions body) and ``count_completion``. The rules are documented on
+``count_chat_prompt`` with their sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import tiktoken
+
+# Per-message framing: <|start|>{role/name}\n{content}<|end|>\n (cookbook, see below).
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+# Every reply is primed with <|start|>assistant<|message|>.
+REPLY_PRIMING = 3
+# Function definitions are wrapped in a system-side block; 9 tokens, 4 of which are
+# shared with an existing system message (openai-chat-tokens, see below).
+FUNCTIONS_OVERHEAD = 9
+FUNCTIONS_SYSTEM_DISCOUNT = 4
+FUNCTION_CALL_OVERHEAD = 3  # an assistant message's function_call / each tool call
+FUNCTION_RESULT_ADJUST = -2  # a `function` (and, by extension, `tool`) result message
+FORCED_FUNCTION_OVERHEAD = 4  # function_call={"name": ...} / tool_choice naming one
+CHOICE_NONE_TOKENS = 1  # function_call="none" / tool_choice="none"
+# An image part's size is unknown without fetching/decoding it; 85 tokens is the fixed
+# base cost of one image (= all of a detail="low" image) for gpt-4o in OpenAI's vision
+# pricing docs, so this is a lower bound for detail="high"/"auto".
+IMAGE_PART_TOKENS = 85
+
+
+def count_text(enc: tiktoken.Encoding, text: str) -> int:
+    """Tokens in ``text``; special-token-looking text counts as plain text, never raises."""
+    return len(enc.encode_ordinary(text)) if text else 0
+
+
+def count_chat_prompt(enc: tiktoken.Encoding, body: Mapping[str, Any]) -> int:
+    """The ``prompt_tokens`` OpenAI would report for a chat.completions request body.
+
+    Rules (same constants for cl100k_base and o200k_base models):
+
+    1. Each message costs 3 + tokens(role) + tokens(content); a ``name`` adds
+       tokens(name) + 1. Every reply is primed with 3 more tokens.
+       Source: openai-cookbook ``examples/How_to_count_tokens_with_tiktoken.ipynb``
+       ("Counting tokens for chat completions API calls"), verified there against the
+       API: 129 prompt tokens (gpt-3.5-turbo, gpt-4) / 124 (gpt-4o, gpt-4o-mini).
+    2. ``functions`` / ``tools`` (type "function") are rendered as TypeScript in a
+       ``namespace functions { ... }`` block (``render_function_definitions``); they
+       cost tokens(rendering) + 9. If there is a system message, the first one gets
+       a trailing "\\n" and the total is 4 lower (the block reuses that message).
+       An assistant ``function_call`` costs tokens(name) + tokens(arguments) + 3; a
+       ``function`` result message costs 2 less than rule 1 gives. ``function_call``
+       "none" adds 1; forcing a function by name adds tokens(name) + 4.
+       Source: the npm library openai-chat-tokens (github.com/hmarr/openai-chat-tokens,
+       continued as coderabbitai/openai-chat-tokens), whose test cases were checked
+       against the live API (gpt-3.5-turbo), after the OpenAI forum thread
+       "How to calculate the tokens when using function call" (topic 266573). The
+       same rendering reproduces the cookbook's "Counting tokens for chat
+       completions with tool calls" figures: 105 (gpt-3.5-turbo, gpt-4) and 101
+       (gpt-4o, gpt-4o-mini).
+    3. Extrapolations without a published figure: each assistant ``tool_calls``
+       entry is costed like a ``function_call``; a ``tool`` message like a
+       ``function`` message named after the call its ``tool_call_id`` answers;
+       ``tool_choice`` like ``function_call``; ``developer`` is costed like any role.
+    4. Content given as a list of parts: text (and refusal) parts are concatenated;
+       each image part costs ``IMAGE_PART_TOKENS`` (a lower bound, see there); audio
+       and file parts are not counted. Other body fields (``response_format``
+       schemas, ...) are not counted.
+
+    Malformed parts of ``body`` are skipped, never raised on: validation is not
+    this function's job and billing must not fail on odd input.
+    """
+    messages = body.get("messages")
+    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+        messages = ()
+    functions = _function_definitions(body)
+    total = REPLY_PRIMING
+    padded_system = False
+    call_names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
+    for message in messages:
+        if not isinstance(message, Mapping):
+            continue
+        role = _str(message.get("role"))
+        text, images = _content(message.get("content"))
+        if functions and role == "system" and not padded_system:
+            text += "\n"
+            padded_system = True
+        tokens = TOKENS_PER_MESSAGE + count_text(enc, role) + count_text(enc, text)
+        tokens += images * IMAGE_PART_TOKENS
+        name = _str(message.get("name"))
+        if role == "tool":
+            name = call_names.get(_str(message.get("tool_call_id")), "")
+        if name:
+            tokens += count_text(enc, name) + TOKENS_PER_NAME
+        if role == "function" or (role == "tool" and name):
+            tokens += FUNCTION_RESULT_ADJUST
+        for call_id, fn_name, arguments in _calls(message):
+            tokens += count_text(enc, fn_name) + count_text(enc, arguments)
+            tokens += FUNCTION_CALL_OVERHEAD
+            if call_id:
+                call_names[call_id] = fn_name
+        total += tokens
+    if functions:
+        total += count_text(enc, render_function_definitions(functions)) + FUNCTIONS_OVERHEAD
+        if padded_system:
+            total -= FUNCTIONS_SYSTEM_DISCOUNT
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice == "none":
+        total += CHOICE_NONE_TOKENS
+    elif isinstance(choice, Mapping):
+        fn = choice.get("function")
+        forced = _str(fn.get("name")) if isinstance(fn, Mapping) else _str(choice.get("name"))
+        if forced:
+            total += count_text(enc, forced) + FORCED_FUNCTION_OVERHEAD
+    return max(total, 0)
+
+
+def count_completion(
+    enc: tiktoken.Encoding,
+    content: str | None,
+    tool_calls: Iterable[tuple[str, str]] = (),
+) -> int:
+    """Completion tokens for text and ``(name, arguments)`` tool calls actually relayed.
+
+    Plain text counts exactly. For tool calls only the name and arguments are counted:
+    OpenAI's framing tokens around a generated call are unpublished, so this is a lower
+    bound. Hidden reasoning tokens cannot be known and are not estimated.
+    """
+    total = count_text(enc, content or "")
+    for name, arguments in tool_calls:
+        total += count_text(enc, name) + count_text(enc, arguments)
+    return total
+
+
+# ------------------------------------------------------------- function definitions
+
+
+def render_function_definitions(functions: Sequence[Mapping[str, Any]]) -> str:
+    """JSON-schema function definitions as the TypeScript OpenAI shows the model.
+
+    Format per openai-chat-tokens (see ``count_chat_prompt``): descriptions become
+    ``//`` comments (only at the top two levels), optional properties get ``?``,
+    enums become unions, ``anyOf`` becomes a union, arrays ``T[]``.
+    """
+    lines = ["namespace functions {", ""]
+    for fn in functions:
+        description = _str(fn.get("description"))
+        if description:
+            lines.append(f"// {description}")
+        params = fn.get("parameters")
+        props = params.get("properties") if isinstance(params, Mapping) else None
+        if isinstance(params, Mapping) and isinstance(props, Mapping) and props:
+            lines.append(f"type {_str(fn.get('name'))} = (_: {{")
+            lines.append(_format_properties(params, 0))
+            lines.append("}) => any;")
+        else:
+            lines.append(f"type {_str(fn.get('name'))} = () => any;")
+        lines.append("")
+    lines.append("} // namespace functions")
+    return "\n".join(lines)
+
+
+def _format_properties(obj: Mapping[str, Any], indent: int) -> str:
+    props = obj.get("properties")
+    required = obj.get("required")
+    required = required if isinstance(required, list) else []
+    lines: list[str] = []
+    for name, prop in props.items() if isinstance(props, Mapping) else ():
+        if not isinstance(prop, Mapping):
+            prop = {}
+        description = _str(prop.get("description"))
+        if description and indent < 2:
+            lines.append(f"// {description}")
+        optional = "" if name in required else "?"
+        lines.append(f"{name}{optional}: {_format_type(prop, indent)},")
+    return "\n".join(" " * indent + line for line in lines)
+
+
+def _format_type(prop: Mapping[str, Any], indent: int) -> str:
+    any_of = prop.get("anyOf")
+    if isinstance(any_of, list):
+        return " | ".join(_format_type(p if isinstance(p, Mapping) else {}, indent) for p in any_of)
+    kind = prop.get("type")
+    enum = prop.get("enum")
+    if isinstance(enum, list) and kind in ("string", "number", "integer"):
+        return " | ".join(f'"{v}"' if kind == "string" else _js_literal(v) for v in enum)
+    if kind in ("string", "number", "boolean", "null"):
+        return str(kind)
+    if kind == "integer":
+        return "number"
+    if kind == "object":
+        return "\n".join(["{", _format_properties(prop, indent + 2), "}"])
+    if kind == "array":
+        items = prop.get("items")
+        return f"{_format_type(items, indent)}[]" if isinstance(items, Mapping) else "any[]"
+    return "any"
+
+
+def _js_literal(value: Any) -> str:
+    # Enum values are printed the way JavaScript's template strings print them.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _content(content: Any) -> tuple[str, int]:
+    """(concatenated text, number of image parts) of a message's content."""
+    if isinstance(content, str):
+        return content, 0
+    if not isinstance(content, list):
+        return "", 0
+    texts: list[str] = []
+    images = 0
+    for part in content:
+        if not isinstance(part, Mapping):
+            continue
+        kind = part.get("type")
+        if kind in ("text", "refusal"):
+            texts.append(_str(part.get(kind)))
+        elif kind == "image_url":
+            images += 1
+    return "".join(texts), images
+
+
+def _calls(message: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(tool_call_id, name, arguments) of an assistant message's function/tool calls."""
+    calls: list[tuple[str, str, str]] = []
+    fc = message.get("function_call")
+    if isinstance(fc, Mapping):
+        calls.append(("", _str(fc.get("name")), _str(fc.get("arguments"))))
+    tool_calls = message.get("tool_calls")
+    for call in tool_calls if isinstance(tool_calls, list) else ():
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(fn, Mapping):
+            calls.append((_str(call.get("id")), _str(fn.get("name")), _str(fn.get("arguments"))))
+    return calls
+
+
+def _function_definitions(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    defs: list[Mapping[str, Any]] = []
+    functions = body.get("functions")
+    for fn in functions if isinstance(functions, list) else ():
+        if isinstance(fn, Mapping):
+            defs.append(fn)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, Mapping) and tool.get("type", "function") == "function":
+            fn = tool.get("function")
+            if isinstance(fn, Mapping):
+                defs.append(fn)
+    return defs

@@ -1,0 +1,37 @@
+"""Configuration: `model_aliases.yaml` (what is served: `YamlConfig`) and the
+environment (where things are, secrets: `EnvSettings`), each read once into
+frozen values. The only package that reads either."""
+
+from proxy.config.env import EnvSettings
+from proxy.config.load import load_config, parse_config, parse_price_rules
+from proxy.config.model import (
+    Alias,
+    AuthConfig,
+    AuthMode,
+    EventsConfig,
+    GuardConfig,
+    PriceRule,
+    Provider,
+    ServerConfig,
+    ServiceKey,
+    Timeouts,
+    YamlConfig,
+)
+
+__all__ = [
+    "Alias",
+    "AuthConfig",
+    "AuthMode",
+    "EnvSettings",
+    "EventsConfig",
+    "GuardConfig",
+    "PriceRule",
+    "Provider",
+    "ServerConfig",
+    "ServiceKey",
+    "Timeouts",
+    "YamlConfig",
+    "load_config",
+    "parse_config",
+    "parse_price_rules",
+]

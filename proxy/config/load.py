@@ -1,0 +1,297 @@
+"""Reading `model_aliases.yaml` into a `YamlConfig`: every section, one set of readers.
+
+Every validation error names the file and the key path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proxy.config.env import read_var
+from proxy.config.model import (
+    ANY_SCENE,
+    DEFAULT_ENCODING,
+    FREE_RULE_ID,
+    SCENE_RE,
+    SUPPORTED_ENCODINGS,
+    Alias,
+    AuthConfig,
+    AuthMode,
+    EventsConfig,
+    GuardConfig,
+    PriceRule,
+    Provider,
+    ServerConfig,
+    ServiceKey,
+    Timeouts,
+    YamlConfig,
+)
+from proxy.config.readers import Section, type_name
+from proxy.errors import ConfigError
+
+_TOP_LEVEL = ("providers", "price_rules", "aliases", "auth", "guard", "events", "server")
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> YamlConfig:
+    """Read and validate the YAML file; raise ConfigError("<file>: <key path>: <problem>").
+
+    `env` resolves the providers' `api_key_env` names (default: the process environment).
+    """
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read config file: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: invalid YAML: {exc}") from exc
+    try:
+        return parse_config(raw, name, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
+def parse_config(raw: Any, name: str, env: Mapping[str, str] | None = None) -> YamlConfig:
+    lookup: Callable[[str], str | None] = read_var if env is None else env.get
+    root = Section(raw, "", _TOP_LEVEL)
+    providers_raw = root.section("providers", required=True)
+    providers = {
+        pname: _provider(pname, praw, providers_raw.where(pname), lookup)
+        for pname, praw in providers_raw.entries("provider names")
+    }
+    if not providers:
+        raise ConfigError("providers: at least one provider is required")
+    price_rules = parse_price_rules(root.get("price_rules"))
+    aliases_raw = root.section("aliases", required=True)
+    if not len(aliases_raw):
+        raise ConfigError("aliases: at least one alias is required")
+    aliases = {
+        aname: _alias(aname, araw, aliases_raw.where(aname), providers, price_rules)
+        for aname, araw in aliases_raw.entries("alias names")
+    }
+    return YamlConfig(
+        path=name,
+        providers=providers,
+        price_rules=price_rules,
+        aliases=aliases,
+        auth=parse_auth(root.get("auth")),
+        guard=parse_guard(root.get("guard")),
+        events=_events(root.get("events")),
+        server=_server(root.get("server")),
+    )
+
+
+def _provider(name: str, raw: Any, path: str, lookup: Callable[[str], str | None]) -> Provider:
+    m = Section(
+        raw,
+        path,
+        ("base_url", "api_key_env", "stream_usage", "timeouts", "max_connections"),
+        required=True,
+    )
+    base_url = m.text("base_url", required=True)
+    if not base_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}.base_url: must start with http:// or https://, got {base_url!r}")
+    key_env = m.text("api_key_env") or None
+    t = m.section("timeouts", ("connect", "first_byte", "idle", "total"))
+    d = Timeouts()
+    return Provider(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        api_key_env=key_env,
+        api_key=(lookup(key_env) or None) if key_env else None,
+        stream_usage=m.flag("stream_usage", True),
+        timeouts=Timeouts(
+            connect=t.number("connect", d.connect, positive=True),
+            first_byte=t.number("first_byte", d.first_byte, positive=True),
+            idle=t.number("idle", d.idle, positive=True),
+            total=t.number("total", d.total, positive=True),
+        ),
+        max_connections=m.count("max_connections", 256),
+    )
+
+
+def _alias(
+    name: str,
+    raw: Any,
+    path: str,
+    providers: Mapping[str, Provider],
+    rules: Mapping[str, PriceRule],
+) -> Alias:
+    m = Section(raw, path, ("provider", "model", "price_rule", "free", "tokenizer"), required=True)
+    pname = m.text("provider", required=True)
+    if pname not in providers:
+        raise ConfigError(f"{path}.provider: unknown provider {pname!r}")
+    model = m.text("model", required=True)
+    rule: PriceRule | None = None
+    if m.flag("free", False):
+        if m.get("price_rule") is not None:
+            raise ConfigError(f"{path}: give either price_rule or free: true, not both")
+    else:
+        rid = m.text("price_rule")
+        if not rid:
+            raise ConfigError(
+                f"{path}.price_rule: required (or say free: true) so no call is accidentally free"
+            )
+        if rid not in rules:
+            raise ConfigError(f"{path}.price_rule: unknown price rule {rid!r}")
+        rule = rules[rid]
+    tokenizer = m.text("tokenizer", DEFAULT_ENCODING)
+    if tokenizer not in SUPPORTED_ENCODINGS:
+        raise ConfigError(
+            f"{path}.tokenizer: unknown tokenizer {tokenizer!r} "
+            f"(supported: {', '.join(sorted(SUPPORTED_ENCODINGS))})"
+        )
+    return Alias(
+        name=name, provider=providers[pname], model=model, price_rule=rule, tokenizer=tokenizer
+    )
+
+
+# -- price_rules ------------------------------------------------------------------
+
+_RULE_KEYS = ("input", "cached_input", "output", "reasoning", "multiplier", "min_charge")
+
+
+def parse_price_rules(raw: Any, path: str = "price_rules") -> dict[str, PriceRule]:
+    """The `price_rules` mapping (rule id -> rates); an absent section means no rules."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: must be a mapping of rule id to prices, got {type_name(raw)}")
+    rules: dict[str, PriceRule] = {}
+    for rule_id, body in Section(raw, path).entries("rule id"):
+        if rule_id == FREE_RULE_ID:
+            # Events carry price_rule="free" for free aliases; a real rule with that
+            # name would make the ledger unable to tell the two apart.
+            raise ConfigError(
+                f"{path}.{rule_id}: the id '{FREE_RULE_ID}' is reserved for aliases "
+                "marked free: true"
+            )
+        where = f"{path}.{rule_id}"
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{where}: must be a mapping of prices, got {type_name(body)}")
+        # Typo protection: "ouput: 10" must not silently fall back to a default.
+        m = Section(body, where, _RULE_KEYS)
+        input_rate = m.decimal("input")
+        output_rate = m.decimal("output")
+        min_charge = m.get("min_charge", 0)
+        if isinstance(min_charge, bool) or not isinstance(min_charge, int) or min_charge < 0:
+            raise ConfigError(
+                f"{where}.min_charge: must be a non-negative integer (credits), got {min_charge!r}"
+            )
+        rules[rule_id] = PriceRule(
+            id=rule_id,
+            input=input_rate,
+            cached_input=m.decimal("cached_input", input_rate),
+            output=output_rate,
+            reasoning=m.decimal("reasoning", output_rate),
+            multiplier=m.decimal("multiplier", Decimal(1)),
+            min_charge=min_charge,
+        )
+    return rules
+
+
+# -- auth, guard, events, server --------------------------------------------------
+
+
+def parse_auth(raw: Any, path: str = "auth") -> AuthConfig:
+    d = AuthConfig()
+    m = Section(raw, path, AuthConfig.__dataclass_fields__)
+    mode_raw = m.get("mode", AuthMode.KEYS.value)
+    try:
+        mode = AuthMode(mode_raw)
+    except ValueError:
+        raise ConfigError(f"{path}.mode: must be 'keys' or 'none', got {mode_raw!r}") from None
+    return AuthConfig(
+        mode=mode,
+        service_keys=_service_keys(m, "service_keys"),
+        user_key_cache_ttl_s=m.number("user_key_cache_ttl_s", d.user_key_cache_ttl_s),
+        user_key_negative_ttl_s=m.number("user_key_negative_ttl_s", d.user_key_negative_ttl_s),
+        user_key_cache_size=m.count("user_key_cache_size", d.user_key_cache_size, positive=False),
+        redis_timeout_s=m.number("redis_timeout_s", d.redis_timeout_s, positive=True),
+    )
+
+
+def _service_keys(auth: Section, key: str) -> tuple[ServiceKey, ...]:
+    keys: list[ServiceKey] = []
+    for i, entry in enumerate(auth.items_list(key)):
+        where = f"{auth.where(key)}[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: must be a mapping with name, sha256, scenes")
+        m = Section(entry, where, ("name", "sha256", "scenes"))
+        name = m.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}.name: must be a non-empty string, got {name!r}")
+        digest = m.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            # The value is a hash, not a key, so echoing it back is harmless.
+            raise ConfigError(f"{where}.sha256: must be 64 hex characters, got {digest!r}")
+        scenes = m.get("scenes")
+        if not isinstance(scenes, list) or not scenes:
+            raise ConfigError(f"{where}.scenes: must be a non-empty list of scenes or ['*']")
+        parsed: set[str] = set()
+        for j, scene in enumerate(scenes):
+            text = scene.strip().lower() if isinstance(scene, str) else None
+            if text is None or (text != ANY_SCENE and not SCENE_RE.fullmatch(text)):
+                raise ConfigError(f"{where}.scenes[{j}]: not a valid scene: {scene!r}")
+            parsed.add(text)
+        service = ServiceKey(name.strip(), bytes.fromhex(digest), frozenset(parsed))
+        for other in keys:
+            if other.name == service.name:
+                raise ConfigError(f"{where}.name: duplicate service key name {service.name!r}")
+            if other.sha256 == service.sha256:
+                raise ConfigError(f"{where}.sha256: same key as {other.name!r}")
+        keys.append(service)
+    return tuple(keys)
+
+
+def parse_guard(raw: Any, path: str = "guard") -> GuardConfig:
+    d = GuardConfig()
+    m = Section(raw, path, GuardConfig.__dataclass_fields__)
+    prefix = m.get("prefix", d.prefix)
+    if not isinstance(prefix, str) or any(c.isspace() for c in prefix):
+        raise ConfigError(f"{path}.prefix: must be a string without spaces, got {prefix!r}")
+    max_entries = m.count("local_cache_max_entries", d.local_cache_max_entries)
+    if max_entries < 2:
+        raise ConfigError(
+            f"{path}.local_cache_max_entries: must be at least 2 (each user takes two entries)"
+        )
+    return GuardConfig(
+        prefix=prefix,
+        budget_ms=m.number("budget_ms", d.budget_ms, positive=True),
+        blocked_ttl_s=m.count("blocked_ttl_s", d.blocked_ttl_s),
+        snapshot_ttl_s=m.count("snapshot_ttl_s", d.snapshot_ttl_s),
+        provider_timeout_s=m.number("provider_timeout_s", d.provider_timeout_s, positive=True),
+        fail_open_log_interval_s=m.number("fail_open_log_interval_s", d.fail_open_log_interval_s),
+        coalesce=m.flag("coalesce", d.coalesce),
+        local_cache=m.flag("local_cache", d.local_cache),
+        local_cache_max_age_s=m.number(
+            "local_cache_max_age_s", d.local_cache_max_age_s, positive=True
+        ),
+        local_cache_max_entries=max_entries,
+    )
+
+
+def _events(raw: Any, path: str = "events") -> EventsConfig:
+    d = EventsConfig()
+    m = Section(raw, path, ("topic", "partitions", "replication_factor"))
+    return EventsConfig(
+        topic=m.text("topic", d.topic, required=True),
+        partitions=m.count("partitions", d.partitions),
+        replication_factor=m.count("replication_factor", d.replication_factor),
+    )
+
+
+def _server(raw: Any, path: str = "server") -> ServerConfig:
+    d = ServerConfig()
+    m = Section(raw, path, ("max_body_bytes", "shutdown_grace_s", "outbox_drain_s"))
+    return ServerConfig(
+        max_body_bytes=m.count("max_body_bytes", d.max_body_bytes),
+        shutdown_grace_s=m.number("shutdown_grace_s", d.shutdown_grace_s, positive=True),
+        outbox_drain_s=m.number("outbox_drain_s", d.outbox_drain_s, positive=True),
+    )

@@ -1,0 +1,157 @@
+"""The configuration as frozen values: what `model_aliases.yaml` says, validated.
+
+Only values live here; `proxy.config.load` builds them from YAML, and the
+environment (where infrastructure is, secrets) is `proxy.config.env`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+
+from proxy.contract.redis_keys import DEFAULT_PREFIX
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# The offline encodings (proxy.billing.encodings ships their rank files).
+DEFAULT_ENCODING = "o200k_base"
+SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
+# `Charge.rule_id` of aliases marked `free: true`; reserved, no price rule may use it.
+FREE_RULE_ID = "free"
+ANY_SCENE = "*"
+SCENE_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. `first_byte` bounds the wait for the response head and first body
+    chunk, `idle` the gap between two chunks, `total` the whole exchange."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str  # without trailing slash, e.g. https://api.openai.com/v1
+    api_key_env: str | None
+    # The secret itself, resolved from `api_key_env` at load time; kept out of repr.
+    api_key: str | None = field(repr=False)
+    stream_usage: bool = True  # upstream honours stream_options.include_usage
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = 256  # keep-alive pool bound for this provider
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    @property
+    def key_missing(self) -> bool:
+        """A key is configured by name but the variable is not set."""
+        return bool(self.api_key_env) and not self.api_key
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRule:
+    """One `price_rules` entry; rates in credits per 1M tokens (proxy.billing.pricing)."""
+
+    id: str
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+    reasoning: Decimal
+    multiplier: Decimal = Decimal(1)
+    min_charge: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    name: str
+    provider: Provider
+    model: str  # the upstream model name
+    price_rule: PriceRule | None  # None only when the alias says `free: true`
+    tokenizer: str = DEFAULT_ENCODING
+
+    @property
+    def price_rule_id(self) -> str:
+        return self.price_rule.id if self.price_rule else FREE_RULE_ID
+
+
+class AuthMode(StrEnum):
+    KEYS = "keys"
+    NONE = "none"  # local development only: trusts X-User-Id & co. without any key
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceKey:
+    """A trusted back-end's key, configured by its sha256 only: the key itself never
+    appears in configuration, logs or Redis."""
+
+    name: str
+    sha256: bytes  # digest (32 bytes), compared with hmac.compare_digest
+    scenes: frozenset[str]  # contains "*" for any scene
+
+    def allows(self, scene: str) -> bool:
+        return ANY_SCENE in self.scenes or scene in self.scenes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mode: AuthMode = AuthMode.KEYS
+    service_keys: tuple[ServiceKey, ...] = ()
+    user_key_cache_ttl_s: float = 30.0  # a revoked user key keeps working this long
+    user_key_negative_ttl_s: float = 5.0  # a brand-new key is refused at most this long
+    user_key_cache_size: int = 10_000
+    redis_timeout_s: float = 1.0  # Redis lookup of a user key; then 503
+
+
+@dataclass(frozen=True, slots=True)
+class GuardConfig:
+    prefix: str = DEFAULT_PREFIX
+    budget_ms: float = 50.0  # the whole check, Redis included; then fail open
+    blocked_ttl_s: int = 300
+    snapshot_ttl_s: int = 300
+    provider_timeout_s: float = 1.0
+    fail_open_log_interval_s: float = 60.0
+    coalesce: bool = True  # batch concurrent checks into one MGET (bench/bench_guard.py)
+    # Keep what was read in process, kept coherent by Redis invalidations
+    # (proxy/billing/guard_cache.py); max_age bounds staleness should one be missed.
+    local_cache: bool = True
+    local_cache_max_age_s: float = 1.0
+    local_cache_max_entries: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # In-flight requests get this long to finish on SIGTERM before they are cut
+    # (and charged for what was relayed).
+    shutdown_grace_s: float = 30.0
+    # Time the outbox gets on shutdown to hand pending events to Kafka.
+    outbox_drain_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    topic: str = "credit.charge.requested"
+    partitions: int = 3
+    replication_factor: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class YamlConfig:
+    """Everything `model_aliases.yaml` says: what is served, priced and allowed."""
+
+    path: str
+    providers: Mapping[str, Provider]
+    price_rules: Mapping[str, PriceRule]
+    aliases: Mapping[str, Alias]
+    auth: AuthConfig
+    guard: GuardConfig
+    events: EventsConfig
+    server: ServerConfig

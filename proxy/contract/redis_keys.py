@@ -1,0 +1,92 @@
+"""The Redis key layout shared by the proxy (guard, auth) and the ledger, and the
+snapshot codec. The one place that spells key names and the snapshot JSON.
+
+Keys (prefix default `llmproxy:`):
+- `credit:blocked:<uid>`   any value = blocked (the guard refuses the user)
+- `credit:snapshot:<uid>`  JSON `{"available_credit": int, "updated_at": iso8601}`
+- `credit:balance:<uid>`   the reference ledger's balance
+- `credit:ledger:<uid>`    the reference ledger's entry stream
+- `credit:applied:<id>`    the reference ledger's idempotency marker per event/grant
+- `apikey:<sha256 hex>`    user API key -> user id (decimal string)
+- `apikeys:user:<uid>`     hash sha256 hex -> created_at (index of a user's keys)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import orjson
+
+from proxy.contract.timestamps import utc_now_iso
+
+DEFAULT_PREFIX = "llmproxy:"
+
+
+def key_digest(api_key: str) -> bytes:
+    """sha256 of an API key: what config and Redis store instead of the key."""
+    return hashlib.sha256(api_key.encode("utf-8")).digest()
+
+
+def key_sha256(api_key: str) -> str:
+    """`key_digest` as hex, the form in config files and Redis key names."""
+    return key_digest(api_key).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    prefix: str = DEFAULT_PREFIX
+
+    def blocked(self, user_id: int | str) -> str:
+        return f"{self.prefix}credit:blocked:{user_id}"
+
+    def snapshot(self, user_id: int | str) -> str:
+        return f"{self.prefix}credit:snapshot:{user_id}"
+
+    def balance(self, user_id: int) -> str:
+        return f"{self.prefix}credit:balance:{user_id}"
+
+    def ledger(self, user_id: int) -> str:
+        return f"{self.prefix}credit:ledger:{user_id}"
+
+    def applied(self, event_id: str) -> str:
+        return f"{self.prefix}credit:applied:{event_id}"
+
+    def apikey(self, sha256_hex: str) -> str:
+        return f"{self.prefix}apikey:{sha256_hex}"
+
+    def apikeys_of(self, user_id: int) -> str:
+        return f"{self.prefix}apikeys:user:{user_id}"
+
+
+def encode_snapshot(available_credit: int, updated_at: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"available_credit": available_credit, "updated_at": updated_at or utc_now_iso()}
+    )
+
+
+def decode_snapshot(raw: bytes) -> int | None:
+    """available_credit, or None when the value is not a snapshot (then it is refetched).
+
+    `updated_at` is informational (for people and the billing side); the TTL is
+    what bounds staleness.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    credit = data.get("available_credit") if isinstance(data, dict) else None
+    if not isinstance(credit, int) or isinstance(credit, bool):
+        return None
+    return credit
+
+
+# The same JSON as `encode_snapshot`, for Lua scripts that change a balance and must
+# rewrite the snapshot in the same step: expects the local `bal` (the new balance)
+# and the timestamp in ARGV[3], and writes KEYS[3]. Built by hand because cjson
+# prints large integers in exponent notation; %d on a Lua 5.1 double is exact up to
+# 2^53, far beyond any credit balance.
+SNAPSHOT_LUA = """
+redis.call('SET', KEYS[3], '{"available_credit":' .. string.format('%d', bal)
+  .. ',"updated_at":"' .. ARGV[3] .. '"}')
+"""

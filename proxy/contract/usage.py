@@ -1,0 +1,38 @@
+"""Token usage and request outcome: plain values shared by metering, pricing and events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class UsageSource(StrEnum):
+    UPSTREAM = "upstream"  # the provider's own usage report
+    ESTIMATED = "estimated"  # counted locally with the alias's tokenizer
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    CLIENT_ABORTED = "client_aborted"
+    UPSTREAM_ERROR = "upstream_error"
+    TIMEOUT = "timeout"
+    REJECTED = "rejected"  # guard or validation refused it; never charged
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts in OpenAI's sense.
+
+    `cached_tokens` is the part of `prompt_tokens` served from the provider's
+    prompt cache and `reasoning_tokens` the part of `completion_tokens` spent on
+    hidden reasoning, exactly as OpenAI reports them (both are subsets).
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens

@@ -1,0 +1,2 @@
+"""The proxy server: app and lifecycle, readiness, request validation, the
+handlers (orchestration only) and the multi-process supervisor."""

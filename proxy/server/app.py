@@ -1,0 +1,77 @@
+"""Building the aiohttp application: routes, the error middleware, the lifecycle hook."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from proxy.billing.encodings import EncodingRegistry
+from proxy.config import EnvSettings, YamlConfig
+from proxy.errors import HTTP_CODES, ApiError, error_body, internal_error
+from proxy.server import handlers
+from proxy.server.lifecycle import start_state, stop_state
+from proxy.server.state import STATE
+from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.observer import Observer
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves in OpenAI's shape, never as a stack trace or HTML page."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return err.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, etype = HTTP_CODES.get(exc.status, ("http_error", "invalid_request_error"))
+        message = exc.reason if exc.status != 404 else f"unknown route {request.path!r}"
+        if exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path!r}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return web.Response(
+            status=exc.status,
+            body=error_body(message, etype, code),
+            content_type="application/json",
+            headers=headers,
+        )
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return internal_error().response()
+
+
+def build_app(
+    config: YamlConfig,
+    settings: EnvSettings,
+    *,
+    observer: Observer | None = None,
+    encodings: EncodingRegistry | None = None,
+) -> web.Application:
+    """`encodings`: a registry to share with other apps of this process (the loaded
+    encodings are read-only and ~80 MB each); by default the app loads its own."""
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
+    )
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    # One registry per app (several apps may share a process, e.g. in tests).
+    obs = observer or Observer(
+        ProxyMetrics(multiprocess_dir=settings.metrics_dir, providers=config.providers)
+    )
+    app.router.add_get("/metrics", obs.metrics_endpoint)
+
+    async def lifecycle(app: web.Application) -> Any:
+        state = await start_state(config, settings, obs, encodings)
+        app[STATE] = state
+        yield
+        await stop_state(state)
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

@@ -1,0 +1,47 @@
+"""The one object that owns every long-lived part of a running proxy."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from proxy.billing.auth import Authenticator
+from proxy.billing.encodings import EncodingRegistry
+from proxy.billing.guard import CreditBalanceGuard
+from proxy.config import EnvSettings, YamlConfig
+from proxy.delivery.outbox import Outbox
+from proxy.delivery.publisher import OutboxPublisher
+from proxy.telemetry.observer import Observer
+from proxy.upstream.pools import UpstreamPools
+
+Closer = Callable[[], Awaitable[object]]
+
+
+@dataclass(slots=True)
+class ProxyState:
+    config: YamlConfig
+    settings: EnvSettings
+    upstream: UpstreamPools
+    auth: Authenticator
+    guard: CreditBalanceGuard | None
+    redis: aioredis.Redis | None
+    encodings: EncodingRegistry
+    outbox: Outbox
+    publisher: OutboxPublisher
+    observer: Observer
+    sink_description: str
+    started_at: float
+    closers: list[Closer] = field(default_factory=list)
+
+
+STATE = web.AppKey("proxy_state", ProxyState)
+
+
+async def close_all(closers: list[Closer]) -> None:
+    for close in reversed(closers):
+        with contextlib.suppress(Exception):
+            await close()

@@ -1,0 +1,330 @@
+"""Prometheus metrics of one proxy app: names, buckets, and the per-request update.
+
+Every app owns its own `CollectorRegistry` (tests run several apps in one process).
+Labels are bounded by configuration only — alias, provider, stream, status class,
+outcome, token kind, usage source, guard result — never user or request ids.
+
+Hot path: `observe_request` runs once per request and does every update in one go.
+Labelled children are looked up once and cached in plain dicts keyed by label tuples,
+because `Metric.labels(...)` costs about a microsecond per call.
+
+Multiprocess: when `PROMETHEUS_MULTIPROC_DIR` is set (before prometheus_client is
+imported, as its value class is chosen at import), every value is written to per-process
+mmap files and `/metrics` merges all processes with `MultiProcessCollector`. The live
+gauges (in-flight, outbox) are per-process values merged with `livesum`/`livemax`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from proxy.billing.guard import GuardDecision
+from proxy.billing.record import ErrorKind
+from proxy.contract.usage import UsageSource
+
+if TYPE_CHECKING:
+    from proxy.billing.record import Exchange
+    from proxy.billing.settlement import Settlement
+
+
+# LLM calls span milliseconds (cached or tiny replies) to many minutes (long reasoning
+# streams): roughly 1-2.5-5 steps from 5 ms to 10 min.
+DURATION_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    *(5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+)
+TTFB_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    *(2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0),
+)
+# The proxy's own time: 100 µs (the CPU budget) up to a second (a stuck fsync).
+OVERHEAD_BUCKETS = (
+    *(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005),
+    *(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
+GUARD_RESULTS = tuple(GuardDecision)
+CHARGE_RESULTS = ("enqueued", "enqueue_failed", "published", "publish_failed")
+UPSTREAM_ERROR_KINDS = tuple(ErrorKind)
+TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")
+USAGE_SOURCES = tuple(UsageSource)
+OVERHEAD_PHASES = ("before_upstream", "after_upstream", "total")
+NO_ALIAS = "none"  # the request failed before its model named a known alias
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx" if 100 <= status < 600 else "unknown"
+
+
+class _AliasSeries:
+    """The children of one (alias, stream) pair, resolved once."""
+
+    __slots__ = ("credits", "duration", "errors", "tokens", "ttfb")
+
+    def __init__(self, m: ProxyMetrics, alias: str, provider: str, stream: bool) -> None:
+        s = "true" if stream else "false"
+        self.duration = m.request_duration.labels(alias, s)
+        self.ttfb = m.upstream_ttfb.labels(alias, s)
+        self.credits = m.credits.labels(alias)
+        # source -> (prompt, completion, cached, reasoning) counters
+        self.tokens = {
+            src: tuple(m.tokens.labels(alias, kind, src) for kind in TOKEN_KINDS)
+            for src in USAGE_SOURCES
+        }
+        # Requests without an alias never reach a provider: no error series for them.
+        self.errors = (
+            {k: m.upstream_errors.labels(provider, k) for k in UPSTREAM_ERROR_KINDS}
+            if alias != NO_ALIAS
+            else {}
+        )
+
+
+class ProxyMetrics:
+    """The metric objects of one app and the code that updates them."""
+
+    def __init__(
+        self, *, multiprocess_dir: str | None = None, providers: Iterable[str] = ()
+    ) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "llm_proxy_requests_total",
+            "Chat completion requests by alias, stream, HTTP status class and outcome.",
+            ("alias", "stream", "status_class", "outcome"),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "llm_proxy_requests_in_flight",
+            "Chat completion requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.request_duration = Histogram(
+            "llm_proxy_request_duration_seconds",
+            "Time from request arrival until the response was relayed (stream ended).",
+            ("alias", "stream"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_ttfb = Histogram(
+            "llm_proxy_upstream_ttfb_seconds",
+            "Time from sending the upstream request to its first body byte "
+            "(non-streamed: to the whole body).",
+            ("alias", "stream"),
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "llm_proxy_overhead_seconds",
+            "Time spent in the proxy itself: before_upstream (arrival to upstream request), "
+            "after_upstream (relay end to charge enqueued and request recorded), total (sum).",
+            ("phase",),
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llm_proxy_tokens_total",
+            "Tokens metered by alias, kind (cached is part of prompt, reasoning part of "
+            "completion) and usage source.",
+            ("alias", "kind", "source"),
+            registry=r,
+        )
+        self.credits = Counter(
+            "llm_proxy_credits_charged_total",
+            "Credits of the charge events enqueued, by alias.",
+            ("alias",),
+            registry=r,
+        )
+        self.guard = Counter(
+            "llm_proxy_guard_decisions_total",
+            "Credit guard decisions by result.",
+            ("result",),
+            registry=r,
+        )
+        self.guard_cache = Counter(
+            "llm_proxy_guard_cache_lookups_total",
+            "Guard lookups in the local Redis mirror by result (hit: decided without "
+            "a Redis round trip). Only counted while the mirror is live.",
+            ("result",),
+            registry=r,
+        )
+        self.guard_cache_live = Gauge(
+            "llm_proxy_guard_cache_live",
+            "1 while the guard's local mirror receives Redis invalidations (else every "
+            "check reads Redis).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.charge_events = Counter(
+            "llm_proxy_charge_events_total",
+            "Charge events by result: enqueued/enqueue_failed into the outbox, "
+            "published/publish_failed (attempts) by the relay.",
+            ("result",),
+            registry=r,
+        )
+        self.outbox_pending = Gauge(
+            "llm_proxy_outbox_pending_events",
+            "Charge events committed to the outbox and not yet published.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.outbox_uncommitted = Gauge(
+            "llm_proxy_outbox_uncommitted_events",
+            "Charge events accepted but not yet committed to the outbox file "
+            "(a group commit in progress; grows while commits fail, e.g. disk full).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.outbox_oldest_age = Gauge(
+            "llm_proxy_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unpublished charge event (0 when none).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.upstream_errors = Counter(
+            "llm_proxy_upstream_errors_total",
+            "Failed upstream exchanges by provider and kind (connect, timeout, status, "
+            "mid_stream).",
+            ("provider", "kind"),
+            registry=r,
+        )
+        # Children created up front so that rate() sees a 0 before the first event.
+        self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
+        self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
+        charge = {res: self.charge_events.labels(res) for res in CHARGE_RESULTS}
+        self._enqueued = charge["enqueued"]
+        self._enqueue_failed = charge["enqueue_failed"]
+        self._published = charge["published"]
+        self._publish_failed = charge["publish_failed"]
+        self._before, self._after, self._total = (self.overhead.labels(p) for p in OVERHEAD_PHASES)
+        for provider in providers:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.upstream_errors.labels(provider, kind)
+        self._requests: dict[tuple[str, bool, int, str], Any] = {}
+        self._series: dict[tuple[str, bool], _AliasSeries] = {}
+
+    # -- updates ---------------------------------------------------------------------
+
+    def observe_request(
+        self, ex: Exchange, settlement: Settlement | None, now: float, done: float
+    ) -> None:
+        """Everything one finished request contributes. `now`: the relay ended;
+        `done`: the request is recorded (its charge handed to the outbox, or given up)."""
+        chat = ex.chat
+        if chat is None:
+            alias, stream = NO_ALIAS, False
+        else:
+            alias, stream = chat.alias.name, chat.stream
+        series = self._series.get((alias, stream))
+        if series is None:
+            series = self._new_series(ex, alias, stream)
+        key = (alias, stream, ex.status, ex.outcome or "")
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._new_request_counter(key)
+        counter.inc()
+        series.duration.observe(now - ex.started)
+        upstream_started = ex.upstream_started
+        if upstream_started is not None:
+            before = upstream_started - ex.started
+            after = done - now
+            self._before.observe(before)
+            self._after.observe(after)
+            self._total.observe(before + after)
+            if ex.first_byte_at is not None:
+                series.ttfb.observe(ex.first_byte_at - upstream_started)
+        kind = ex.error_kind
+        if kind is not None and chat is not None:
+            error = series.errors.get(kind)
+            if error is None:  # not pre-created: still counted
+                error = series.errors[kind] = self.upstream_errors.labels(
+                    chat.alias.provider.name, kind
+                )
+            error.inc()
+        decision = ex.guard_decision
+        if decision is not None:
+            guard = self._guard.get(decision)
+            if guard is None:
+                guard = self._guard[decision] = self.guard.labels(decision)
+            guard.inc()
+        metered = ex.metered
+        if metered is not None:
+            usage = metered.usage
+            prompt, completion, cached, reasoning = series.tokens[metered.source]
+            prompt.inc(usage.prompt_tokens)
+            completion.inc(usage.completion_tokens)
+            if usage.cached_tokens:
+                cached.inc(usage.cached_tokens)
+            if usage.reasoning_tokens:
+                reasoning.inc(usage.reasoning_tokens)
+        if settlement is None:
+            self._enqueue_failed.inc()
+        elif settlement.event is not None:
+            self._enqueued.inc()
+            if settlement.charge is not None:
+                series.credits.inc(settlement.charge.credits)
+
+    def _new_series(self, ex: Exchange, alias: str, stream: bool) -> _AliasSeries:
+        provider = ex.chat.alias.provider.name if ex.chat is not None else NO_ALIAS
+        series = self._series[(alias, stream)] = _AliasSeries(self, alias, provider, stream)
+        return series
+
+    def _new_request_counter(self, key: tuple[str, bool, int, str]) -> Any:
+        alias, stream, status, outcome = key
+        child = self.requests.labels(
+            alias, "true" if stream else "false", status_class(status), str(outcome)
+        )
+        self._requests[key] = child
+        return child
+
+    def charge_commit_failed(self) -> None:
+        self._enqueue_failed.inc()
+
+    def guard_cache_lookup(self, hit: bool) -> None:
+        (self._cache_hit if hit else self._cache_miss).inc()
+
+    def guard_cache_state(self, live: bool) -> None:
+        self.guard_cache_live.set(1 if live else 0)
+
+    def charge_published(self, events: int) -> None:
+        self._published.inc(events)
+
+    def charge_publish_failed(self, events: int) -> None:
+        self._publish_failed.inc(events)
+
+    def set_live(
+        self,
+        in_flight: int,
+        outbox_pending: int,
+        oldest_age_s: float | None,
+        outbox_uncommitted: int = 0,
+    ) -> None:
+        """The gauges that describe "now"; set right before a scrape (and, with several
+        processes, periodically, since another process may be the one scraped)."""
+        self.in_flight.set(in_flight)
+        self.outbox_pending.set(outbox_pending)
+        self.outbox_oldest_age.set(oldest_age_s or 0.0)
+        self.outbox_uncommitted.set(outbox_uncommitted)
+
+    # -- exposition ------------------------------------------------------------------
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """(body, content type): Prometheus text, or OpenMetrics when `accept` asks."""
+        encoder, content_type = choose_encoder(accept or "")
+        if self.multiprocess_dir is None:
+            return encoder(self.registry), content_type
+        # A fresh registry per scrape, as prometheus_client's multiprocess docs require.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)
+        return encoder(merged), content_type
+
+    def forget_process(self, pid: int | None = None) -> None:
+        """Drop this (or a dead) process's live gauges from the merged view."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid() if pid is None else pid, self.multiprocess_dir)

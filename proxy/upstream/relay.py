@@ -1,0 +1,138 @@
+"""Relaying one upstream response to the client, streaming or not.
+
+Both paths fill in the request's `Exchange` (outcome, status, TTFT, metered
+usage) and never raise for upstream trouble once the client response has
+started: a mid-stream failure ends the SSE stream with an error event. Failures
+are classified by proxy.upstream.failures.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from proxy.billing.metering import Metered, meter_json
+from proxy.billing.record import Exchange
+from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.errors import ApiError, upstream_status_body
+from proxy.upstream import sse
+from proxy.upstream.failures import (
+    CLIENT_WRITE_ERRORS,
+    UPSTREAM_READ_ERRORS,
+    Phase,
+    classify,
+    status_failure,
+)
+from proxy.upstream.pools import relay_headers
+from proxy.upstream.stream_meter import StreamMeter, meter_stream
+from proxy.upstream.watchdog import Watchdog
+
+_UNMETERED = Metered(Usage(completion_tokens=1), UsageSource.ESTIMATED)
+
+
+async def relay_error_status(
+    up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog
+) -> web.Response:
+    """Upstream answered 4xx/5xx: relay its status and (OpenAI-shaped) error body."""
+    try:
+        body = await up.read()
+    except UPSTREAM_READ_ERRORS:
+        body = b""
+    finally:
+        wd.cancel()
+    failure = status_failure(up.status)
+    ex.finish(failure.outcome, failure.status, failure.kind)
+    headers = relay_headers(up.headers)
+    headers["Content-Type"] = "application/json"
+    headers["X-Request-Id"] = ex.request_id
+    return web.Response(
+        status=up.status, body=upstream_status_body(up.status, body), headers=headers
+    )
+
+
+async def relay_json(up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog) -> web.Response:
+    assert ex.chat is not None and ex.encoding is not None
+    try:
+        body = await up.read()
+    except BaseException as exc:
+        failure = classify(exc, wd, ex.chat.alias.provider.name, Phase.BODY)
+        if failure is None:
+            raise
+        ex.finish(failure.outcome, failure.status, failure.kind)
+        if failure.error is None:  # the client left while we read: the prompt was used
+            ex.metered = ex.estimate_prompt_only()
+            raise
+        raise failure.error from None
+    finally:
+        wd.cancel()
+    ex.mark_first_byte()
+    ex.metered = meter_json(body, ex.chat.body, ex.encoding)
+    ex.finish(Outcome.COMPLETED, up.status)
+    headers = relay_headers(up.headers)
+    headers["X-Request-Id"] = ex.request_id
+    return web.Response(status=up.status, body=body, headers=headers)
+
+
+async def relay_stream(
+    request: web.Request,
+    up: aiohttp.ClientResponse,
+    ex: Exchange,
+    wd: Watchdog,
+    *,
+    strip: bool,
+    metering: bool = True,
+) -> web.StreamResponse:
+    """`metering=False` only with the benchmark switch LLM_PROXY_METERING=off: the
+    stream is charged a nominal token so only the metering work differs."""
+    assert ex.chat is not None and ex.encoding is not None
+    headers = relay_headers(up.headers)
+    headers["X-Request-Id"] = ex.request_id
+    headers.setdefault("Cache-Control", "no-cache")
+    out = web.StreamResponse(status=up.status, headers=headers)
+    meter = StreamMeter(strip_usage=strip) if metering else None
+    released = False
+    try:
+        await out.prepare(request)
+        first = True
+        async for data in up.content.iter_any():
+            if first:
+                wd.first_byte()
+                ex.mark_first_byte()
+                first = False
+            else:
+                wd.touch()
+            chunk = meter.relay(data) if meter is not None else data
+            if chunk:
+                await out.write(chunk)
+        tail = meter.unterminated() if meter is not None else b""
+        if tail:
+            await out.write(tail)  # relay faithfully even an unterminated last event
+        released = True
+        ex.finish(Outcome.COMPLETED, up.status)
+    except BaseException as exc:
+        failure = classify(exc, wd, ex.chat.alias.provider.name, Phase.STREAM, up.status)
+        if failure is None:
+            raise
+        ex.finish(failure.outcome, failure.status, failure.kind)
+        if failure.error is not None:
+            await _end_with_error(out, failure.error)
+        elif not isinstance(exc, CLIENT_WRITE_ERRORS):
+            raise  # cancelled because the client left: let the cancellation through
+    finally:
+        wd.cancel()
+        if released:
+            up.release()
+        else:
+            up.close()  # stop reading at once; the half-read connection is not reusable
+        ex.metered = (
+            meter_stream(meter, ex.chat.body, ex.encoding) if meter is not None else _UNMETERED
+        )
+    return out
+
+
+async def _end_with_error(out: web.StreamResponse, error: ApiError) -> None:
+    try:
+        await out.write(sse.error_event(error.message, error.type, error.code or "upstream_error"))
+        await out.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError):
+        pass

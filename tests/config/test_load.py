@@ -1,0 +1,153 @@
+"""Configuration: the shipped files load, bad files fail naming file and key path, and
+`llm-proxy serve` exits non-zero on them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import EnvSettings, load_config
+from proxy.config.env import IDEMPOTENCE_ENV, env_flag
+from proxy.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """
+providers:
+  openai:
+    base_url: https://api.openai.com/v1/
+    api_key_env: TEST_OPENAI_KEY
+    timeouts: {connect: 2, first_byte: 30}
+price_rules:
+  gpt4o: {input: 2.5, cached_input: 1.25, output: 10}
+aliases:
+  smart: {provider: openai, model: gpt-4o, price_rule: gpt4o}
+  free: {provider: openai, model: gpt-4o-mini, free: true, tokenizer: cl100k_base}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "aliases.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load() -> None:
+    config = load_config(REPO / "model_aliases.yaml", env={})
+    assert {"smart", "fast", "local"} <= set(config.aliases)
+    demo = load_config(REPO / "proxy" / "devtools" / "demo_aliases.yaml", env={})
+    assert demo.aliases["demo"].provider.name == "fake"
+
+
+def test_good_config_values(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD), env={"TEST_OPENAI_KEY": "sk-secret"})
+    smart = config.aliases["smart"]
+    assert smart.provider.base_url == "https://api.openai.com/v1"  # trailing slash dropped
+    assert smart.provider.chat_url == "https://api.openai.com/v1/chat/completions"
+    assert smart.provider.api_key == "sk-secret"
+    assert "sk-secret" not in repr(smart.provider)  # secrets stay out of repr
+    assert smart.provider.timeouts.connect == 2 and smart.provider.timeouts.idle == 60
+    assert smart.price_rule_id == "gpt4o" and smart.tokenizer == "o200k_base"
+    assert config.aliases["free"].price_rule is None
+    assert config.aliases["free"].price_rule_id == "free"
+    assert config.server.max_body_bytes == 8 * 1024 * 1024
+    assert config.events.topic == "credit.charge.requested"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("provider: openai, model: gpt-4o,", "provider: opnai, model: gpt-4o,"),
+            "aliases.smart.provider: unknown provider 'opnai'",
+        ),
+        (
+            ("price_rule: gpt4o}", "price_rule: gpt5}"),
+            "aliases.smart.price_rule: unknown price rule 'gpt5'",
+        ),
+        (
+            ("price_rule: gpt4o}", "tokenizer: o200k_base}"),
+            "aliases.smart.price_rule: required (or say free: true)",
+        ),
+        (
+            ("tokenizer: cl100k_base", "tokenizer: p50k_base"),
+            "aliases.free.tokenizer: unknown tokenizer 'p50k_base'",
+        ),
+        (("input: 2.5,", "input: abc,"), "price_rules.gpt4o.input"),
+        (
+            ("base_url: https://api.openai.com/v1/", "base_url: api.openai.com"),
+            "providers.openai.base_url: must start with http:// or https://",
+        ),
+        (("connect: 2", "connect: -1"), "providers.openai.timeouts.connect: must be a positive"),
+        (("timeouts:", "timeout:"), "providers.openai.timeout: unknown key"),
+        (("aliases:", "alias:"), "alias: unknown key"),
+    ],
+)
+def test_bad_config_names_file_and_key_path(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    old, new = change
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    text = str(info.value)
+    assert text.startswith(f"{path}: "), text
+    assert message in text, text
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(write(tmp_path, "providers: [unclosed"))
+    with pytest.raises(ConfigError, match="providers: required section is missing"):
+        load_config(write(tmp_path, "aliases: {}"))
+
+
+def test_serve_exits_non_zero_on_a_bad_file(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("provider: openai, model: gpt-4o,", "provider: opnai,"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(path), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert f"{path}: aliases.smart" in proc.stderr
+
+
+def test_config_path_and_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_PROXY_CONFIG", "/etc/llm/aliases.yaml")
+    assert EnvSettings.from_env().config_file(None) == "/etc/llm/aliases.yaml"
+    assert EnvSettings.from_env().config_file("cli.yaml") == "cli.yaml"
+    monkeypatch.delenv("LLM_PROXY_CONFIG")
+    assert EnvSettings.from_env().config_file(None) == "model_aliases.yaml"
+    settings = EnvSettings.from_env(
+        {
+            "REDIS_URL": " redis://r:6379/0 ",
+            "KAFKA_BOOTSTRAP_SERVERS": "",
+            "LLM_PROXY_KAFKA_IDEMPOTENCE": "false",
+        }
+    )
+    assert settings.redis_url == "redis://r:6379/0"
+    assert settings.kafka_bootstrap is None
+    assert settings.kafka_idempotent is False
+    assert settings.outbox_path == "data/outbox.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(None, True), ("", True), ("false", False), ("0", False), ("YES", True)]
+)
+def test_idempotence_knob(raw: str | None, expected: bool) -> None:
+    environ = {} if raw is None else {IDEMPOTENCE_ENV: raw}
+    assert env_flag(environ, IDEMPOTENCE_ENV, True) is expected
+
+
+def test_idempotence_knob_rejects_garbage() -> None:
+    with pytest.raises(ConfigError, match=IDEMPOTENCE_ENV):
+        env_flag({IDEMPOTENCE_ENV: "sometimes"}, IDEMPOTENCE_ENV, True)

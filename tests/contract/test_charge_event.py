@@ -1,0 +1,346 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.billing.pricing import price
+from proxy.config import parse_price_rules
+from proxy.contract.charge_event import (
+    EVENT_TYPE,
+    FIELDS,
+    SCHEMA_VERSION,
+    ChargeEvent,
+    InvalidChargeEvent,
+    new_event_id,
+)
+from proxy.contract.timestamps import format_timestamp
+from proxy.contract.usage import Outcome, Usage, UsageSource
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "charge-event.schema.json"
+USAGE = Usage(prompt_tokens=1200, completion_tokens=300, cached_tokens=100, reasoning_tokens=20)
+RULE = parse_price_rules({"gpt4o": {"input": 2.5, "output": 10}})["gpt4o"]
+NOW_NS = 1_714_564_800_123_456_789  # 2024-05-01T12:00:00.123456789Z
+
+
+def make_event(**overrides: Any) -> ChargeEvent:
+    facts: dict[str, Any] = {
+        "request_id": "req_abc123",
+        "user_id": 42,
+        "scene": "chat",
+        "conversation_id": "conv-1",
+        "alias": "gpt-4o",
+        "provider": "openai",
+        "upstream_model": "gpt-4o-2024-08-06",
+        "stream": True,
+        "usage": USAGE,
+        "usage_source": UsageSource.UPSTREAM,
+        "outcome": Outcome.COMPLETED,
+        "latency_ms": 1234.5,
+        "ttft_ms": 210.25,
+    }
+    charge = overrides.pop("charge", None) or price(RULE, overrides.get("usage", USAGE))
+    facts.update(overrides)
+    facts.update(price_rule=charge.rule_id, credits=charge.credits)
+    return ChargeEvent.create(**facts)
+
+
+def valid_dict() -> dict[str, Any]:
+    return orjson.loads(make_event().to_json())
+
+
+# ---------------------------------------------------------------------------
+# creation and serialisation
+
+
+def test_create_fills_identity_and_charge() -> None:
+    event = make_event(now_ns=NOW_NS)
+    assert event.event_type == EVENT_TYPE == "credit.charge.requested"
+    assert event.schema_version == SCHEMA_VERSION == 1
+    assert event.occurred_at == "2024-05-01T12:00:00.123Z"
+    assert re.fullmatch(r"[0-9a-f]{32}", event.event_id)
+    assert event.price_rule == "gpt4o"
+    # 1100*2.5 + 100*2.5 + 280*10 + 20*10 = 6000 -> 0.006 -> 1
+    assert event.credits == 1
+
+
+def test_create_free_alias_event() -> None:
+    event = make_event(charge=price(None, USAGE))
+    assert (event.price_rule, event.credits) == ("free", 0)
+
+
+def test_to_json_has_stable_keys_and_values() -> None:
+    event = make_event(now_ns=NOW_NS)
+    data = orjson.loads(event.to_json())
+    assert list(data) == list(FIELDS)
+    assert data == {
+        "event_id": event.event_id,
+        "event_type": "credit.charge.requested",
+        "schema_version": 1,
+        "occurred_at": "2024-05-01T12:00:00.123Z",
+        "request_id": "req_abc123",
+        "user_id": 42,
+        "scene": "chat",
+        "conversation_id": "conv-1",
+        "alias": "gpt-4o",
+        "provider": "openai",
+        "upstream_model": "gpt-4o-2024-08-06",
+        "stream": True,
+        "usage": {"prompt": 1200, "completion": 300, "cached": 100, "reasoning": 20, "total": 1500},
+        "usage_source": "upstream",
+        "price_rule": "gpt4o",
+        "credits": 1,
+        "outcome": "completed",
+        "latency_ms": 1234.5,
+        "ttft_ms": 210.25,
+    }
+    assert list(data["usage"]) == ["prompt", "completion", "cached", "reasoning", "total"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"conversation_id": None, "ttft_ms": None, "stream": False},
+        {"latency_ms": 0, "ttft_ms": 0},
+        {"usage": Usage(), "usage_source": UsageSource.ESTIMATED, "outcome": Outcome.REJECTED},
+        {"usage": Usage(prompt_tokens=10**12, completion_tokens=10**12), "user_id": 2**62},
+        {"outcome": Outcome.CLIENT_ABORTED, "scene": "naïve ☃"},
+    ],
+)
+def test_round_trip(overrides: dict[str, Any]) -> None:
+    event = make_event(**overrides)
+    again = ChargeEvent.from_json(event.to_json())
+    assert again == event
+    assert isinstance(again.outcome, Outcome)
+    assert isinstance(again.usage_source, UsageSource)
+    assert again.to_json() == event.to_json()
+
+
+def test_event_ids_are_unique_and_time_ordered() -> None:
+    ids = [make_event().event_id for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    early, late = new_event_id(1_000), new_event_id(2_000)
+    assert early < late
+    assert early[:12] == f"{1_000:012x}"  # 48-bit ms timestamp first
+    assert early[12] == "7"  # UUID version 7
+    assert early[16] in "89ab"  # RFC 4122 variant
+
+
+def test_event_id_is_fixed_at_creation() -> None:
+    # Retries re-serialise the same object: the id must not change between sends.
+    event = make_event()
+    assert event.to_json() == event.to_json()
+    assert ChargeEvent.from_json(event.to_json()).event_id == event.event_id
+
+
+def test_format_timestamp() -> None:
+    assert format_timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert format_timestamp(1_714_564_800_007) == "2024-05-01T12:00:00.007Z"
+
+
+def test_kafka_key_is_the_user_id() -> None:
+    assert make_event(user_id=42).kafka_key() == b"42"
+
+
+# ---------------------------------------------------------------------------
+# validation of incoming messages
+
+
+def _set(path: str, value: Any) -> dict[str, Any]:
+    data = valid_dict()
+    *parents, last = path.split(".")
+    target = data
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    return data
+
+
+def _drop(path: str) -> dict[str, Any]:
+    data = valid_dict()
+    *parents, last = path.split(".")
+    target = data
+    for part in parents:
+        target = target[part]
+    del target[last]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        (b"{not json", "$", "not valid JSON"),
+        (b"\xff\xfe", "$", "not valid JSON"),
+        (b"[1, 2]", "$", "must be a JSON object, got array"),
+        (b"null", "$", "must be a JSON object, got null"),
+        (_set("event_type", "credit.refund.requested"), "event_type", "must be"),
+        (_drop("event_type"), "event_type", "must be"),
+        (_set("schema_version", 2), "schema_version", "unsupported version 2"),
+        (_set("schema_version", "1"), "schema_version", "unsupported version '1'"),
+        (_set("schema_version", True), "schema_version", "unsupported version True"),
+        (_drop("schema_version"), "schema_version", "unsupported version None"),
+        (_set("refund", True), "refund", "unknown field"),
+        (_set("usage.audio", 3), "usage.audio", "unknown field"),
+        (_drop("event_id"), "event_id", "missing"),
+        (_set("event_id", "not-hex"), "event_id", "32 lowercase hex"),
+        (_set("event_id", 123), "event_id", "must be a string, got number"),
+        (_set("occurred_at", "2024-05-01T12:00:00Z"), "occurred_at", "must be UTC"),
+        (_set("occurred_at", "2024-13-01T12:00:00.000Z"), "occurred_at", "must be UTC"),
+        (_set("occurred_at", "2024-05-01T12:00:00.000+00:00"), "occurred_at", "must be UTC"),
+        (_drop("request_id"), "request_id", "missing"),
+        (_set("request_id", ""), "request_id", "must not be empty"),
+        (_set("user_id", "42"), "user_id", "must be an integer, got string"),
+        (_set("user_id", 4.2), "user_id", "must be an integer, got number"),
+        (_set("user_id", True), "user_id", "must be an integer, got boolean"),
+        (_drop("scene"), "scene", "missing"),
+        (_set("scene", None), "scene", "must be a string, got null"),
+        (_drop("conversation_id"), "conversation_id", "missing"),
+        (_set("conversation_id", 7), "conversation_id", "must be a string"),
+        (_set("alias", ["gpt-4o"]), "alias", "must be a string, got array"),
+        (_set("provider", {}), "provider", "must be a string, got object"),
+        (_drop("upstream_model"), "upstream_model", "missing"),
+        (_set("stream", "true"), "stream", "must be a boolean"),
+        (_set("stream", 1), "stream", "must be a boolean"),
+        (_drop("usage"), "usage", "missing"),
+        (_set("usage", [1, 2]), "usage", "must be an object"),
+        (_drop("usage.cached"), "usage.cached", "missing"),
+        (_set("usage.prompt", -1), "usage.prompt", "must be >= 0"),
+        (_set("usage.completion", 1.5), "usage.completion", "must be an integer"),
+        (_set("usage.total", 1), "usage.total", "must equal prompt + completion"),
+        (_set("usage.cached", 5000), "usage.cached", "exceeds usage.prompt"),
+        (_set("usage.reasoning", 5000), "usage.reasoning", "exceeds usage.completion"),
+        (_set("usage_source", "guessed"), "usage_source", "must be one of"),
+        (_set("price_rule", ""), "price_rule", "must not be empty"),
+        (_set("credits", -1), "credits", "must be >= 0, got -1"),
+        (_set("credits", 1.0), "credits", "must be an integer"),
+        (_drop("credits"), "credits", "missing"),
+        (_set("outcome", "exploded"), "outcome", "must be one of"),
+        (_set("outcome", None), "outcome", "must be one of"),
+        (_set("latency_ms", -0.5), "latency_ms", "must be a finite number >= 0"),
+        (_set("latency_ms", None), "latency_ms", "must be a number, got null"),
+        (_set("latency_ms", "12"), "latency_ms", "must be a number, got string"),
+        (_set("ttft_ms", -1), "ttft_ms", "must be a finite number >= 0"),
+        (_set("ttft_ms", False), "ttft_ms", "must be a number, got boolean"),
+        (_drop("ttft_ms"), "ttft_ms", "missing"),
+    ],
+)
+def test_from_json_rejects_bad_messages(
+    data: bytes | dict[str, Any], field: str, reason: str
+) -> None:
+    raw = data if isinstance(data, bytes) else orjson.dumps(data)
+    with pytest.raises(InvalidChargeEvent) as info:
+        ChargeEvent.from_json(raw)
+    assert info.value.field == field
+    assert reason in info.value.reason
+    assert isinstance(info.value, ValueError)  # the ledger's contract: ValueError
+    assert f"{field}: " in str(info.value)
+
+
+def test_from_json_rejects_nan_latency_written_by_orjson() -> None:
+    # orjson writes NaN as null; the reader must catch it rather than store a null.
+    event = make_event(latency_ms=float("nan"))
+    with pytest.raises(InvalidChargeEvent, match="latency_ms"):
+        ChargeEvent.from_json(event.to_json())
+
+
+# ---------------------------------------------------------------------------
+# the published JSON Schema matches what to_json emits
+#
+# A deliberately minimal walker over the subset of draft 2020-12 the schema uses
+# (type, const, enum, required, properties, additionalProperties, minimum,
+# minLength, pattern), so the test needs no jsonschema package.
+
+_JSON_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: type(v) is int,
+    "number": lambda v: type(v) in (int, float),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+}
+_SUPPORTED = {
+    *("$schema", "$id", "title", "description", "type", "const", "enum", "required"),
+    *("properties", "additionalProperties", "minimum", "minLength", "pattern"),
+}
+
+
+def schema_errors(schema: dict[str, Any], value: Any, path: str = "$") -> list[str]:
+    unsupported = set(schema) - _SUPPORTED
+    assert not unsupported, f"extend the test walker for {unsupported}"
+    if "const" in schema and (value != schema["const"] or type(value) is not type(schema["const"])):
+        return [f"{path}: expected {schema['const']!r}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{path}: not in enum"]
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_JSON_TYPES[t](value) for t in types):
+            return [f"{path}: not of type {types}"]
+    errors: list[str] = []
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and "minimum" in schema and value < schema["minimum"]:
+        errors.append(f"{path}: below minimum")
+    if isinstance(value, str):
+        if len(value) < schema.get("minLength", 0):
+            errors.append(f"{path}: too short")
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            errors.append(f"{path}: does not match pattern")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        errors += [f"{path}.{k}: required" for k in schema.get("required", []) if k not in value]
+        if schema.get("additionalProperties") is False:
+            errors += [f"{path}.{k}: not allowed" for k in value if k not in props]
+        for key, sub in props.items():
+            if key in value:
+                errors += schema_errors(sub, value[key], f"{path}.{key}")
+    return errors
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    return orjson.loads(SCHEMA_PATH.read_bytes())
+
+
+def test_schema_lists_exactly_the_emitted_fields(schema: dict[str, Any]) -> None:
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["required"] == list(FIELDS)
+    assert list(schema["properties"]) == list(FIELDS)
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["outcome"]["enum"] == [o.value for o in Outcome]
+    assert schema["properties"]["usage_source"]["enum"] == [s.value for s in UsageSource]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"conversation_id": None, "ttft_ms": None, "latency_ms": 12, "stream": False},
+        {"usage": Usage(), "charge": price(None, Usage()), "outcome": Outcome.TIMEOUT},
+    ],
+)
+def test_serialised_events_satisfy_the_schema(
+    schema: dict[str, Any], overrides: dict[str, Any]
+) -> None:
+    assert schema_errors(schema, orjson.loads(make_event(**overrides).to_json())) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("credits", -1),
+        ("usage.total", "3"),
+        ("event_type", "other"),
+        ("schema_version", True),
+        ("occurred_at", "yesterday"),
+        ("ttft_ms", "fast"),
+        ("outcome", "exploded"),
+        ("extra", 1),
+    ],
+)
+def test_schema_walker_catches_violations(schema: dict[str, Any], path: str, value: Any) -> None:
+    # Guards the guard: the schema test above would be vacuous if the walker passed anything.
+    assert schema_errors(schema, _set(path, value)) != []
