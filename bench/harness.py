@@ -69,6 +69,7 @@ class Proc:
     env: dict[str, str]
     log: Path
     port: int | None = None
+    cwd: Path = REPO  # `python -m proxy` imports the proxy found here
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -79,7 +80,7 @@ class Proc:
     def start(self, wait_s: float = 20.0) -> Proc:
         with open(self.log, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+                self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd
             )
         if self.port is not None:
             wait_port(self.port, wait_s, self)
