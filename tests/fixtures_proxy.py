@@ -22,7 +22,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy.billing.encodings import EncodingRegistry
 from proxy.config import EnvSettings, YamlConfig, parse_config
-from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.contract.outcome import Outcome
+from proxy.contract.usage import Usage, UsageSource
 from proxy.devtools.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
 from proxy.server.app import build_app
 from proxy.server.state import STATE, ProxyState

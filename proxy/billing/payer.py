@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from proxy.config.model import SCENE_RE
+from proxy.config.readers import flag_word
 from proxy.contract.payers import MAX_USER_ID
 from proxy.errors import invalid_request
 
@@ -21,8 +22,6 @@ DEFAULT_SCENE = "unknown"
 
 VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
 DIGITS_RE = re.compile(r"[0-9]{1,19}")
-_TRUE = frozenset({"true", "1", "yes"})
-_FALSE = frozenset({"false", "0", "no", ""})
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +119,12 @@ def parse_conversation_id(raw: str | None) -> str | None:
 def parse_bool(raw: bool | str | None, *, param: str) -> bool:
     if raw is None or isinstance(raw, bool):
         return bool(raw)
-    text = raw.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
+    if not raw.strip():
         return False
-    raise invalid_request(f"{param} must be true/false, 1/0 or yes/no", param=param)
+    value = flag_word(raw, on_off=False)
+    if value is None:
+        raise invalid_request(f"{param} must be true/false, 1/0 or yes/no", param=param)
+    return value
 
 
 def body_user_id(body_user: str | None) -> int:

@@ -15,7 +15,7 @@ from proxy.billing.guard import GuardDecision
 from proxy.billing.metering import Metered, estimate_prompt_only
 from proxy.billing.payer import BillingContext
 from proxy.config.model import Alias
-from proxy.contract.usage import Outcome
+from proxy.contract.outcome import Outcome
 
 
 class ErrorKind(StrEnum):

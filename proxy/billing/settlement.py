@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from proxy.billing.pricing import Charge, price
 from proxy.billing.record import Exchange
 from proxy.contract.charge_event import ChargeEvent
-from proxy.contract.usage import Outcome
+from proxy.contract.outcome import Outcome
 
 
 @dataclass(frozen=True, slots=True)

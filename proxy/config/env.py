@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from proxy.config.readers import flag_word
 from proxy.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = "model_aliases.yaml"
@@ -41,20 +42,15 @@ IDEMPOTENCE_ENV = "LLM_PROXY_KAFKA_IDEMPOTENCE"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "LLM_PROXY_WORKER"
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
 def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     """A boolean variable; unset or blank is `default`, anything unrecognised an error."""
-    raw = env.get(name, "").strip().lower()
+    raw = env.get(name, "").strip()
     if not raw:
         return default
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigError(f"{name}: must be true or false, got {raw!r}")
+    value = flag_word(raw)
+    if value is None:
+        raise ConfigError(f"{name}: must be true or false, got {raw.lower()!r}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +71,8 @@ class EnvSettings:
     config_path: str | None = None  # LLM_PROXY_CONFIG as given (None: not set)
     log_level: str = "info"
     workers: str = "1"  # parsed by the CLI, which owns the error message
-    worker_index: int | None = None
+    worker_index: int | None = None  # set in each worker of `serve --workers N`
     metrics_dir: str | None = None
-    # Every provider key variable's value, by variable name (kept out of repr).
-    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EnvSettings:
@@ -102,12 +96,7 @@ class EnvSettings:
             workers=opt("LLM_PROXY_WORKERS") or "1",
             worker_index=int(worker) if worker and worker.isdigit() else None,
             metrics_dir=opt(MULTIPROC_ENV),
-            secrets=dict(env),
         )
-
-    def secret(self, name: str) -> str | None:
-        """The value of the variable a provider's `api_key_env` names, if set."""
-        return self.secrets.get(name) or None
 
     def config_file(self, cli_value: str | None = None) -> str:
         """`--config` wins, then `LLM_PROXY_CONFIG`, then `model_aliases.yaml`."""

@@ -13,6 +13,20 @@ from typing import Any
 from proxy.errors import ConfigError
 
 _MISSING: Any = object()
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"0", "false", "no"})
+
+
+def flag_word(text: str, *, on_off: bool = True) -> bool | None:
+    """The one reading of a boolean written as text (environment, headers): true/false,
+    1/0, yes/no in any case, and on/off unless `on_off` is False (request headers
+    refuse them, as they always did); None when it is none of these."""
+    word = text.strip().lower()
+    if word in _TRUE or (on_off and word == "on"):
+        return True
+    if word in _FALSE or (on_off and word == "off"):
+        return False
+    return None
 
 
 def type_name(value: object) -> str:

@@ -25,8 +25,9 @@ from typing import Any, Final
 
 import orjson
 
+from proxy.contract.outcome import Outcome
 from proxy.contract.timestamps import format_timestamp
-from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.contract.usage import Usage, UsageSource
 
 EVENT_TYPE: Final = "credit.charge.requested"
 SCHEMA_VERSION: Final = 1

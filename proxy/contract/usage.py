@@ -1,4 +1,4 @@
-"""Token usage and request outcome: plain values shared by metering, pricing and events."""
+"""Token usage: plain values shared by metering, pricing and events."""
 
 from __future__ import annotations
 
@@ -9,14 +9,6 @@ from enum import StrEnum
 class UsageSource(StrEnum):
     UPSTREAM = "upstream"  # the provider's own usage report
     ESTIMATED = "estimated"  # counted locally with the alias's tokenizer
-
-
-class Outcome(StrEnum):
-    COMPLETED = "completed"
-    CLIENT_ABORTED = "client_aborted"
-    UPSTREAM_ERROR = "upstream_error"
-    TIMEOUT = "timeout"
-    REJECTED = "rejected"  # guard or validation refused it; never charged
 
 
 @dataclass(frozen=True, slots=True)

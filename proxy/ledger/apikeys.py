@@ -81,10 +81,6 @@ class ApiKeyStore:
         await self._redis.hdel(self.user_index_key(user_id), sha)
         return user_id
 
-    async def user_of(self, api_key: str) -> int | None:
-        raw = await self._redis.get(self.lookup_key(key_sha256(api_key)))
-        return int(raw) if raw is not None else None
-
     async def list(self, user_id: int) -> tuple[KeyInfo, ...]:
         raw = await self._redis.hgetall(self.user_index_key(user_id))
         infos = (KeyInfo(_s(sha), _s(at)) for sha, at in raw.items())

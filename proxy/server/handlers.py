@@ -15,7 +15,7 @@ from aiohttp import web
 from proxy.billing.guard import GuardDecision
 from proxy.billing.record import Exchange
 from proxy.billing.settlement import Settlement, settle
-from proxy.contract.usage import Outcome
+from proxy.contract.outcome import Outcome
 from proxy.errors import ApiError, credentials_missing, insufficient_credit
 from proxy.server.chat_request import body_user, decode_body, parse_chat_request, read_body
 from proxy.server.readiness import readiness

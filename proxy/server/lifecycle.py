@@ -138,7 +138,13 @@ def _log_startup(state: ProxyState) -> None:
         log.info("guard: off (no REDIS_URL)")
     else:
         log.info("guard: redis, local cache %s", "on" if guard.cache is not None else "off")
-    log.info("charge events: outbox %s -> %s", state.settings.outbox_path, state.sink_description)
+    worker = state.settings.worker_index
+    log.info(
+        "charge events: outbox %s -> %s%s",
+        state.settings.outbox_path,
+        state.sink_description,
+        "" if worker is None else f" (worker {worker})",
+    )
     log_metrics_mode(state.observer.metrics, log)
 
 

@@ -18,7 +18,7 @@ from enum import Enum
 import aiohttp
 
 from proxy.billing.record import ErrorKind
-from proxy.contract.usage import Outcome
+from proxy.contract.outcome import Outcome
 from proxy.errors import ApiError, upstream_read_failed, upstream_timeout, upstream_unavailable
 from proxy.upstream.watchdog import Watchdog
 
@@ -42,10 +42,6 @@ class Failure:
     # What the caller gets; None when the client left (nobody to answer) or the
     # upstream's own error response is relayed (status failures).
     error: ApiError | None
-
-    @property
-    def client_left(self) -> bool:
-        return self.outcome is Outcome.CLIENT_ABORTED
 
 
 CLIENT_LEFT = Failure(Outcome.CLIENT_ABORTED, 499, None, None)

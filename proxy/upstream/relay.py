@@ -13,7 +13,8 @@ from aiohttp import web
 
 from proxy.billing.metering import Metered, meter_json
 from proxy.billing.record import Exchange
-from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.contract.outcome import Outcome
+from proxy.contract.usage import Usage, UsageSource
 from proxy.errors import ApiError, upstream_status_body
 from proxy.upstream import sse
 from proxy.upstream.failures import (

@@ -17,8 +17,9 @@ from proxy.contract.charge_event import (
     InvalidChargeEvent,
     new_event_id,
 )
+from proxy.contract.outcome import Outcome
 from proxy.contract.timestamps import format_timestamp
-from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.contract.usage import Usage, UsageSource
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "docs" / "charge-event.schema.json"
 USAGE = Usage(prompt_tokens=1200, completion_tokens=300, cached_tokens=100, reasoning_tokens=20)

@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.contract.usage import Outcome, UsageSource
+from proxy.contract.outcome import Outcome
+from proxy.contract.usage import UsageSource
 from proxy.devtools.fake_upstream import ENCODINGS, Behaviour
 from tests.fixtures_proxy import SERVICE_KEY, ProxyHarness, RecordingObserver, StartProxy
 

@@ -21,7 +21,8 @@ import pytest
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import GuardDecision
 from proxy.billing.tokens import count_chat_prompt, count_completion
-from proxy.contract.usage import Outcome, UsageSource
+from proxy.contract.outcome import Outcome
+from proxy.contract.usage import UsageSource
 from proxy.delivery.kafka import EVENT_ID_HEADER, create_topic
 from proxy.devtools.fake_upstream import ENCODINGS, Behaviour, reply_words
 from tests.fixtures_kafka import KafkaBroker, KafkaGate, consume_messages

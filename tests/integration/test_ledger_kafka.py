@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from redis.asyncio import Redis
 
 from proxy.contract.charge_event import ChargeEvent, new_event_id
-from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.contract.outcome import Outcome
+from proxy.contract.usage import Usage, UsageSource
 from proxy.delivery.kafka import make_producer
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
 from proxy.ledger.store import CreditStore

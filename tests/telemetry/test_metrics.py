@@ -23,7 +23,8 @@ from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest, Exchange
 from proxy.billing.settlement import Settlement, settle
 from proxy.config import YamlConfig, parse_config
-from proxy.contract.usage import Outcome, Usage, UsageSource
+from proxy.contract.outcome import Outcome
+from proxy.contract.usage import Usage, UsageSource
 from proxy.logs import plain_access_log, redact_url
 from proxy.telemetry.access_log import access_line
 from proxy.telemetry.metrics import NO_ALIAS, ProxyMetrics, status_class
