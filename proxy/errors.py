@@ -11,7 +11,13 @@ from aiohttp import web
 
 
 class ConfigError(Exception):
-    """A bad configuration; the message names the file and the key path."""
+    """A bad configuration; the message names the file and the key path. The CLI
+    prints it as one line and exits 2."""
+
+
+class StartupError(Exception):
+    """A runtime failure that stops a command (a port taken, a host that does not
+    resolve); the CLI prints it as one line and exits 1."""
 
 
 class ApiError(Exception):

@@ -42,6 +42,7 @@ IDEMPOTENCE_ENV = "LLM_PROXY_KAFKA_IDEMPOTENCE"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "LLM_PROXY_WORKER"
 
+
 def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     """A boolean variable; unset or blank is `default`, anything unrecognised an error."""
     raw = env.get(name, "").strip()
@@ -51,6 +52,25 @@ def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     if value is None:
         raise ConfigError(f"{name}: must be true or false, got {raw.lower()!r}")
     return value
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            f"REDIS_URL: must start with redis://, rediss:// or unix://, got {value[:40]!r}"
+        )
+    return value
+
+
+def _log_level(value: str | None) -> str:
+    level = (value or "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +104,7 @@ class EnvSettings:
 
         worker = opt(WORKER_ENV)
         return cls(
-            redis_url=opt("REDIS_URL"),
+            redis_url=_redis_url(opt("REDIS_URL")),
             kafka_bootstrap=opt("KAFKA_BOOTSTRAP_SERVERS"),
             kafka_idempotent=env_flag(env, IDEMPOTENCE_ENV, True),
             credit_snapshot_url=opt("CREDIT_SNAPSHOT_URL"),
@@ -92,7 +112,7 @@ class EnvSettings:
             sink_path=opt(SINK_PATH_ENV) or DEFAULT_SINK_PATH,
             metering=env_flag(env, "LLM_PROXY_METERING", True),
             config_path=opt(CONFIG_ENV),
-            log_level=opt("LOG_LEVEL") or "info",
+            log_level=_log_level(opt("LOG_LEVEL")),
             workers=opt("LLM_PROXY_WORKERS") or "1",
             worker_index=int(worker) if worker and worker.isdigit() else None,
             metrics_dir=opt(MULTIPROC_ENV),

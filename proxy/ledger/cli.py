@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +57,12 @@ def _command(
     return run
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = argparse.ArgumentParser(add_help=False)
+def register(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> None:
+    """`parents`: options every command takes (the CLI's --log-level)."""
+    common = argparse.ArgumentParser(add_help=False, parents=list(parents))
     common.add_argument("--config", help="config file (env LLM_PROXY_CONFIG)")
     common.add_argument("--redis-url", help="env REDIS_URL, default " + DEFAULT_REDIS_URL)
     common.add_argument("--prefix", help="Redis key prefix (default: guard.prefix)")

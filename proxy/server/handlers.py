@@ -70,7 +70,11 @@ async def _chat_completions(
 ) -> web.StreamResponse:
     body = decode_body(await read_body(request, state.config.server.max_body_bytes))
     # Who pays comes before what is asked: an unknown key learns nothing about aliases.
-    ex.ctx = ctx = await state.auth.authenticate(request.headers, body_user(body))
+    user = body.get("user")
+    ex.ctx = ctx = await state.auth.authenticate(
+        request.headers, user if isinstance(user, str) else None
+    )
+    body_user(body)  # its type is checked once the caller is known
     ex.chat = chat = parse_chat_request(body, state.config.aliases)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 

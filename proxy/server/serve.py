@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from proxy.config import EnvSettings, YamlConfig, load_config
+from proxy.errors import StartupError
 from proxy.server.app import build_app
 from proxy.server.options import ServeOptions
 
@@ -43,14 +44,23 @@ def serve_one(
     settings = settings or EnvSettings.from_env()
     loop_name = install_event_loop(options.loop)
     log.info("config %s loaded; event loop %s", options.config_path, loop_name)
-    web.run_app(
-        build_app(config, settings),
-        host=options.host,
-        port=options.port,
-        access_log=None,  # our own structured access log replaces aiohttp's
-        shutdown_timeout=config.server.shutdown_grace_s,
-        handler_cancellation=True,  # a client disconnect stops the upstream read at once
-        reuse_port=reuse_port or None,
-        print=lambda msg: log.info("%s", msg.strip()),
-    )
+    try:
+        web.run_app(
+            build_app(config, settings),
+            host=options.host,
+            port=options.port,
+            access_log=None,  # our own structured access log replaces aiohttp's
+            shutdown_timeout=config.server.shutdown_grace_s,
+            handler_cancellation=True,  # a client disconnect stops the upstream read at once
+            reuse_port=reuse_port or None,
+            print=lambda msg: log.info("%s", msg.strip()),
+        )
+    except OSError as exc:
+        raise listen_failed(options.host, options.port, exc) from None
     return 0
+
+
+def listen_failed(host: str, port: int, exc: OSError) -> StartupError:
+    """What a failed bind means, in one line (EADDRINUSE, a host that does not resolve)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return StartupError(f"cannot listen on {host}:{port}: {reason}")

@@ -38,7 +38,16 @@ async def relay_error_status(
     try:
         body = await up.read()
     except UPSTREAM_READ_ERRORS:
-        body = b""
+        body = b""  # the status says enough; the body is wrapped into OpenAI's shape
+    except BaseException as exc:
+        assert ex.chat is not None
+        failure = classify(exc, wd, ex.chat.alias.provider.name, Phase.BODY)
+        if failure is None:
+            raise
+        ex.finish(failure.outcome, failure.status, failure.kind)
+        if failure.error is None:
+            raise  # the client left
+        raise failure.error from None  # the error body stalled: our timeout
     finally:
         wd.cancel()
     failure = status_failure(up.status)

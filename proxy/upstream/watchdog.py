@@ -22,6 +22,7 @@ class Watchdog:
         "_end",
         "_handle",
         "_limit",
+        "_streaming",
         "_loop",
         "_task",
         "expired",
@@ -35,6 +36,7 @@ class Watchdog:
         self._task = asyncio.current_task()
         self.idle = timeouts.idle
         self._limit = timeouts.first_byte
+        self._streaming = False  # the first byte arrived: `_limit` is now `idle`
         self.started = self.last = self._loop.time()
         self._end = self.started + timeouts.total
         self.expired: str | None = None
@@ -50,6 +52,7 @@ class Watchdog:
             self._handle.cancel()
             self._handle = self._loop.call_at(min(self.last + self.idle, self._end), self._check)
         self._limit = self.idle
+        self._streaming = True
 
     def touch(self) -> None:
         self.last = self._loop.time()
@@ -62,7 +65,7 @@ class Watchdog:
             if now >= self._end:
                 self.expired = "total"
             else:
-                self.expired = "first byte" if self._limit is not self.idle else "idle"
+                self.expired = "idle" if self._streaming else "first byte"
             if self._task is not None:
                 self._task.cancel()
         else:

@@ -1,0 +1,101 @@
+"""The Redis key layout and the snapshot codec shared by the proxy and the ledger."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.contract.redis_keys import (
+    DEFAULT_PREFIX,
+    SNAPSHOT_LUA,
+    RedisKeys,
+    decode_snapshot,
+    encode_snapshot,
+    key_digest,
+    key_sha256,
+)
+
+ISO_MS_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+
+
+def test_default_key_names() -> None:
+    k = RedisKeys()
+    assert k.prefix == DEFAULT_PREFIX == "llmproxy:"
+    assert k.blocked(7) == "llmproxy:credit:blocked:7"
+    assert k.snapshot(7) == "llmproxy:credit:snapshot:7"
+    assert k.balance(7) == "llmproxy:credit:balance:7"
+    assert k.ledger(7) == "llmproxy:credit:ledger:7"
+    assert k.applied("evt-1") == "llmproxy:credit:applied:evt-1"
+    assert k.apikey("ab" * 32) == f"llmproxy:apikey:{'ab' * 32}"
+    assert k.apikeys_of(7) == "llmproxy:apikeys:user:7"
+
+
+def test_prefix_is_used_as_given() -> None:
+    k = RedisKeys("tenant-a:")
+    assert k.blocked("42") == "tenant-a:credit:blocked:42"
+    assert k.snapshot(42) == k.snapshot("42")
+
+
+def test_key_sha256_is_the_hashlib_hex_digest() -> None:
+    for key in ("sk-abc", "", "ключ-🔑", "x" * 512):
+        expected = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        assert key_sha256(key) == expected
+        assert key_digest(key) == bytes.fromhex(expected)
+        assert len(key_digest(key)) == 32
+
+
+@given(st.text())
+def test_key_sha256_matches_hashlib_for_any_text(key: str) -> None:
+    assert key_sha256(key) == hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def test_encode_snapshot_shape() -> None:
+    raw = encode_snapshot(1500, "2024-05-01T12:00:00.123Z")
+    assert raw == b'{"available_credit":1500,"updated_at":"2024-05-01T12:00:00.123Z"}'
+
+
+def test_encode_snapshot_stamps_the_current_time() -> None:
+    data = orjson.loads(encode_snapshot(3))
+    assert set(data) == {"available_credit", "updated_at"}
+    assert ISO_MS_Z.fullmatch(data["updated_at"])
+
+
+@given(st.integers(min_value=-(2**53), max_value=2**53))
+def test_snapshot_round_trip(credit: int) -> None:
+    assert decode_snapshot(encode_snapshot(credit, "2024-01-01T00:00:00.000Z")) == credit
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[1]",
+        b"12",
+        b"{}",
+        b'{"available_credit": null}',
+        b'{"available_credit": "100"}',
+        b'{"available_credit": 1.5}',
+        b'{"available_credit": true}',
+        b'{"balance": 100}',
+    ],
+)
+def test_decode_snapshot_of_anything_else_is_none(raw: bytes) -> None:
+    assert decode_snapshot(raw) is None
+
+
+def test_decode_snapshot_ignores_updated_at() -> None:
+    assert decode_snapshot(b'{"available_credit": -5}') == -5
+    assert decode_snapshot(b'{"available_credit": 5, "updated_at": 3, "x": 1}') == 5
+
+
+def test_snapshot_lua_writes_keys3_from_bal_and_argv3() -> None:
+    # The script fragment's contract with the scripts that include it.
+    assert "KEYS[3]" in SNAPSHOT_LUA and "ARGV[3]" in SNAPSHOT_LUA
+    assert re.search(r"\bbal\b", SNAPSHOT_LUA)
+    assert "cjson" not in SNAPSHOT_LUA

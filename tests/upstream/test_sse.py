@@ -1,0 +1,102 @@
+"""SSE helpers not covered by tests/billing/test_metering.py: the error event, event
+decoding of [DONE]/comments/junk, and the usage-object scan's edge cases."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.upstream import sse
+
+
+def test_error_event_is_one_terminal_openai_shaped_event() -> None:
+    event = sse.error_event("upstream went away", "upstream_error", "upstream_stream_error")
+    assert event.endswith(b"\n\n") and event.count(b"\n\n") == 1
+    lines = event[:-2].split(b"\n")
+    assert lines[0] == b"event: error"
+    assert lines[1].startswith(b"data: ") and len(lines) == 2
+    assert orjson.loads(lines[1][6:]) == {
+        "error": {
+            "message": "upstream went away",
+            "type": "upstream_error",
+            "code": "upstream_stream_error",
+            "param": None,
+        }
+    }
+
+
+def test_error_event_is_framed_and_decoded_as_one_event() -> None:
+    event = sse.error_event('quote " and\nnewline', "t", "c")
+    framer = sse.EventFramer()
+    assert framer.feed(event) == [event]
+    obj = sse.decode_event(event)
+    assert obj is not None and obj["error"]["message"] == 'quote " and\nnewline'
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        b"data: [DONE]\n\n",
+        b"data:[DONE]\n\n",
+        b": keep-alive comment\n\n",
+        b"event: ping\n\n",
+        b"data: \n\n",
+        b"data: {not json\n\n",
+        b"data: [1, 2]\n\n",
+        b'data: "a string"\n\n',
+        b"",
+    ],
+)
+def test_decode_event_gives_none_for_done_comments_and_junk(event: bytes) -> None:
+    assert sse.decode_event(event) is None
+
+
+def test_decode_event_joins_multi_line_data() -> None:
+    event = b'event: message\ndata: {"a":\ndata: 1}\n\n'
+    assert sse.event_data(event) == b'{"a":\n1}'
+    assert sse.decode_event(event) == {"a": 1}
+
+
+def test_decode_event_reads_crlf_events() -> None:
+    assert sse.decode_event(b'data: {"x": true}\r\n\r\n') == {"x": True}
+
+
+def test_event_data_is_none_without_data_lines() -> None:
+    assert sse.event_data(b": only a comment\n\n") is None
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (b'data: {"usage":{"prompt_tokens":1}}\n\n', True),
+        (b'data: {"usage" : \t{"prompt_tokens":1}}\n\n', True),
+        (b'data: {"usage":null}\n\n', False),
+        (b'data: {"choices":[]}\n\n', False),
+        (b'data: {"usage":"{"}\n\n', False),
+        # A null usage first, a real one later in the same event.
+        (b'data: {"usage":null,"x":{"usage":{"total_tokens":2}}}\n\n', True),
+        (b'data: {"usage"', False),
+        (b'data: {"usage":', False),
+    ],
+)
+def test_has_usage_object(event: bytes, expected: bool) -> None:
+    assert sse.has_usage_object(event) is expected
+
+
+def test_iter_event_objects_keeps_a_truncated_but_whole_last_event() -> None:
+    body = b'data: {"a":1}\n\ndata: [DONE]\n\n: c\n\ndata: {"b":2}'
+    assert list(sse.iter_event_objects(body)) == [{"a": 1}, {"b": 2}]
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ({"choices": [], "usage": {"prompt_tokens": 1}}, True),
+        ({"usage": {"prompt_tokens": 1}}, True),
+        ({"choices": [{"index": 0}], "usage": {"prompt_tokens": 1}}, False),
+        ({"choices": [], "usage": None}, False),
+        ({"choices": []}, False),
+    ],
+)
+def test_is_usage_only_chunk(obj: dict[str, object], expected: bool) -> None:
+    assert sse.is_usage_only_chunk(obj) is expected
