@@ -132,10 +132,10 @@ def insufficient_credit() -> ApiError:
 # -- the upstream -----------------------------------------------------------------
 
 
-def credentials_missing(provider: str) -> ApiError:
+def credentials_missing(provider: str, variable: str) -> ApiError:
     return ApiError(
         503,
-        f"provider {provider!r} has no API key configured",
+        f"provider {provider!r} has no API key: set the environment variable {variable}",
         type="server_error",
         code="upstream_credentials_missing",
     )

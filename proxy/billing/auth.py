@@ -91,6 +91,19 @@ class Authenticator:
         # One Redis lookup per key at a time, however many requests carry it.
         self._inflight: dict[str, asyncio.Task[int | None]] = {}
 
+    def callers(self) -> str | None:
+        """Who can be authenticated at all; None when nobody can (then every call is a
+        401: no service key is configured and user keys need Redis)."""
+        c = self._config
+        if c.mode is AuthMode.NONE:
+            return "anyone (auth mode none)"
+        kinds = []
+        if c.service_keys:
+            kinds.append(f"{len(c.service_keys)} service key(s)")
+        if self._redis is not None:
+            kinds.append("user keys (Redis)")
+        return " and ".join(kinds) or None
+
     def describe(self) -> str:
         """One line for start-up logs; names and counts only, no hashes or keys."""
         c = self._config

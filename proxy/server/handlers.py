@@ -85,7 +85,7 @@ async def _chat_completions(
 
     provider = chat.alias.provider
     if provider.key_missing:
-        raise credentials_missing(provider.name)
+        raise credentials_missing(provider.name, provider.api_key_env or "")
     payload, strip = upstream_body(chat)
     ex.upstream_started = time.perf_counter()
     wd = Watchdog(provider.timeouts)
@@ -152,6 +152,7 @@ async def list_models(request: web.Request) -> web.Response:
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": alias.provider.name}
         for name, alias in state.config.aliases.items()
+        if not alias.provider.key_missing  # it could only answer 503
     ]
     return web.json_response({"object": "list", "data": data}, dumps=_dumps)
 

@@ -133,6 +133,19 @@ def _log_startup(state: ProxyState) -> None:
             a.price_rule_id,
             a.tokenizer,
         )
+    for name, a in c.aliases.items():
+        if a.provider.key_missing:
+            log.warning(
+                "alias %s cannot be served: provider %s needs $%s, which is not set",
+                name,
+                a.provider.name,
+                a.provider.api_key_env,
+            )
+    if state.auth.callers() is None:
+        log.warning(
+            "no caller can authenticate (no auth.service_keys, no REDIS_URL for user keys): "
+            "every call will be 401 and /readyz says unready"
+        )
     guard = state.guard
     if guard is None:
         log.info("guard: off (no REDIS_URL)")

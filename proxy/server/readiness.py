@@ -10,9 +10,10 @@ from proxy.server.state import ProxyState
 
 async def readiness(state: ProxyState) -> dict[str, Any]:
     """Each dependency's state. Only what prevents serving makes us unready: no
-    alias with a usable provider key, or a closed outbox (no charge could be
-    recorded). The guard fails open and the outbox buffers while Kafka is away,
-    so Redis and Kafka trouble report `degraded` but stay ready. Outbox enqueue
+    alias with a usable provider key, no way to authenticate any caller, or a
+    closed outbox (no charge could be recorded). The guard fails open and the
+    outbox buffers while Kafka is away, so Redis and Kafka trouble report
+    `degraded` but stay ready. Outbox enqueue
     failures report `failing` but stay ready too: an unready proxy gets no
     traffic and could never see the outbox recover; alert on
     llm_proxy_charge_events_total{result="enqueue_failed"} instead."""
@@ -28,6 +29,18 @@ async def readiness(state: ProxyState) -> dict[str, Any]:
             "providers_without_key": missing,
         }
     }
+    if not servable:
+        checks["config"]["reason"] = "no alias has a provider with its API key set"
+    callers = state.auth.callers()
+    checks["auth"] = (
+        {"status": "ok", "callers": callers}
+        if callers
+        else {
+            "status": "error",
+            "reason": "no caller can authenticate: configure auth.service_keys, "
+            "or set REDIS_URL for user keys",
+        }
+    )
     if state.redis is None:
         checks["redis"] = {"status": "disabled"}
     else:
@@ -57,7 +70,7 @@ async def readiness(state: ProxyState) -> dict[str, Any]:
         "sink": state.sink_description,
         "consecutive_publish_failures": failures,
     }
-    ready = servable > 0 and state.outbox.is_open
+    ready = servable > 0 and callers is not None and state.outbox.is_open
     if not ready:
         status = "unready"
     elif any(c["status"] in ("degraded", "failing") for c in checks.values()):

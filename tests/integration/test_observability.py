@@ -260,7 +260,7 @@ async def test_readiness_unready_without_provider_key_or_outbox(start_proxy: Sta
         report = await resp.json()
         assert resp.status == 200
     assert report["status"] == "ok"
-    assert set(report["checks"]) == {"config", "redis", "outbox", "relay"}
+    assert set(report["checks"]) == {"config", "auth", "redis", "outbox", "relay"}
     assert report["checks"]["redis"] == {"status": "disabled"}
     assert report["checks"]["config"]["servable_aliases"] == len(h.config.aliases) > 0
     await h.state.outbox.close()  # no charge can be recorded any more
@@ -283,6 +283,7 @@ async def test_readiness_unready_without_provider_key_or_outbox(start_proxy: Sta
         "servable_aliases": 0,
         "providers": 1,
         "providers_without_key": ["fake"],
+        "reason": "no alias has a provider with its API key set",
     }
 
 

@@ -190,9 +190,14 @@ async def test_provider_key_unset_is_503_without_an_upstream_call(
         err = error_of(await resp.json())
     assert (err["code"], err["type"]) == ("upstream_credentials_missing", "server_error")
     assert "fake" in err["message"]
+    assert "FAKE_PROVIDER_KEY" in err["message"]  # says what to set
     assert fake_app[RECORDER].requests == []
     async with session.get(f"{url}/readyz") as resp:
         assert resp.status == 503
         report = await resp.json()
     assert report["ready"] is False
     assert report["checks"]["config"]["providers_without_key"] == ["fake"]
+    # An alias that could only answer 503 is not offered.
+    async with session.get(f"{url}/v1/models", headers=headers) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["data"] == []

@@ -69,8 +69,12 @@ async def start(tmp_path: Path, shared_encodings: EncodingRegistry) -> AsyncIter
         session = aiohttp.ClientSession()
         stack.push_async_callback(session.close)
 
-        async def run(template: str, env: Mapping[str, str], **overrides: Any) -> Proxy:
-            text = template.format(url=f"http://127.0.0.1:{fake.port}/v1") + service_key_yaml()
+        async def run(
+            template: str, env: Mapping[str, str], *, service_keys: bool = True, **overrides: Any
+        ) -> Proxy:
+            text = template.format(url=f"http://127.0.0.1:{fake.port}/v1")
+            if service_keys:
+                text += service_key_yaml()
             config = parse_config(yaml.safe_load(text), "r.yaml", env)
             settings = EnvSettings(
                 **{
@@ -163,3 +167,20 @@ async def test_a_closed_outbox_is_unready(start: Start) -> None:
     report = await readiness(p.state)
     assert (report["ready"], report["status"]) == (False, "unready")
     assert report["checks"]["outbox"]["status"] == "closed"
+
+
+async def test_no_caller_can_authenticate_is_unready_and_says_why(start: Start) -> None:
+    # No service keys and no Redis for user keys: every call would be a 401.
+    p = await start(TWO_PROVIDERS, {"ALPHA_KEY": "a"}, service_keys=False)
+    async with p.session.get(f"{p.url}/readyz") as resp:
+        assert resp.status == 503
+        report = await resp.json()
+    assert report["ready"] is False
+    auth = report["checks"]["auth"]
+    assert auth["status"] == "error"
+    assert "auth.service_keys" in auth["reason"] and "REDIS_URL" in auth["reason"]
+    p = await start(TWO_PROVIDERS, {"ALPHA_KEY": "a"})
+    assert (await readiness(p.state))["checks"]["auth"] == {
+        "status": "ok",
+        "callers": "1 service key(s)",
+    }
