@@ -34,6 +34,7 @@ from proxy.config.model import (
     YamlConfig,
 )
 from proxy.config.readers import Section, type_name
+from proxy.config.yaml_loader import load_yaml
 from proxy.errors import ConfigError
 
 _TOP_LEVEL = ("providers", "price_rules", "aliases", "auth", "guard", "events", "server")
@@ -50,9 +51,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read config file: {exc.strerror or exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{name}: invalid YAML: {exc}") from exc
+    except ConfigError as exc:  # a duplicate key: the message has line and key path
+        raise ConfigError(f"{name}: {exc}") from exc
     try:
         return parse_config(raw, name, env)
     except ConfigError as exc:
@@ -223,7 +226,7 @@ def _service_keys(auth: Section, key: str) -> tuple[ServiceKey, ...]:
         where = f"{auth.where(key)}[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where}: must be a mapping with name, sha256, scenes")
-        m = Section(entry, where, ("name", "sha256", "scenes"))
+        m = Section(entry, where, ("name", "sha256", "scenes", "may_skip_charge"))
         name = m.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where}.name: must be a non-empty string, got {name!r}")
@@ -240,7 +243,12 @@ def _service_keys(auth: Section, key: str) -> tuple[ServiceKey, ...]:
             if text is None or (text != ANY_SCENE and not SCENE_RE.fullmatch(text)):
                 raise ConfigError(f"{where}.scenes[{j}]: not a valid scene: {scene!r}")
             parsed.add(text)
-        service = ServiceKey(name.strip(), bytes.fromhex(digest), frozenset(parsed))
+        service = ServiceKey(
+            name.strip(),
+            bytes.fromhex(digest),
+            frozenset(parsed),
+            may_skip_charge=m.flag("may_skip_charge", False),
+        )
         for other in keys:
             if other.name == service.name:
                 raise ConfigError(f"{where}.name: duplicate service key name {service.name!r}")

@@ -95,6 +95,8 @@ class ServiceKey:
     name: str
     sha256: bytes  # digest (32 bytes), compared with hmac.compare_digest
     scenes: frozenset[str]  # contains "*" for any scene
+    # X-Skip-Charge is a permission of its own, not implied by acting for users.
+    may_skip_charge: bool = False
 
     def allows(self, scene: str) -> bool:
         return ANY_SCENE in self.scenes or scene in self.scenes

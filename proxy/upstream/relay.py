@@ -8,6 +8,8 @@ are classified by proxy.upstream.failures.
 
 from __future__ import annotations
 
+import logging
+
 import aiohttp
 from aiohttp import web
 
@@ -27,26 +29,44 @@ from proxy.upstream.pools import relay_headers
 from proxy.upstream.stream_meter import StreamMeter, meter_stream
 from proxy.upstream.watchdog import Watchdog
 
+log = logging.getLogger(__name__)
+
 _UNMETERED = Metered(Usage(completion_tokens=1), UsageSource.ESTIMATED)
 
 
 async def relay_error_status(
     up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog
 ) -> web.Response:
-    """Upstream answered 4xx/5xx: relay its status and (OpenAI-shaped) error body."""
+    """Upstream answered 4xx/5xx: relay its status and (OpenAI-shaped, redacted)
+    error body; a 401/403 (our provider key refused) becomes a neutral 502."""
+    assert ex.chat is not None
+    provider = ex.chat.alias.provider
     try:
         body = await up.read()
     except UPSTREAM_READ_ERRORS:
         body = b""
     finally:
         wd.cancel()
-    failure = status_failure(up.status)
+    failure = status_failure(up.status, provider.name)
     ex.finish(failure.outcome, failure.status, failure.kind)
+    if failure.error is not None:
+        # The body is not logged: it may quote the key it refused.
+        log.warning(
+            "provider %r refused the proxy's credentials (HTTP %d, key from %s)",
+            provider.name,
+            up.status,
+            provider.api_key_env or "no variable",
+        )
+        error = failure.error
+        error.headers = {"X-Request-Id": ex.request_id}
+        return error.response()
     headers = relay_headers(up.headers)
     headers["Content-Type"] = "application/json"
     headers["X-Request-Id"] = ex.request_id
     return web.Response(
-        status=up.status, body=upstream_status_body(up.status, body), headers=headers
+        status=up.status,
+        body=upstream_status_body(up.status, body, provider.api_key),
+        headers=headers,
     )
 
 
