@@ -78,6 +78,11 @@ def request_too_large(limit: int) -> ApiError:
     )
 
 
+def unsupported_parameter(param: str, message: str) -> ApiError:
+    """A request field the alias does not price (proxy.billing.price_params)."""
+    return ApiError(400, message, code="unsupported_parameter", param=param[:100])
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,

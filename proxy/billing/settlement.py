@@ -30,7 +30,9 @@ def settle(ex: Exchange, now: float) -> Settlement:
         return Settlement(None, None)
     usage = ex.metered.usage
     alias = ex.chat.alias
-    charge = price(alias.price_rule, usage)
+    charge = price(
+        alias.price_rule, usage, service_tier=ex.chat.service_tier, started_ms=ex.started_ms
+    )
     ctx = ex.ctx
     if ctx.user_id <= 0 or ctx.skip_charge or usage.total_tokens <= 0:
         return Settlement(charge, None)
@@ -46,6 +48,9 @@ def settle(ex: Exchange, now: float) -> Settlement:
         usage=usage,
         usage_source=ex.metered.source,
         price_rule=charge.rule_id,
+        price_version=charge.rule_version,
+        service_tier=ex.chat.service_tier,
+        started_ms=ex.started_ms,
         credits=charge.credits,
         outcome=ex.outcome or Outcome.COMPLETED,
         latency_ms=ex.latency_ms(now),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from proxy.config.env import read_var
 from proxy.config.model import (
     ANY_SCENE,
     DEFAULT_ENCODING,
-    FREE_RULE_ID,
     SCENE_RE,
     SUPPORTED_ENCODINGS,
     Alias,
@@ -27,13 +25,16 @@ from proxy.config.model import (
     EventsConfig,
     GuardConfig,
     PriceRule,
+    PriceSchedule,
     Provider,
     ServerConfig,
     ServiceKey,
     Timeouts,
     YamlConfig,
 )
-from proxy.config.readers import Section, type_name
+from proxy.config.price_rules import parse_price_rules
+from proxy.config.readers import Section
+from proxy.config.request_params import AUDIO, NEUTRAL_PARAMS, SERVICE_TIER, WEB_SEARCH
 from proxy.config.yaml_loader import load_yaml
 from proxy.errors import ConfigError
 
@@ -128,7 +129,12 @@ def _alias(
     providers: Mapping[str, Provider],
     rules: Mapping[str, PriceRule],
 ) -> Alias:
-    m = Section(raw, path, ("provider", "model", "price_rule", "free", "tokenizer"), required=True)
+    m = Section(
+        raw,
+        path,
+        ("provider", "model", "price_rule", "free", "tokenizer", "allow_params", "cost_in_band"),
+        required=True,
+    )
     pname = m.text("provider", required=True)
     if pname not in providers:
         raise ConfigError(f"{path}.provider: unknown provider {pname!r}")
@@ -152,51 +158,50 @@ def _alias(
             f"{path}.tokenizer: unknown tokenizer {tokenizer!r} "
             f"(supported: {', '.join(sorted(SUPPORTED_ENCODINGS))})"
         )
+    allow = _allow_params(m, rule)
     return Alias(
-        name=name, provider=providers[pname], model=model, price_rule=rule, tokenizer=tokenizer
+        name=name,
+        provider=providers[pname],
+        model=model,
+        price_rule=rule,
+        tokenizer=tokenizer,
+        allow_params=allow,
+        cost_in_band=m.flag("cost_in_band", False),
     )
 
 
-# -- price_rules ------------------------------------------------------------------
-
-_RULE_KEYS = ("input", "cached_input", "output", "reasoning", "multiplier", "min_charge")
-
-
-def parse_price_rules(raw: Any, path: str = "price_rules") -> dict[str, PriceRule]:
-    """The `price_rules` mapping (rule id -> rates); an absent section means no rules."""
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: must be a mapping of rule id to prices, got {type_name(raw)}")
-    rules: dict[str, PriceRule] = {}
-    for rule_id, body in Section(raw, path).entries("rule id"):
-        if rule_id == FREE_RULE_ID:
-            # Events carry price_rule="free" for free aliases; a real rule with that
-            # name would make the ledger unable to tell the two apart.
+def _allow_params(m: Section, rule: PriceRule | None) -> frozenset[str]:
+    """`allow_params`, each one priced by the alias's rule (every version of it)."""
+    allowed: set[str] = set()
+    for i, name in enumerate(m.items_list("allow_params")):
+        where = f"{m.where('allow_params')}[{i}]"
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}: must be a request field name, got {name!r}")
+        name = name.strip()
+        if name in NEUTRAL_PARAMS:
+            raise ConfigError(f"{where}: {name!r} is always accepted; do not list it")
+        if name == "modalities":
+            raise ConfigError(f"{where}: 'modalities' is covered by 'audio'; list 'audio'")
+        allowed.add(name)
+    if rule is None:
+        return frozenset(allowed)  # free: nothing to price
+    for name, what, priced in (
+        (SERVICE_TIER, "service_tiers", lambda s: bool(s.service_tiers)),
+        (AUDIO, "audio_input and audio_output", _prices_audio),
+        (WEB_SEARCH, "a request_fee above 0", lambda s: s.request_fee > 0),
+    ):
+        if name in allowed and not all(priced(s) for s in rule.schedules):
             raise ConfigError(
-                f"{path}.{rule_id}: the id '{FREE_RULE_ID}' is reserved for aliases "
-                "marked free: true"
+                f"{m.where('allow_params')}: {name!r} needs {what} in every version of "
+                f"price rule {rule.id!r}, so it is never billed at the plain rate"
             )
-        where = f"{path}.{rule_id}"
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"{where}: must be a mapping of prices, got {type_name(body)}")
-        # Typo protection: "ouput: 10" must not silently fall back to a default.
-        m = Section(body, where, _RULE_KEYS)
-        input_rate = m.decimal("input")
-        output_rate = m.decimal("output")
-        min_charge = m.get("min_charge", 0)
-        if isinstance(min_charge, bool) or not isinstance(min_charge, int) or min_charge < 0:
-            raise ConfigError(
-                f"{where}.min_charge: must be a non-negative integer (credits), got {min_charge!r}"
-            )
-        rules[rule_id] = PriceRule(
-            id=rule_id,
-            input=input_rate,
-            cached_input=m.decimal("cached_input", input_rate),
-            output=output_rate,
-            reasoning=m.decimal("reasoning", output_rate),
-            multiplier=m.decimal("multiplier", Decimal(1)),
-            min_charge=min_charge,
-        )
-    return rules
+    return frozenset(allowed)
+
+
+def _prices_audio(schedule: PriceSchedule) -> bool:
+    every = (schedule.rates, *(t.rates for t in schedule.tiers))
+    every += tuple(t.rates for t in schedule.service_tiers.values() if t.rates is not None)
+    return all(r.audio_input is not None and r.audio_output is not None for r in every)
 
 
 # -- auth, guard, events, server --------------------------------------------------

@@ -57,16 +57,83 @@ class Provider:
 
 
 @dataclass(frozen=True, slots=True)
-class PriceRule:
-    """One `price_rules` entry; rates in credits per 1M tokens (proxy.billing.pricing)."""
+class Rates:
+    """Credits per 1M tokens of each kind (proxy.billing.pricing has the formula)."""
 
-    id: str
     input: Decimal
-    cached_input: Decimal
     output: Decimal
-    reasoning: Decimal
+    cached_input: Decimal  # prompt tokens served from the provider's cache
+    reasoning: Decimal  # hidden reasoning, part of the completion
+    cache_write: Decimal  # prompt tokens written to the provider's cache
+    # Audio tokens (prompt_tokens_details / completion_tokens_details.audio_tokens).
+    # None: not priced separately (the text rate); an alias that allows `audio`
+    # needs both (proxy.config.load), so audio is never billed as cheap text.
+    audio_input: Decimal | None = None
+    audio_output: Decimal | None = None
+
+    @classmethod
+    def simple(cls, input: Decimal, output: Decimal) -> Rates:
+        """Only `input` and `output` given: every other rate follows its default."""
+        return cls(input, output, input, output, input)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTier:
+    """Long-context pricing: when a request's prompt has more than
+    `above_prompt_tokens` tokens, all of it is priced at these rates."""
+
+    above_prompt_tokens: int
+    rates: Rates
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTier:
+    """The price of a request's `service_tier` value: its own rates (None: the rates
+    the request would otherwise get) times `multiplier`."""
+
+    name: str
+    rates: Rates | None
+    multiplier: Decimal = Decimal(1)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSchedule:
+    """One version of a price rule: every term of the formula."""
+
+    rates: Rates
     multiplier: Decimal = Decimal(1)
     min_charge: int = 0
+    request_fee: Decimal = Decimal(0)  # credits per request, e.g. web search
+    tiers: tuple[PromptTier, ...] = ()  # ascending above_prompt_tokens
+    service_tiers: Mapping[str, ServiceTier] = field(default_factory=dict)
+    # "YYYY-MM-DDTHH:MM:SSZ" from when this version applies; None for the rule's
+    # undated rates (in force before its first dated version).
+    effective_from: str | None = None
+    effective_from_ms: int = 0  # the same instant, unix milliseconds (0 when undated)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRule:
+    """One `price_rules` entry: undated rates, then dated versions in order."""
+
+    id: str
+    schedules: tuple[PriceSchedule, ...]  # [0] undated; then ascending effective_from
+
+    def in_force(self, at_unix_ms: int) -> PriceSchedule:
+        """The version that applies to a request started at `at_unix_ms`."""
+        current = self.schedules[0]
+        for schedule in self.schedules[1:]:
+            if schedule.effective_from_ms > at_unix_ms:
+                break
+            current = schedule
+        return current
+
+    def version(self, effective_from: str | None) -> PriceSchedule | None:
+        """The version an event recorded (None when this rule has no such version)."""
+        for schedule in self.schedules:
+            if schedule.effective_from == effective_from:
+                return schedule
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +143,10 @@ class Alias:
     model: str  # the upstream model name
     price_rule: PriceRule | None  # None only when the alias says `free: true`
     tokenizer: str = DEFAULT_ENCODING
+    # Price-changing request fields this alias accepts (proxy.config.request_params).
+    allow_params: frozenset[str] = frozenset()
+    # Opt-in: tell the caller what it was charged (usage.cost, X-Credits-Charged).
+    cost_in_band: bool = False
 
     @property
     def price_rule_id(self) -> str:

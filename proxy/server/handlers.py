@@ -71,7 +71,7 @@ async def _chat_completions(
     body = decode_body(await read_body(request, state.config.server.max_body_bytes))
     # Who pays comes before what is asked: an unknown key learns nothing about aliases.
     ex.ctx = ctx = await state.auth.authenticate(request.headers, body_user(body))
-    ex.chat = chat = parse_chat_request(body, state.config.aliases)
+    ex.chat = chat = parse_chat_request(body, state.config.aliases, started_ms=ex.started_ms)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
     decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
