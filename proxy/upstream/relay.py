@@ -18,6 +18,7 @@ from proxy.billing.record import Exchange
 from proxy.contract.usage import Outcome, Usage, UsageSource
 from proxy.errors import ApiError, upstream_status_body
 from proxy.upstream import sse
+from proxy.upstream.cost_stamp import Quote, StreamCostStamp, stamp_json
 from proxy.upstream.failures import (
     CLIENT_WRITE_ERRORS,
     UPSTREAM_READ_ERRORS,
@@ -70,7 +71,11 @@ async def relay_error_status(
     )
 
 
-async def relay_json(up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog) -> web.Response:
+async def relay_json(
+    up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog, quote: Quote | None = None
+) -> web.Response:
+    """`quote` (cost in band, opt-in per alias): the body's usage gains `cost` and the
+    response the `X-Credits-Charged` header."""
     assert ex.chat is not None and ex.encoding is not None
     try:
         body = await up.read()
@@ -90,6 +95,10 @@ async def relay_json(up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog) -> 
     ex.finish(Outcome.COMPLETED, up.status)
     headers = relay_headers(up.headers)
     headers["X-Request-Id"] = ex.request_id
+    if quote is not None:
+        body, _ = stamp_json(body, quote)
+        # What settle() charges: the same usage, rule, version and tier.
+        headers["X-Credits-Charged"] = str(quote(ex.metered.usage))
     return web.Response(status=up.status, body=body, headers=headers)
 
 
@@ -101,15 +110,18 @@ async def relay_stream(
     *,
     strip: bool,
     metering: bool = True,
+    quote: Quote | None = None,
 ) -> web.StreamResponse:
     """`metering=False` only with the benchmark switch LLM_PROXY_METERING=off: the
-    stream is charged a nominal token so only the metering work differs."""
+    stream is charged a nominal token so only the metering work differs. `quote`
+    (cost in band, when the caller asked for usage): its usage event gains `cost`."""
     assert ex.chat is not None and ex.encoding is not None
     headers = relay_headers(up.headers)
     headers["X-Request-Id"] = ex.request_id
     headers.setdefault("Cache-Control", "no-cache")
     out = web.StreamResponse(status=up.status, headers=headers)
     meter = StreamMeter(strip_usage=strip) if metering else None
+    stamp = StreamCostStamp(quote) if quote is not None and not strip else None
     released = False
     try:
         await out.prepare(request)
@@ -122,9 +134,13 @@ async def relay_stream(
             else:
                 wd.touch()
             chunk = meter.relay(data) if meter is not None else data
+            if stamp is not None:
+                chunk = stamp.feed(chunk)
             if chunk:
                 await out.write(chunk)
         tail = meter.unterminated() if meter is not None else b""
+        if stamp is not None:
+            tail = stamp.tail() + tail
         if tail:
             await out.write(tail)  # relay faithfully even an unterminated last event
         released = True

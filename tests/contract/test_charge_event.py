@@ -316,7 +316,7 @@ def test_version_1_events_must_keep_their_own_shape(extra: str) -> None:
         ChargeEvent.from_json(orjson.dumps(data))
     data = v1_dict()
     data["usage"]["cache_write"] = 0
-    with pytest.raises(InvalidChargeEvent, match="usage.cache_write: unknown field"):
+    with pytest.raises(InvalidChargeEvent, match=r"usage\.cache_write: unknown field"):
         ChargeEvent.from_json(orjson.dumps(data))
 
 

@@ -178,7 +178,8 @@ price_rules:
 aliases:
   smart: {{provider: fake, model: fake-model-v1, price_rule: std}}
 auth:
-  service_keys: [{{name: svc, sha256: "{hash_key(SERVICE_KEY)}", scenes: ["*"]}}]
+  service_keys:
+    - {{name: svc, sha256: "{hash_key(SERVICE_KEY)}", scenes: ["*"], may_skip_charge: true}}
 events: {{topic: {kafka_topic}}}
 server: {{shutdown_grace_s: 5, outbox_drain_s: 5}}
 """
