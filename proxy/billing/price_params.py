@@ -31,8 +31,17 @@ def check_price_params(body: Mapping[str, Any], alias: Alias, started_ms: int) -
         if field in NEUTRAL_PARAMS or value is None:
             continue
         permission = _PERMISSION_OF.get(field, field)
-        if _is_plain(field, value) or permission in alias.allow_params:
+        if _is_plain(field, value):
             continue
+        if permission in alias.allow_params:
+            rule = alias.price_rule
+            if rule is None or rule.in_force(started_ms).prices(permission):
+                continue
+            raise unsupported_parameter(
+                field,
+                f"'{field[:100]}' ({_why(permission)}) is not priced for model "
+                f"'{alias.name}' at this time",
+            )
         what = (
             f"changes the provider's price ({_why(permission)})"
             if permission in PRICE_PARAMS

@@ -25,7 +25,6 @@ from proxy.config.model import (
     EventsConfig,
     GuardConfig,
     PriceRule,
-    PriceSchedule,
     Provider,
     ServerConfig,
     ServiceKey,
@@ -185,23 +184,19 @@ def _allow_params(m: Section, rule: PriceRule | None) -> frozenset[str]:
         allowed.add(name)
     if rule is None:
         return frozenset(allowed)  # free: nothing to price
-    for name, what, priced in (
-        (SERVICE_TIER, "service_tiers", lambda s: bool(s.service_tiers)),
-        (AUDIO, "audio_input and audio_output", _prices_audio),
-        (WEB_SEARCH, "a request_fee above 0", lambda s: s.request_fee > 0),
+    for name, what in (
+        (SERVICE_TIER, "service_tiers"),
+        (AUDIO, "audio_input and audio_output"),
+        (WEB_SEARCH, "a request_fee above 0"),
     ):
-        if name in allowed and not all(priced(s) for s in rule.schedules):
+        # A version that does not price it refuses such requests while in force
+        # (proxy.billing.price_params); one that never does is a mistake here.
+        if name in allowed and not any(s.prices(name) for s in rule.schedules):
             raise ConfigError(
-                f"{m.where('allow_params')}: {name!r} needs {what} in every version of "
-                f"price rule {rule.id!r}, so it is never billed at the plain rate"
+                f"{m.where('allow_params')}: {name!r} needs {what} in price rule "
+                f"{rule.id!r}, so it is never billed at the plain rate"
             )
     return frozenset(allowed)
-
-
-def _prices_audio(schedule: PriceSchedule) -> bool:
-    every = (schedule.rates, *(t.rates for t in schedule.tiers))
-    every += tuple(t.rates for t in schedule.service_tiers.values() if t.rates is not None)
-    return all(r.audio_input is not None and r.audio_output is not None for r in every)
 
 
 # -- auth, guard, events, server --------------------------------------------------

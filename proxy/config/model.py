@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
+from proxy.config.request_params import AUDIO, SERVICE_TIER, WEB_SEARCH
 from proxy.contract.redis_keys import DEFAULT_PREFIX
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -110,6 +111,19 @@ class PriceSchedule:
     # undated rates (in force before its first dated version).
     effective_from: str | None = None
     effective_from_ms: int = 0  # the same instant, unix milliseconds (0 when undated)
+
+    def prices(self, permission: str) -> bool:
+        """Whether this version prices a price-changing field (config.request_params):
+        a request using one it does not price is refused, never billed plainly."""
+        if permission == SERVICE_TIER:
+            return bool(self.service_tiers)
+        if permission == AUDIO:
+            every = [self.rates, *(t.rates for t in self.tiers)]
+            every += [t.rates for t in self.service_tiers.values() if t.rates is not None]
+            return all(r.audio_input is not None and r.audio_output is not None for r in every)
+        if permission == WEB_SEARCH:
+            return self.request_fee > 0
+        return True  # another field: the operator vouched for it in allow_params
 
 
 @dataclass(frozen=True, slots=True)

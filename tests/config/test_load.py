@@ -240,14 +240,17 @@ def test_allow_params_errors(tmp_path: Path, alias: str, message: str) -> None:
     assert "aliases.a." in str(info.value) and message in str(info.value)
 
 
-def test_allowing_a_price_param_needs_it_priced_in_every_version(tmp_path: Path) -> None:
+def test_allowing_a_price_param_needs_a_version_that_prices_it(tmp_path: Path) -> None:
     text = (
         PRICED.replace(
-            "    service_tiers: {priority: {multiplier: 2}}\n",
-            "    service_tiers: {priority: {multiplier: 2}}\n"
-            "    versions: [{effective_from: '2027-01-01T00:00:00Z', input: 2, output: 8}]\n",
+            "    request_fee: 25\n",
+            "    versions: [{effective_from: '2027-01-01T00:00:00Z', input: 2, output: 8,\n"
+            "                request_fee: 3}]\n",
         )
-        + "  a: {provider: openai, model: m, price_rule: full, allow_params: [service_tier]}\n"
+        + "  a: {provider: openai, model: m, price_rule: full,\n"
+        + "      allow_params: [web_search_options]}\n"
     )
-    with pytest.raises(ConfigError, match="in every version of price rule 'full'"):
+    load_config(write(tmp_path, text), env={})  # the 2027 version prices web search
+    text = text.replace("request_fee: 3", "request_fee: 0")
+    with pytest.raises(ConfigError, match="'web_search_options' needs a request_fee above 0"):
         load_config(write(tmp_path, text), env={})
