@@ -70,7 +70,9 @@ providers:
 price_rules:
   std: {{input: 1000, cached_input: 500, output: 2000}}
 aliases:
-  smart: {{provider: fake, model: fake-model-v1, price_rule: std, tokenizer: o200k_base}}
+  # The fake upstream's per-request fault picker: a field only it reads, so allowed.
+  smart: {{provider: fake, model: fake-model-v1, price_rule: std, tokenizer: o200k_base,
+          allow_params: [x_soak_fault]}}
 auth:
   mode: keys
   service_keys:

@@ -6,6 +6,8 @@ status, type and code are spelled in one place.
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from aiohttp import web
 
@@ -82,6 +84,11 @@ def request_too_large(limit: int) -> ApiError:
     )
 
 
+def unsupported_parameter(param: str, message: str) -> ApiError:
+    """A request field the alias does not price (proxy.billing.price_params)."""
+    return ApiError(400, message, code="unsupported_parameter", param=param[:100])
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,
@@ -92,6 +99,16 @@ def model_not_found(model: str) -> ApiError:
 
 
 # -- who pays ---------------------------------------------------------------------
+
+
+def invalid_user(param: str) -> ApiError:
+    """A payer id that is not canonical (see proxy.billing.payer.parse_user_id)."""
+    return ApiError(
+        400,
+        f"{param} must be a user id: ASCII decimal digits without sign or leading zero",
+        code="invalid_user",
+        param=param,
+    )
 
 
 def unauthorized(message: str, *, invalid_token: bool) -> ApiError:
@@ -159,14 +176,54 @@ def upstream_timeout(provider: str, what: str) -> ApiError:
     )
 
 
-def upstream_status_body(status: int, body: bytes) -> bytes:
-    """The upstream's error body when it is OpenAI-shaped JSON, else wrapped into that shape."""
+def upstream_auth_failed(provider: str) -> ApiError:
+    """The provider refused *our* key (its 401/403): not the caller's fault, and
+    its wording (which may quote our key or account) is not relayed."""
+    return ApiError(
+        502,
+        f"upstream provider {provider!r} could not be used; the proxy's operators are notified",
+        type="upstream_error",
+        code="upstream_auth_failed",
+    )
+
+
+# Anything that looks like a credential in an upstream error body: OpenAI-style
+# keys (sk-..., sk-proj-...) and bearer tokens. The character classes stop at
+# quotes and backslashes, so a JSON body stays valid JSON after redaction.
+_SECRET_RES = (
+    (re.compile(rb"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-.*]{3,}"), b"sk-[redacted]"),
+    (re.compile(rb"(?i)\bbearer\s+[A-Za-z0-9._~+/=\-*]+"), b"Bearer [redacted]"),
+)
+
+
+def redact_secrets(body: bytes, *secrets: str | None) -> bytes:
+    """`body` with every key-like string (and each given secret) replaced."""
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            body = body.replace(secret.encode(), b"[redacted]")
+    for pattern, replacement in _SECRET_RES:
+        body = pattern.sub(replacement, body)
+    return body
+
+
+def upstream_status_body(status: int, body: bytes, *secrets: str | None) -> bytes:
+    """The upstream's error body when it is OpenAI-shaped JSON (key-like strings
+    removed), else wrapped into that shape."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         obj = None
     if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-        return body
+        cleaned = redact_secrets(body, *secrets)
+        try:
+            orjson.loads(cleaned)
+        except orjson.JSONDecodeError:  # redaction broke an odd escape: say less
+            return error_body(
+                f"upstream returned HTTP {status}",
+                type="upstream_error",
+                code=f"upstream_http_{status}",
+            )
+        return cleaned
     return error_body(
         f"upstream returned HTTP {status}", type="upstream_error", code=f"upstream_http_{status}"
     )

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.billing.encodings import EncodingRegistry
 from proxy.config import EnvSettings, YamlConfig, parse_config
+from proxy.config.yaml_loader import load_yaml
 from proxy.contract.outcome import Outcome
 from proxy.contract.usage import Usage, UsageSource
 from proxy.devtools.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
@@ -47,7 +47,9 @@ price_rules:
   std: {{input: 1000, cached_input: 500, output: 2000}}
   premium: {{input: 10000000, output: 10000000}}   # 10 credits per token
 aliases:
-  smart: {{provider: fake, model: fake-model-v1, price_rule: std, tokenizer: o200k_base}}
+  # x_fault: the fake upstream's per-request fault picker, a field only it reads.
+  smart: {{provider: fake, model: fake-model-v1, price_rule: std, tokenizer: o200k_base,
+          allow_params: [x_fault]}}
   legacy: {{provider: fake, model: fake-model-old, price_rule: std, tokenizer: cl100k_base}}
   freebie: {{provider: fake, model: fake-model-free, free: true}}
   premium: {{provider: fake, model: fake-model-pro, price_rule: premium}}
@@ -134,7 +136,7 @@ class ProxyHarness:
             await self.fake_server.close()
 
 
-def service_key_yaml(scenes: str = '["*"]') -> str:
+def service_key_yaml(scenes: str = '["*"]', *, may_skip_charge: bool = True) -> str:
     from proxy.contract.redis_keys import key_sha256 as hash_key
 
     return textwrap.dedent(
@@ -146,6 +148,7 @@ def service_key_yaml(scenes: str = '["*"]') -> str:
             - name: test-service
               sha256: "{hash_key(SERVICE_KEY)}"
               scenes: {scenes}
+              may_skip_charge: {str(may_skip_charge).lower()}
         """
     )
 
@@ -216,6 +219,8 @@ async def start_proxy(
         *,
         behaviour: Behaviour | None = None,
         extra_yaml: str = "",
+        extra_rules: str = "",
+        extra_aliases: str = "",
         auth_yaml: str | None = None,
         stream_usage: bool = True,
         first_byte: float = 5,
@@ -241,15 +246,16 @@ async def start_proxy(
             idle=idle,
             total=total,
         )
+        # Extra rules go under price_rules:, extra aliases under aliases: (the last
+        # section of BASE_YAML); each line indented by two spaces.
+        text = text.replace("\naliases:\n", "\n" + extra_rules + "aliases:\n", 1) + extra_aliases
         text += auth_yaml if auth_yaml is not None else service_key_yaml()
         if guard_prefix is not None:
             text += f'\nguard:\n  prefix: "{guard_prefix}"\n'
         if topic is not None:
             text += f"\nevents:\n  topic: {topic}\n"
         text += extra_yaml
-        config = parse_config(
-            yaml.safe_load(text), "test.yaml", {"FAKE_PROVIDER_KEY": PROVIDER_KEY}
-        )
+        config = parse_config(load_yaml(text), "test.yaml", {"FAKE_PROVIDER_KEY": PROVIDER_KEY})
         settings = EnvSettings(
             redis_url=redis_url,
             kafka_bootstrap=kafka_bootstrap,

@@ -4,9 +4,10 @@
 Two kinds of keys, both given as `Authorization: Bearer <key>`:
 
 * service keys (listed in config by their sha256) are trusted back-ends that act
-  for users: `X-User-Id` (or, failing that, a numeric body `user` field; the
-  header wins over the body), `X-Billing-Scene` (must be one of the key's scenes,
-  "unknown" when absent), `X-Skip-Charge`, `X-Conversation-Id`;
+  for users: `X-User-Id` (or, failing that, the body `user` field; the header
+  wins over the body; both must be canonical ids, else 400 `invalid_user`),
+  `X-Billing-Scene` (must be one of the key's scenes, "unknown" when absent),
+  `X-Conversation-Id`, and `X-Skip-Charge` only with `may_skip_charge: true`;
 * user keys are looked up in Redis (`<prefix>apikey:<sha256 hex>` -> user id) and
   always bill their own user; they may pick a scene (it does not change who
   pays) but may not act for someone else nor skip charging.
@@ -158,10 +159,17 @@ class Authenticator:
         principal: str,
         key: ServiceKey | None,
     ) -> BillingContext:
-        header_user = (headers.get("X-User-Id") or "").strip()
-        # Precedence: X-User-Id header, then a numeric body `user`, else nobody (0).
+        header_user = (headers.get("X-User-Id") or "").strip(" \t")
+        # Precedence: X-User-Id header, then the body `user`, else nobody (0). Both
+        # follow one canonical rule (payer.parse_user_id); a bad one is a 400.
         user_id = parse_user_id(header_user) if header_user else body_user_id(body_user)
         ctx = _context(headers, user_id, principal)
+        if key is not None and ctx.skip_charge and not key.may_skip_charge:
+            raise forbidden(
+                f"service key {key.name!r} may not skip charging "
+                "(its auth.service_keys entry lacks may_skip_charge: true)",
+                param="X-Skip-Charge",
+            )
         if key is not None and not key.allows(ctx.scene):
             allowed = ", ".join(sorted(key.scenes))
             raise forbidden(

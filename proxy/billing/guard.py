@@ -184,6 +184,13 @@ class CreditBalanceGuard:
             await self._mark_blocked(keys, snapshot)
             return GuardDecision.BLOCK
         if self._provider is None:
+            if snapshot is not None:
+                # Unreadable is "missing", never "has credit": with nobody to ask,
+                # the call is served as a fail-open (counted, logged), not allowed.
+                self._fail_open_log.warning(
+                    "credit guard failing open: unreadable snapshot and no snapshot provider"
+                )
+                return GuardDecision.FAIL_OPEN
             # Nothing to go on and no provider configured: the seed rule blocks only
             # on evidence of no credit, so allow (the billing side charges later).
             return GuardDecision.ALLOW

@@ -20,6 +20,7 @@ import orjson
 import tiktoken
 
 from proxy.billing.tokens import count_chat_prompt, count_completion
+from proxy.billing.usage_parts import with_priced_parts
 from proxy.contract.usage import Usage, UsageSource
 
 
@@ -47,12 +48,13 @@ def usage_from_report(report: Mapping[str, Any]) -> Usage | None:
         return None
     # Subsets by definition; a provider that reports otherwise is clamped rather
     # than trusted to make a cached token cost more than nothing.
-    return Usage(
+    usage = Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=min(max(cached, 0), prompt),
         reasoning_tokens=min(max(reasoning, 0), completion),
     )
+    return with_priced_parts(usage, report, pdetails, cdetails)
 
 
 def meter_json(body: bytes, request_body: Mapping[str, Any], enc: tiktoken.Encoding) -> Metered:

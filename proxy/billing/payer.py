@@ -1,6 +1,6 @@
 """Who pays: the billing context of a request and the parsers of its header values.
 
-`X-User-Id` and a numeric body `user` name a payer (service keys only, see
+`X-User-Id` and a canonical body `user` name a payer (service keys only, see
 proxy.billing.auth); `X-Billing-Scene`, `X-Request-Id`, `X-Conversation-Id` and
 `X-Skip-Charge` describe the call. Values that cannot be meant are a 400.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from proxy.config.model import SCENE_RE
 from proxy.config.readers import flag_word
 from proxy.contract.payers import MAX_USER_ID
-from proxy.errors import invalid_request
+from proxy.errors import invalid_request, invalid_user
 
 MAX_REQUEST_ID_LEN = 128
 MAX_CONVERSATION_ID_LEN = 256
@@ -22,6 +22,8 @@ DEFAULT_SCENE = "unknown"
 
 VISIBLE_ASCII_RE = re.compile(r"[\x21-\x7e]+")
 DIGITS_RE = re.compile(r"[0-9]{1,19}")
+# Canonical payer ids: ASCII only (\d would accept other scripts' digits).
+CANONICAL_USER_RE = re.compile(r"[1-9][0-9]{0,18}", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,27 +63,30 @@ class BillingContext:
 
 
 def parse_user_id(raw: int | str | None, *, param: str = "X-User-Id") -> int:
-    """None, blank or int 0 -> 0 (nobody); else a positive 64-bit integer, or 400.
+    """None, blank or int 0 -> 0 (nobody); else a canonical positive id, or 400.
 
-    A header saying "0" is refused: a caller naming a user must name a real one.
+    The one rule for every place a payer is named (header and body `user`):
+    ASCII decimal digits, no sign, no leading zero, 1..MAX_USER_ID. Anything else
+    ("042", "+42", "42.0", Arabic-Indic digits, "0") is `invalid_user`: a form
+    that one reader maps to 42 and another to "nobody" would make a call free.
     """
     if raw is None:
         return 0
     if isinstance(raw, bool):
-        raise invalid_request(f"{param} must be a positive integer", param=param)
+        raise invalid_user(param)
     if isinstance(raw, int):
         if raw == 0:
             return 0  # callers passing an int may say "nobody" explicitly
         value = raw
     else:
-        text = raw.strip()
+        text = raw.strip(" \t")  # HTTP's optional whitespace; nothing else is trimmed
         if not text:
             return 0
-        if not DIGITS_RE.fullmatch(text):
-            raise invalid_request(f"{param} must be a positive integer", param=param)
+        if not CANONICAL_USER_RE.fullmatch(text):
+            raise invalid_user(param)
         value = int(text)
     if not 0 < value <= MAX_USER_ID:
-        raise invalid_request(f"{param} must be a positive integer", param=param)
+        raise invalid_user(param)
     return value
 
 
@@ -128,11 +133,10 @@ def parse_bool(raw: bool | str | None, *, param: str) -> bool:
 
 
 def body_user_id(body_user: str | None) -> int:
-    """OpenAI's `user` field is free-form; only a plain positive integer names a payer."""
+    """The body's `user` for a service key: absent names nobody; present, it must
+    follow `parse_user_id`'s rule (a free-form value would make the call free)."""
     if body_user is None:
         return 0
-    text = body_user.strip()
-    if not DIGITS_RE.fullmatch(text) or text.startswith("0"):
-        return 0
-    value = int(text)
-    return value if value <= MAX_USER_ID else 0
+    if not body_user.strip(" \t"):
+        raise invalid_user("user")
+    return parse_user_id(body_user, param="user")

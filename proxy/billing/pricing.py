@@ -1,22 +1,34 @@
 """Price rules and the credit arithmetic: pure functions, no I/O.
 
-Rates are credits per 1,000,000 tokens. A request is priced as::
+Rates are credits per 1,000,000 tokens. A request is priced with the version of
+its rule in force when it started (`PriceRule.in_force`), as::
 
-    raw = ( (prompt_tokens - cached_tokens)          * input
-          + cached_tokens                            * cached_input
-          + (completion_tokens - reasoning_tokens)   * output
-          + reasoning_tokens                         * reasoning ) / 1_000_000 * multiplier
+    rates = the version's rates, or those of its highest long-context tier whose
+            above_prompt_tokens the prompt exceeds (all-or-nothing)
+    rates = the service tier's rates, when the request's service_tier names one
+            that has rates; tier_multiplier = that tier's multiplier (else 1)
+
+    text_in   = prompt_tokens - cached_tokens - cache_write_tokens - audio_prompt_tokens
+    text_out  = completion_tokens - reasoning_tokens - audio_completion_tokens
+    raw = ( text_in                 * input
+          + cached_tokens           * cached_input
+          + cache_write_tokens      * cache_write
+          + audio_prompt_tokens     * audio_input
+          + text_out                * output
+          + reasoning_tokens        * reasoning
+          + audio_completion_tokens * audio_output ) / 1_000_000
+          * multiplier * tier_multiplier
+        + request_fee
 
     credits = ceil(raw)                        # always rounded UP to a whole credit
     credits = max(credits, min_charge)         # only when the request used any token
     credits = 0                                # when it used no token at all
 
-`cached_tokens` is the part of the prompt served from the provider's cache and
-`reasoning_tokens` the part of the completion spent on hidden reasoning (OpenAI's
-usage semantics: both are subsets, never added on top). `cached_input` defaults to
-`input`, `reasoning` to `output`, `multiplier` to 1 and `min_charge` to 0.
-
-Rates come from the `price_rules` section (proxy.config.load).
+Cached, cache-write and audio tokens are parts of the prompt; reasoning and audio
+tokens parts of the completion (subsets, never added on top). `cached_input` and
+`cache_write` default to `input`, `reasoning` to `output`, `audio_input` /
+`audio_output` (when a rule has none) to `input` / `output`, multipliers to 1,
+`min_charge` and `request_fee` to 0. Rates come from proxy.config.price_rules.
 
 Rounding: the sum is computed exactly in `Decimal` (YAML floats are read through
 `str()`, so `2.5` is exactly 2.5 and 10^12 tokens lose no digit), then rounded up
@@ -34,13 +46,15 @@ from decimal import (
     MIN_EMIN,
     ROUND_CEILING,
     Context,
+    Decimal,
     Inexact,
     InvalidOperation,
     Overflow,
 )
 from typing import Final
 
-from proxy.config.model import FREE_RULE_ID, PriceRule
+from proxy.config.model import FREE_RULE_ID, PriceRule, PriceSchedule, Rates
+from proxy.config.price_rules import DEFAULT_SERVICE_TIER
 from proxy.contract.usage import Usage
 
 _TOKENS_PER_UNIT: Final = 6  # rates are per 10**6 tokens
@@ -56,33 +70,63 @@ class Charge:
     completion_tokens: int
     reasoning_tokens: int
     credits: int
+    # The version priced with: its effective_from, None for the undated rates.
+    rule_version: str | None = None
+    cache_write_tokens: int = 0
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------
 # pricing
 
 
-def price(rule: PriceRule | None, usage: Usage) -> Charge:
+def price(
+    rule: PriceRule | None,
+    usage: Usage,
+    *,
+    service_tier: str | None = None,
+    started_ms: int = 0,
+) -> Charge:
     """Price `usage` with `rule`; `rule=None` is an alias marked free (0 credits).
 
-    Raises ValueError for impossible usage (a negative or non-integer count,
-    cached > prompt, reasoning > completion). Pricing never guesses: the caller
-    (metering) decides whether to clamp such a report or reject it.
+    `started_ms` (unix ms, when the request started) picks the rule's version;
+    `service_tier` is the request's `service_tier` value (validated against the
+    same version by proxy.billing.price_params before the call).
+
+    Raises ValueError for impossible usage (a negative or non-integer count, parts
+    that exceed their whole) or a service tier the version does not price. Pricing
+    never guesses: the caller (metering) decides whether to clamp such a report.
     """
     prompt = _count(usage.prompt_tokens, "prompt_tokens")
     cached = _count(usage.cached_tokens, "cached_tokens")
+    write = _count(usage.cache_write_tokens, "cache_write_tokens")
+    audio_in = _count(usage.audio_prompt_tokens, "audio_prompt_tokens")
     completion = _count(usage.completion_tokens, "completion_tokens")
     reasoning = _count(usage.reasoning_tokens, "reasoning_tokens")
+    audio_out = _count(usage.audio_completion_tokens, "audio_completion_tokens")
     if cached > prompt:
         raise ValueError(f"cached_tokens ({cached}) exceeds prompt_tokens ({prompt})")
     if reasoning > completion:
         raise ValueError(f"reasoning_tokens ({reasoning}) exceeds completion_tokens ({completion})")
+    if cached + write + audio_in > prompt:
+        raise ValueError(
+            f"cached + cache_write + audio prompt tokens exceed prompt_tokens ({prompt})"
+        )
+    if reasoning + audio_out > completion:
+        raise ValueError(f"reasoning + audio completion tokens exceed completion ({completion})")
+    version: str | None = None
     if rule is None:
         credits = 0
         rule_id = FREE_RULE_ID
     else:
         rule_id = rule.id
-        credits = _credits(rule, prompt - cached, cached, completion - reasoning, reasoning)
+        schedule = rule.in_force(started_ms)
+        version = schedule.effective_from
+        text_in = prompt - cached - write - audio_in
+        text_out = completion - reasoning - audio_out
+        counts = (text_in, cached, write, audio_in, text_out, reasoning, audio_out)
+        credits = _credits(schedule, service_tier, prompt, counts)
     return Charge(
         rule_id=rule_id,
         prompt_tokens=prompt,
@@ -90,7 +134,31 @@ def price(rule: PriceRule | None, usage: Usage) -> Charge:
         completion_tokens=completion,
         reasoning_tokens=reasoning,
         credits=credits,
+        rule_version=version,
+        cache_write_tokens=write,
+        audio_prompt_tokens=audio_in,
+        audio_completion_tokens=audio_out,
     )
+
+
+def rates_for(
+    schedule: PriceSchedule, prompt_tokens: int, service_tier: str | None
+) -> tuple[Rates, Decimal]:
+    """The rates and the combined multiplier that price a request."""
+    rates = schedule.rates
+    for tier in schedule.tiers:  # ascending: the last one exceeded wins
+        if prompt_tokens > tier.above_prompt_tokens:
+            rates = tier.rates
+    multiplier = schedule.multiplier
+    if service_tier is not None:
+        st = schedule.service_tiers.get(service_tier)
+        if st is None:
+            if service_tier != DEFAULT_SERVICE_TIER:
+                raise ValueError(f"service_tier {service_tier!r} is not priced by this rule")
+        else:
+            rates = st.rates or rates
+            multiplier = multiplier * st.multiplier
+    return rates, multiplier
 
 
 def _count(value: object, name: str) -> int:
@@ -101,9 +169,21 @@ def _count(value: object, name: str) -> int:
     return value
 
 
-def _credits(rule: PriceRule, uncached: int, cached: int, plain: int, reasoning: int) -> int:
-    if uncached + cached + plain + reasoning == 0:
-        return 0  # nothing used, nothing owed; min_charge does not apply
+def _credits(
+    schedule: PriceSchedule, service_tier: str | None, prompt: int, counts: tuple[int, ...]
+) -> int:
+    if sum(counts) == 0:
+        return 0  # nothing used, nothing owed; min_charge and request_fee do not apply
+    rates, multiplier = rates_for(schedule, prompt, service_tier)
+    per_kind = (
+        rates.input,
+        rates.cached_input,
+        rates.cache_write,
+        rates.input if rates.audio_input is None else rates.audio_input,
+        rates.output,
+        rates.reasoning,
+        rates.output if rates.audio_output is None else rates.audio_output,
+    )
     # A fresh context per call: contexts record flags (they are mutable), so a shared
     # one would be hidden module state. MAX_PREC makes + and * exact for any sizes we
     # can meet; the Inexact trap turns a would-be silent rounding into an error.
@@ -113,12 +193,11 @@ def _credits(rule: PriceRule, uncached: int, cached: int, plain: int, reasoning:
         Emin=MIN_EMIN,
         traps=[Inexact, Overflow, InvalidOperation],
     )
-    total = ctx.multiply(uncached, rule.input)
-    total = ctx.fma(cached, rule.cached_input, total)
-    total = ctx.fma(plain, rule.output, total)
-    total = ctx.fma(reasoning, rule.reasoning, total)
-    total = ctx.multiply(total, rule.multiplier)
+    total = Decimal(0)
+    for count, rate in zip(counts, per_kind, strict=True):
+        total = ctx.fma(count, rate, total)
+    total = ctx.multiply(total, multiplier)
     # Dividing by 10**6 is an exponent shift (scaleb), exact by construction.
-    raw = total.scaleb(-_TOKENS_PER_UNIT, ctx)
+    raw = ctx.add(total.scaleb(-_TOKENS_PER_UNIT, ctx), schedule.request_fee)
     credits = int(raw.to_integral_value(rounding=ROUND_CEILING, context=ctx))
-    return max(credits, rule.min_charge)
+    return max(credits, schedule.min_charge)

@@ -37,6 +37,9 @@ class ChatRequest:
     # The caller asked for `stream_options.include_usage` itself; if not, the
     # usage-only chunk we request on its behalf is removed from its stream.
     usage_requested: bool
+    # The request's service_tier, checked against the alias's price rule
+    # (proxy.billing.price_params); None when absent.
+    service_tier: str | None = None
 
 
 class Exchange:
@@ -52,12 +55,15 @@ class Exchange:
         "metered",
         "outcome",
         "started",
+        "started_ms",
         "status",
         "upstream_started",
     )
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, started_ms: int | None = None) -> None:
         self.started = started
+        # Wall clock at arrival (unix ms): picks the price version in force.
+        self.started_ms = time.time_ns() // 1_000_000 if started_ms is None else started_ms
         self.upstream_started: float | None = None
         self.first_byte_at: float | None = None
         self.chat: ChatRequest | None = None

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.billing.payer import BillingContext
 from proxy.billing.pricing import Charge, price
-from proxy.billing.record import Exchange
+from proxy.billing.record import ChatRequest, Exchange
 from proxy.contract.charge_event import ChargeEvent
 from proxy.contract.outcome import Outcome
+from proxy.contract.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,9 +32,9 @@ def settle(ex: Exchange, now: float) -> Settlement:
         return Settlement(None, None)
     usage = ex.metered.usage
     alias = ex.chat.alias
-    charge = price(alias.price_rule, usage)
+    charge = _price(ex.chat, usage, ex.started_ms)
     ctx = ex.ctx
-    if ctx.user_id <= 0 or ctx.skip_charge or usage.total_tokens <= 0:
+    if not _chargeable(ctx, usage):
         return Settlement(charge, None)
     event = ChargeEvent.create(
         request_id=ctx.request_id,
@@ -46,9 +48,30 @@ def settle(ex: Exchange, now: float) -> Settlement:
         usage=usage,
         usage_source=ex.metered.source,
         price_rule=charge.rule_id,
+        price_version=charge.rule_version,
+        service_tier=ex.chat.service_tier,
+        started_ms=ex.started_ms,
         credits=charge.credits,
         outcome=ex.outcome or Outcome.COMPLETED,
         latency_ms=ex.latency_ms(now),
         ttft_ms=ex.ttft_ms(),
     )
     return Settlement(charge, event)
+
+
+def quote(ex: Exchange, usage: Usage) -> int:
+    """The credits `settle` will charge this request for `usage` (0: no charge event):
+    what the caller is told in band (`usage.cost`, `X-Credits-Charged`)."""
+    if ex.chat is None or ex.ctx is None or not _chargeable(ex.ctx, usage):
+        return 0
+    return _price(ex.chat, usage, ex.started_ms).credits
+
+
+def _price(chat: ChatRequest, usage: Usage, started_ms: int) -> Charge:
+    return price(
+        chat.alias.price_rule, usage, service_tier=chat.service_tier, started_ms=started_ms
+    )
+
+
+def _chargeable(ctx: BillingContext, usage: Usage) -> bool:
+    return ctx.user_id > 0 and not ctx.skip_charge and usage.total_tokens > 0

@@ -3,7 +3,7 @@ environment (where things are, secrets: `EnvSettings`), each read once into
 frozen values. The only package that reads either."""
 
 from proxy.config.env import EnvSettings
-from proxy.config.load import load_config, parse_config, parse_price_rules
+from proxy.config.load import load_config, parse_config
 from proxy.config.model import (
     Alias,
     AuthConfig,
@@ -17,6 +17,7 @@ from proxy.config.model import (
     Timeouts,
     YamlConfig,
 )
+from proxy.config.price_rules import parse_price_rules
 
 __all__ = [
     "Alias",

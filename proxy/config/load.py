@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from proxy.config.env import read_var
 from proxy.config.model import (
     ANY_SCENE,
     DEFAULT_ENCODING,
-    FREE_RULE_ID,
     SCENE_RE,
     SUPPORTED_ENCODINGS,
     Alias,
@@ -33,7 +31,10 @@ from proxy.config.model import (
     Timeouts,
     YamlConfig,
 )
-from proxy.config.readers import Section, type_name
+from proxy.config.price_rules import parse_price_rules
+from proxy.config.readers import Section
+from proxy.config.request_params import AUDIO, NEUTRAL_PARAMS, SERVICE_TIER, WEB_SEARCH
+from proxy.config.yaml_loader import load_yaml
 from proxy.errors import ConfigError
 
 _TOP_LEVEL = ("providers", "price_rules", "aliases", "auth", "guard", "events", "server")
@@ -50,9 +51,11 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read config file: {exc.strerror or exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{name}: invalid YAML: {exc}") from exc
+    except ConfigError as exc:  # a duplicate key: the message has line and key path
+        raise ConfigError(f"{name}: {exc}") from exc
     try:
         return parse_config(raw, name, env)
     except ConfigError as exc:
@@ -125,7 +128,12 @@ def _alias(
     providers: Mapping[str, Provider],
     rules: Mapping[str, PriceRule],
 ) -> Alias:
-    m = Section(raw, path, ("provider", "model", "price_rule", "free", "tokenizer"), required=True)
+    m = Section(
+        raw,
+        path,
+        ("provider", "model", "price_rule", "free", "tokenizer", "allow_params", "cost_in_band"),
+        required=True,
+    )
     pname = m.text("provider", required=True)
     if pname not in providers:
         raise ConfigError(f"{path}.provider: unknown provider {pname!r}")
@@ -149,51 +157,46 @@ def _alias(
             f"{path}.tokenizer: unknown tokenizer {tokenizer!r} "
             f"(supported: {', '.join(sorted(SUPPORTED_ENCODINGS))})"
         )
+    allow = _allow_params(m, rule)
     return Alias(
-        name=name, provider=providers[pname], model=model, price_rule=rule, tokenizer=tokenizer
+        name=name,
+        provider=providers[pname],
+        model=model,
+        price_rule=rule,
+        tokenizer=tokenizer,
+        allow_params=allow,
+        cost_in_band=m.flag("cost_in_band", False),
     )
 
 
-# -- price_rules ------------------------------------------------------------------
-
-_RULE_KEYS = ("input", "cached_input", "output", "reasoning", "multiplier", "min_charge")
-
-
-def parse_price_rules(raw: Any, path: str = "price_rules") -> dict[str, PriceRule]:
-    """The `price_rules` mapping (rule id -> rates); an absent section means no rules."""
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: must be a mapping of rule id to prices, got {type_name(raw)}")
-    rules: dict[str, PriceRule] = {}
-    for rule_id, body in Section(raw, path).entries("rule id"):
-        if rule_id == FREE_RULE_ID:
-            # Events carry price_rule="free" for free aliases; a real rule with that
-            # name would make the ledger unable to tell the two apart.
+def _allow_params(m: Section, rule: PriceRule | None) -> frozenset[str]:
+    """`allow_params`, each one priced by the alias's rule (every version of it)."""
+    allowed: set[str] = set()
+    for i, name in enumerate(m.items_list("allow_params")):
+        where = f"{m.where('allow_params')}[{i}]"
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}: must be a request field name, got {name!r}")
+        name = name.strip()
+        if name in NEUTRAL_PARAMS:
+            raise ConfigError(f"{where}: {name!r} is always accepted; do not list it")
+        if name == "modalities":
+            raise ConfigError(f"{where}: 'modalities' is covered by 'audio'; list 'audio'")
+        allowed.add(name)
+    if rule is None:
+        return frozenset(allowed)  # free: nothing to price
+    for name, what in (
+        (SERVICE_TIER, "service_tiers"),
+        (AUDIO, "audio_input and audio_output"),
+        (WEB_SEARCH, "a request_fee above 0"),
+    ):
+        # A version that does not price it refuses such requests while in force
+        # (proxy.billing.price_params); one that never does is a mistake here.
+        if name in allowed and not any(s.prices(name) for s in rule.schedules):
             raise ConfigError(
-                f"{path}.{rule_id}: the id '{FREE_RULE_ID}' is reserved for aliases "
-                "marked free: true"
+                f"{m.where('allow_params')}: {name!r} needs {what} in price rule "
+                f"{rule.id!r}, so it is never billed at the plain rate"
             )
-        where = f"{path}.{rule_id}"
-        if not isinstance(body, Mapping):
-            raise ConfigError(f"{where}: must be a mapping of prices, got {type_name(body)}")
-        # Typo protection: "ouput: 10" must not silently fall back to a default.
-        m = Section(body, where, _RULE_KEYS)
-        input_rate = m.decimal("input")
-        output_rate = m.decimal("output")
-        min_charge = m.get("min_charge", 0)
-        if isinstance(min_charge, bool) or not isinstance(min_charge, int) or min_charge < 0:
-            raise ConfigError(
-                f"{where}.min_charge: must be a non-negative integer (credits), got {min_charge!r}"
-            )
-        rules[rule_id] = PriceRule(
-            id=rule_id,
-            input=input_rate,
-            cached_input=m.decimal("cached_input", input_rate),
-            output=output_rate,
-            reasoning=m.decimal("reasoning", output_rate),
-            multiplier=m.decimal("multiplier", Decimal(1)),
-            min_charge=min_charge,
-        )
-    return rules
+    return frozenset(allowed)
 
 
 # -- auth, guard, events, server --------------------------------------------------
@@ -223,7 +226,7 @@ def _service_keys(auth: Section, key: str) -> tuple[ServiceKey, ...]:
         where = f"{auth.where(key)}[{i}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where}: must be a mapping with name, sha256, scenes")
-        m = Section(entry, where, ("name", "sha256", "scenes"))
+        m = Section(entry, where, ("name", "sha256", "scenes", "may_skip_charge"))
         name = m.get("name")
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{where}.name: must be a non-empty string, got {name!r}")
@@ -240,7 +243,12 @@ def _service_keys(auth: Section, key: str) -> tuple[ServiceKey, ...]:
             if text is None or (text != ANY_SCENE and not SCENE_RE.fullmatch(text)):
                 raise ConfigError(f"{where}.scenes[{j}]: not a valid scene: {scene!r}")
             parsed.add(text)
-        service = ServiceKey(name.strip(), bytes.fromhex(digest), frozenset(parsed))
+        service = ServiceKey(
+            name.strip(),
+            bytes.fromhex(digest),
+            frozenset(parsed),
+            may_skip_charge=m.flag("may_skip_charge", False),
+        )
         for other in keys:
             if other.name == service.name:
                 raise ConfigError(f"{where}.name: duplicate service key name {service.name!r}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
 
+from proxy.config.request_params import AUDIO, SERVICE_TIER, WEB_SEARCH
 from proxy.contract.redis_keys import DEFAULT_PREFIX
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -57,16 +58,96 @@ class Provider:
 
 
 @dataclass(frozen=True, slots=True)
-class PriceRule:
-    """One `price_rules` entry; rates in credits per 1M tokens (proxy.billing.pricing)."""
+class Rates:
+    """Credits per 1M tokens of each kind (proxy.billing.pricing has the formula)."""
 
-    id: str
     input: Decimal
-    cached_input: Decimal
     output: Decimal
-    reasoning: Decimal
+    cached_input: Decimal  # prompt tokens served from the provider's cache
+    reasoning: Decimal  # hidden reasoning, part of the completion
+    cache_write: Decimal  # prompt tokens written to the provider's cache
+    # Audio tokens (prompt_tokens_details / completion_tokens_details.audio_tokens).
+    # None: not priced separately (the text rate); an alias that allows `audio`
+    # needs both (proxy.config.load), so audio is never billed as cheap text.
+    audio_input: Decimal | None = None
+    audio_output: Decimal | None = None
+
+    @classmethod
+    def simple(cls, input: Decimal, output: Decimal) -> Rates:
+        """Only `input` and `output` given: every other rate follows its default."""
+        return cls(input, output, input, output, input)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTier:
+    """Long-context pricing: when a request's prompt has more than
+    `above_prompt_tokens` tokens, all of it is priced at these rates."""
+
+    above_prompt_tokens: int
+    rates: Rates
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTier:
+    """The price of a request's `service_tier` value: its own rates (None: the rates
+    the request would otherwise get) times `multiplier`."""
+
+    name: str
+    rates: Rates | None
+    multiplier: Decimal = Decimal(1)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceSchedule:
+    """One version of a price rule: every term of the formula."""
+
+    rates: Rates
     multiplier: Decimal = Decimal(1)
     min_charge: int = 0
+    request_fee: Decimal = Decimal(0)  # credits per request, e.g. web search
+    tiers: tuple[PromptTier, ...] = ()  # ascending above_prompt_tokens
+    service_tiers: Mapping[str, ServiceTier] = field(default_factory=dict)
+    # "YYYY-MM-DDTHH:MM:SSZ" from when this version applies; None for the rule's
+    # undated rates (in force before its first dated version).
+    effective_from: str | None = None
+    effective_from_ms: int = 0  # the same instant, unix milliseconds (0 when undated)
+
+    def prices(self, permission: str) -> bool:
+        """Whether this version prices a price-changing field (config.request_params):
+        a request using one it does not price is refused, never billed plainly."""
+        if permission == SERVICE_TIER:
+            return bool(self.service_tiers)
+        if permission == AUDIO:
+            every = [self.rates, *(t.rates for t in self.tiers)]
+            every += [t.rates for t in self.service_tiers.values() if t.rates is not None]
+            return all(r.audio_input is not None and r.audio_output is not None for r in every)
+        if permission == WEB_SEARCH:
+            return self.request_fee > 0
+        return True  # another field: the operator vouched for it in allow_params
+
+
+@dataclass(frozen=True, slots=True)
+class PriceRule:
+    """One `price_rules` entry: undated rates, then dated versions in order."""
+
+    id: str
+    schedules: tuple[PriceSchedule, ...]  # [0] undated; then ascending effective_from
+
+    def in_force(self, at_unix_ms: int) -> PriceSchedule:
+        """The version that applies to a request started at `at_unix_ms`."""
+        current = self.schedules[0]
+        for schedule in self.schedules[1:]:
+            if schedule.effective_from_ms > at_unix_ms:
+                break
+            current = schedule
+        return current
+
+    def version(self, effective_from: str | None) -> PriceSchedule | None:
+        """The version an event recorded (None when this rule has no such version)."""
+        for schedule in self.schedules:
+            if schedule.effective_from == effective_from:
+                return schedule
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +157,10 @@ class Alias:
     model: str  # the upstream model name
     price_rule: PriceRule | None  # None only when the alias says `free: true`
     tokenizer: str = DEFAULT_ENCODING
+    # Price-changing request fields this alias accepts (proxy.config.request_params).
+    allow_params: frozenset[str] = frozenset()
+    # Opt-in: tell the caller what it was charged (usage.cost, X-Credits-Charged).
+    cost_in_band: bool = False
 
     @property
     def price_rule_id(self) -> str:
@@ -95,6 +180,8 @@ class ServiceKey:
     name: str
     sha256: bytes  # digest (32 bytes), compared with hmac.compare_digest
     scenes: frozenset[str]  # contains "*" for any scene
+    # X-Skip-Charge is a permission of its own, not implied by acting for users.
+    may_skip_charge: bool = False
 
     def allows(self, scene: str) -> bool:
         return ANY_SCENE in self.scenes or scene in self.scenes

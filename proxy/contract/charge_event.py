@@ -11,6 +11,12 @@ Compatibility rule: the reader is strict (unknown fields are rejected), because 
 field the ledger does not understand could change what a charge means. Any change
 to the shape, even an added field, bumps `SCHEMA_VERSION`. The JSON Schema in
 docs/charge-event.schema.json describes exactly what `to_json()` emits.
+
+Version 2 added `started_at`, `service_tier`, `price_version` and the usage parts
+`cache_write`, `audio_prompt`, `audio_completion`. The reader still accepts
+version 1 events (still in an outbox during a rolling upgrade), exactly in their
+own shape, and reads them as what they meant: none of the new parts, no dated
+price version, started `latency_ms` before `occurred_at`.
 """
 
 from __future__ import annotations
@@ -20,23 +26,55 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final
 
 import orjson
 
+from proxy.contract.event_fields import (
+    InvalidChargeEvent,
+    json_type,
+    read_bool,
+    read_choice,
+    read_duration,
+    read_int,
+    read_opt_duration,
+    read_opt_str,
+    read_str,
+    read_timestamp,
+    read_usage,
+    v1_started_at,
+)
 from proxy.contract.outcome import Outcome
 from proxy.contract.timestamps import format_timestamp
 from proxy.contract.usage import Usage, UsageSource
 
+__all__ = [
+    "EVENT_TYPE",
+    "FIELDS",
+    "SCHEMA_VERSION",
+    "ChargeEvent",
+    "InvalidChargeEvent",
+    "new_event_id",
+]
+
 EVENT_TYPE: Final = "credit.charge.requested"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+_READABLE_VERSIONS: Final = (1, 2)
 
 _EVENT_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
-_OCCURRED_AT_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
 _USAGE_SOURCES: Final = frozenset(s.value for s in UsageSource)
-_USAGE_KEYS: Final = ("prompt", "completion", "cached", "reasoning", "total")
+_USAGE_KEYS_V1: Final = ("prompt", "completion", "cached", "reasoning", "total")
+_USAGE_KEYS: Final = (
+    "prompt",
+    "completion",
+    "cached",
+    "cache_write",
+    "audio_prompt",
+    "reasoning",
+    "audio_completion",
+    "total",
+)
 
 # Top-level keys in the order to_json emits them (the order is part of "stable").
 FIELDS: Final = (
@@ -44,6 +82,7 @@ FIELDS: Final = (
     "event_type",
     "schema_version",
     "occurred_at",
+    "started_at",
     "request_id",
     "user_id",
     "scene",
@@ -52,24 +91,19 @@ FIELDS: Final = (
     "provider",
     "upstream_model",
     "stream",
+    "service_tier",
     "usage",
     "usage_source",
     "price_rule",
+    "price_version",
     "credits",
     "outcome",
     "latency_ms",
     "ttft_ms",
 )
-_FIELD_SET: Final = frozenset(FIELDS)
-
-
-class InvalidChargeEvent(ValueError):
-    """A message that is not a valid charge event; `field` names the culprit."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"invalid charge event: {field}: {reason}")
-        self.field = field
-        self.reason = reason
+_V2_ONLY: Final = frozenset({"started_at", "service_tier", "price_version"})
+FIELDS_V1: Final = tuple(f for f in FIELDS if f not in _V2_ONLY)
+_FIELD_SETS: Final = {1: frozenset(FIELDS_V1), 2: frozenset(FIELDS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +125,11 @@ class ChargeEvent:
     outcome: Outcome
     latency_ms: float
     ttft_ms: float | None
+    # When the request arrived (same format as occurred_at): picks the price version.
+    started_at: str = ""
+    service_tier: str | None = None  # the request's service_tier, when it gave one
+    # effective_from of the price rule's version that priced it; None: its undated rates.
+    price_version: str | None = None
     # Constants of this schema version; not settable, so no event can lie about them.
     event_type: str = field(default=EVENT_TYPE, init=False)
     schema_version: int = field(default=SCHEMA_VERSION, init=False)
@@ -114,6 +153,9 @@ class ChargeEvent:
         outcome: Outcome,
         latency_ms: float,
         ttft_ms: float | None,
+        started_ms: int | None = None,
+        service_tier: str | None = None,
+        price_version: str | None = None,
         now_ns: int | None = None,
     ) -> ChargeEvent:
         """Build the event for a finished request, minting `event_id` and `occurred_at`.
@@ -123,9 +165,14 @@ class ChargeEvent:
         it for inspection instead of losing the charge here.
         """
         unix_ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
+        if started_ms is None:  # never raise here: a bad latency is the reader's to catch
+            started_ms = unix_ms - (int(latency_ms) if math.isfinite(latency_ms) else 0)
         return cls(
             event_id=new_event_id(unix_ms),
             occurred_at=format_timestamp(unix_ms),
+            started_at=format_timestamp(min(started_ms, unix_ms)),
+            service_tier=service_tier,
+            price_version=price_version,
             request_id=request_id,
             user_id=user_id,
             scene=scene,
@@ -150,6 +197,7 @@ class ChargeEvent:
             "event_type": self.event_type,
             "schema_version": self.schema_version,
             "occurred_at": self.occurred_at,
+            "started_at": self.started_at,
             "request_id": self.request_id,
             "user_id": self.user_id,
             "scene": self.scene,
@@ -158,15 +206,20 @@ class ChargeEvent:
             "provider": self.provider,
             "upstream_model": self.upstream_model,
             "stream": self.stream,
+            "service_tier": self.service_tier,
             "usage": {
                 "prompt": u.prompt_tokens,
                 "completion": u.completion_tokens,
                 "cached": u.cached_tokens,
+                "cache_write": u.cache_write_tokens,
+                "audio_prompt": u.audio_prompt_tokens,
                 "reasoning": u.reasoning_tokens,
+                "audio_completion": u.audio_completion_tokens,
                 "total": u.prompt_tokens + u.completion_tokens,
             },
             "usage_source": self.usage_source,
             "price_rule": self.price_rule,
+            "price_version": self.price_version,
             "credits": self.credits,
             "outcome": self.outcome,
             "latency_ms": self.latency_ms,
@@ -188,7 +241,7 @@ class ChargeEvent:
         except orjson.JSONDecodeError as exc:
             raise InvalidChargeEvent("$", f"not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
-            raise InvalidChargeEvent("$", f"must be a JSON object, got {_json_type(obj)}")
+            raise InvalidChargeEvent("$", f"must be a JSON object, got {json_type(obj)}")
         # Identity first: a message of another type or version may legitimately have
         # other fields, and saying so is more useful than "unknown field".
         if obj.get("event_type") != EVENT_TYPE:
@@ -196,34 +249,49 @@ class ChargeEvent:
                 "event_type", f"must be {EVENT_TYPE!r}, got {obj.get('event_type')!r}"
             )
         version = obj.get("schema_version")
-        if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is not int or version not in _READABLE_VERSIONS:
             raise InvalidChargeEvent(
-                "schema_version", f"unsupported version {version!r} (this reader: 1)"
+                "schema_version", f"unsupported version {version!r} (this reader: 1, 2)"
             )
+        fields = _FIELD_SETS[version]
         for key in obj:
-            if key not in _FIELD_SET:
+            if key not in fields:
                 raise InvalidChargeEvent(key, "unknown field")
-        event_id = _str(obj, "event_id")
+        event_id = read_str(obj, "event_id")
         if not _EVENT_ID_RE.fullmatch(event_id):
             raise InvalidChargeEvent("event_id", "must be 32 lowercase hex digits")
+        occurred_at = read_timestamp(obj, "occurred_at")
+        latency_ms = read_duration(obj, "latency_ms")
+        if version == 1:
+            started_at = v1_started_at(occurred_at, latency_ms)
+            service_tier = price_version = None
+        else:
+            started_at = read_timestamp(obj, "started_at")
+            if started_at > occurred_at:  # same fixed-width format: text order is time order
+                raise InvalidChargeEvent("started_at", "must not be after occurred_at")
+            service_tier = read_opt_str(obj, "service_tier")
+            price_version = read_opt_str(obj, "price_version")
         return cls(
             event_id=event_id,
-            occurred_at=_timestamp(obj),
-            request_id=_str(obj, "request_id"),
-            user_id=_int(obj, "user_id", minimum=None),
-            scene=_str(obj, "scene"),
-            conversation_id=_opt_str(obj, "conversation_id"),
-            alias=_str(obj, "alias"),
-            provider=_str(obj, "provider"),
-            upstream_model=_str(obj, "upstream_model"),
-            stream=_bool(obj, "stream"),
-            usage=_usage(obj),
-            usage_source=UsageSource(_choice(obj, "usage_source", _USAGE_SOURCES)),
-            price_rule=_str(obj, "price_rule"),
-            credits=_int(obj, "credits"),
-            outcome=Outcome(_choice(obj, "outcome", _OUTCOMES)),
-            latency_ms=_duration(obj, "latency_ms"),
-            ttft_ms=_opt_duration(obj, "ttft_ms"),
+            occurred_at=occurred_at,
+            started_at=started_at,
+            service_tier=service_tier,
+            price_version=price_version,
+            request_id=read_str(obj, "request_id"),
+            user_id=read_int(obj, "user_id", minimum=None),
+            scene=read_str(obj, "scene"),
+            conversation_id=read_opt_str(obj, "conversation_id"),
+            alias=read_str(obj, "alias"),
+            provider=read_str(obj, "provider"),
+            upstream_model=read_str(obj, "upstream_model"),
+            stream=read_bool(obj, "stream"),
+            usage=read_usage(obj, _USAGE_KEYS_V1 if version == 1 else _USAGE_KEYS),
+            usage_source=UsageSource(read_choice(obj, "usage_source", _USAGE_SOURCES)),
+            price_rule=read_str(obj, "price_rule"),
+            credits=read_int(obj, "credits"),
+            outcome=Outcome(read_choice(obj, "outcome", _OUTCOMES)),
+            latency_ms=latency_ms,
+            ttft_ms=read_opt_duration(obj, "ttft_ms"),
         )
 
 
@@ -242,118 +310,3 @@ def new_event_id(unix_ms: int) -> str:
         | rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b: 62 bits
     )
     return f"{value:032x}"
-
-
-# ---------------------------------------------------------------------------
-# field readers for from_json; each names the field it rejects
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _get(obj: dict[str, Any], name: str, prefix: str = "") -> Any:
-    try:
-        return obj[name]
-    except KeyError:
-        raise InvalidChargeEvent(prefix + name, "missing") from None
-
-
-def _str(obj: dict[str, Any], name: str) -> str:
-    value = _get(obj, name)
-    if not isinstance(value, str):
-        raise InvalidChargeEvent(name, f"must be a string, got {_json_type(value)}")
-    if not value:
-        raise InvalidChargeEvent(name, "must not be empty")
-    return value
-
-
-def _opt_str(obj: dict[str, Any], name: str) -> str | None:
-    return None if _get(obj, name) is None else _str(obj, name)
-
-
-def _int(obj: dict[str, Any], name: str, *, prefix: str = "", minimum: int | None = 0) -> int:
-    value = _get(obj, name, prefix)
-    if type(value) is not int:  # JSON true/false are not integers
-        raise InvalidChargeEvent(prefix + name, f"must be an integer, got {_json_type(value)}")
-    if minimum is not None and value < minimum:
-        raise InvalidChargeEvent(prefix + name, f"must be >= {minimum}, got {value}")
-    return value
-
-
-def _bool(obj: dict[str, Any], name: str) -> bool:
-    value = _get(obj, name)
-    if not isinstance(value, bool):
-        raise InvalidChargeEvent(name, f"must be a boolean, got {_json_type(value)}")
-    return value
-
-
-def _choice(obj: dict[str, Any], name: str, allowed: frozenset[str]) -> str:
-    value = _get(obj, name)
-    if not isinstance(value, str) or value not in allowed:
-        raise InvalidChargeEvent(name, f"must be one of {sorted(allowed)}, got {value!r}")
-    return value
-
-
-def _duration(obj: dict[str, Any], name: str) -> float:
-    value = _get(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidChargeEvent(name, f"must be a number, got {_json_type(value)}")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidChargeEvent(name, f"must be a finite number >= 0, got {value}")
-    return value
-
-
-def _opt_duration(obj: dict[str, Any], name: str) -> float | None:
-    return None if _get(obj, name) is None else _duration(obj, name)
-
-
-def _timestamp(obj: dict[str, Any]) -> str:
-    value = _str(obj, "occurred_at")
-    try:
-        if not _OCCURRED_AT_RE.fullmatch(value):
-            raise ValueError
-        datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ")  # catches month 13 etc.
-    except ValueError:
-        raise InvalidChargeEvent(
-            "occurred_at", f"must be UTC 'YYYY-MM-DDTHH:MM:SS.mmmZ', got {value!r}"
-        ) from None
-    return value
-
-
-def _usage(obj: dict[str, Any]) -> Usage:
-    raw = _get(obj, "usage")
-    if not isinstance(raw, dict):
-        raise InvalidChargeEvent("usage", f"must be an object, got {_json_type(raw)}")
-    for key in raw:
-        if key not in _USAGE_KEYS:
-            raise InvalidChargeEvent(f"usage.{key}", "unknown field")
-    prompt, completion, cached, reasoning, total = (
-        _int(raw, key, prefix="usage.") for key in _USAGE_KEYS
-    )
-    if total != prompt + completion:
-        raise InvalidChargeEvent(
-            "usage.total", f"must equal prompt + completion ({prompt + completion}), got {total}"
-        )
-    if cached > prompt:
-        raise InvalidChargeEvent("usage.cached", f"exceeds usage.prompt ({cached} > {prompt})")
-    if reasoning > completion:
-        raise InvalidChargeEvent(
-            "usage.reasoning", f"exceeds usage.completion ({reasoning} > {completion})"
-        )
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=cached,
-        reasoning_tokens=reasoning,
-    )

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 import orjson
 
 from proxy.contract.timestamps import utc_now_iso
 
 DEFAULT_PREFIX = "llmproxy:"
+_CREDIT_BOUND = Decimal(2**63)  # beyond any balance; bounds what a snapshot can say
 
 
 def key_digest(api_key: str) -> bytes:
@@ -66,7 +68,14 @@ def encode_snapshot(available_credit: int, updated_at: str | None = None) -> byt
 
 
 def decode_snapshot(raw: bytes) -> int | None:
-    """available_credit, or None when the value is not a snapshot (then it is refetched).
+    """available_credit, or None when the value is not a readable snapshot.
+
+    Read strictly and conservatively: an integer as it is; a decimal number or a
+    numeric string by its value (`-5.0` and `"-5"` block). A fraction is rounded
+    up, which keeps the guard's only question, "> 0?", exactly as the value
+    answers it. Anything else (not JSON, no number, true, NaN) is None, which the
+    guard treats as a missing snapshot: it asks the snapshot provider, never
+    takes it for credit.
 
     `updated_at` is informational (for people and the billing side); the TTL is
     what bounds staleness.
@@ -76,9 +85,21 @@ def decode_snapshot(raw: bytes) -> int | None:
     except orjson.JSONDecodeError:
         return None
     credit = data.get("available_credit") if isinstance(data, dict) else None
-    if not isinstance(credit, int) or isinstance(credit, bool):
+    if isinstance(credit, bool) or credit is None:
         return None
-    return credit
+    if isinstance(credit, int):
+        return credit
+    if isinstance(credit, float | str):
+        try:
+            value = Decimal(str(credit).strip())
+        except InvalidOperation:
+            return None
+        if not value.is_finite():
+            return None
+        # Clamp before int(): "1e999999999" must not build a billion-digit int.
+        value = max(min(value, _CREDIT_BOUND), -_CREDIT_BOUND)
+        return int(value.to_integral_value(rounding=ROUND_CEILING))
+    return None
 
 
 # The same JSON as `encode_snapshot`, for Lua scripts that change a balance and must

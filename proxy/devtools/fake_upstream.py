@@ -43,6 +43,9 @@ class Behaviour:
     invalid_json: bool = False  # non-streamed: a body that is not JSON
     cached_tokens: int = 0  # reported as prompt_tokens_details.cached_tokens
     reasoning_tokens: int = 0  # reported as completion_tokens_details.reasoning_tokens
+    cache_write_tokens: int = 0  # reported as prompt_tokens_details.cache_write_tokens
+    audio_prompt_tokens: int = 0  # prompt_tokens_details.audio_tokens (added to the prompt)
+    audio_completion_tokens: int = 0  # completion_tokens_details.audio_tokens (added too)
     # When set, a request body field of this name picks a fault for that request only
     # ("reset", "stall", "malformed" or "status:<code>"), so one run can mix faults
     # into normal traffic (bench/soak.py). The proxy forwards unknown fields as is.
@@ -83,14 +86,22 @@ def reply_words(body: dict[str, Any], n: int) -> list[str]:
 def _usage(app: web.Application, body: dict[str, Any], text: str) -> dict[str, Any]:
     b = app[BEHAVIOUR]
     enc = app[ENCODINGS].get("o200k_base")
-    prompt = count_chat_prompt(enc, body)
-    completion = count_text(enc, text) + b.reasoning_tokens
+    prompt = count_chat_prompt(enc, body) + b.audio_prompt_tokens
+    completion = count_text(enc, text) + b.reasoning_tokens + b.audio_completion_tokens
+    pdetails = {"cached_tokens": min(b.cached_tokens, prompt)}
+    cdetails = {"reasoning_tokens": b.reasoning_tokens}
+    if b.cache_write_tokens:
+        pdetails["cache_write_tokens"] = b.cache_write_tokens
+    if b.audio_prompt_tokens:
+        pdetails["audio_tokens"] = b.audio_prompt_tokens
+    if b.audio_completion_tokens:
+        cdetails["audio_tokens"] = b.audio_completion_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": min(b.cached_tokens, prompt)},
-        "completion_tokens_details": {"reasoning_tokens": b.reasoning_tokens},
+        "prompt_tokens_details": pdetails,
+        "completion_tokens_details": cdetails,
     }
 
 

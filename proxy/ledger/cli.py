@@ -42,7 +42,7 @@ class Resolved:
     idempotent_producer: bool
 
 
-def _command(
+def command(
     fn: Callable[[argparse.Namespace, Resolved], int],
 ) -> Callable[[argparse.Namespace, EnvSettings], int]:
     """Resolve config once; a bad config file is an exit code, not a traceback."""
@@ -51,16 +51,25 @@ def _command(
         try:
             resolved = _resolve(args, settings)
         except ConfigError as exc:
-            return _fail(str(exc))
+            return fail(str(exc))
         return fn(args, resolved)
 
     return run
 
 
+@dataclass(frozen=True, slots=True)
+class CreditsParsers:
+    """What proxy.cli needs to add `credits` sub-commands that are not the ledger's own
+    (`credits rerate` prices, which the ledger may not import)."""
+
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
+    common: argparse.ArgumentParser
+
+
 def register(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     parents: Sequence[argparse.ArgumentParser] = (),
-) -> None:
+) -> CreditsParsers:
     """`parents`: options every command takes (the CLI's --log-level)."""
     common = argparse.ArgumentParser(add_help=False, parents=list(parents))
     common.add_argument("--config", help="config file (env LLM_PROXY_CONFIG)")
@@ -80,7 +89,7 @@ def register(
     p.add_argument(
         "--blocked-ttl", type=_nonneg_int, default=0, metavar="S", help="0 = until a grant"
     )
-    p.set_defaults(func=_command(_cmd_ledger))
+    p.set_defaults(func=command(_cmd_ledger))
 
     credits = subparsers.add_parser("credits", help="grant and inspect credit balances")
     csub = credits.add_subparsers(dest="credits_command", required=True)
@@ -89,30 +98,31 @@ def register(
     g.add_argument("amount", type=_positive_int)
     g.add_argument("--reason", default="")
     g.add_argument("--id", dest="grant_id", help="idempotency key: a repeated id is a no-op")
-    g.set_defaults(func=_command(_cmd_grant))
+    g.set_defaults(func=command(_cmd_grant))
     s = csub.add_parser("show", parents=[common], help="balance, blocked, last entries")
     s.add_argument("user", type=_user_id)
     s.add_argument("--limit", type=_nonneg_int, default=5)
-    s.set_defaults(func=_command(_cmd_show))
+    s.set_defaults(func=command(_cmd_show))
     lg = csub.add_parser("ledger", parents=[common], help="ledger entries, newest first")
     lg.add_argument("user", type=_user_id)
     lg.add_argument("--limit", type=_nonneg_int, default=20)
-    lg.set_defaults(func=_command(_cmd_entries))
+    lg.set_defaults(func=command(_cmd_entries))
 
     keys = subparsers.add_parser("keys", help="user API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     kc = ksub.add_parser("create", parents=[common], help="create a key (printed once)")
     kc.add_argument("--user", type=_user_id, required=True)
-    kc.set_defaults(func=_command(_cmd_key_create))
+    kc.set_defaults(func=command(_cmd_key_create))
     kr = ksub.add_parser("revoke", parents=[common], help="revoke a key")
     kr.add_argument(
         "key", nargs="?", help="the key itself, or - to read it from stdin (keeps it out of ps)"
     )
     kr.add_argument("--sha256", help="the key's SHA-256 hex")
-    kr.set_defaults(func=_command(_cmd_key_revoke))
+    kr.set_defaults(func=command(_cmd_key_revoke))
     kl = ksub.add_parser("list", parents=[common], help="a user's key hashes")
     kl.add_argument("--user", type=_user_id, required=True)
-    kl.set_defaults(func=_command(_cmd_key_list))
+    kl.set_defaults(func=command(_cmd_key_list))
+    return CreditsParsers(csub, common)
 
 
 # -- commands --------------------------------------------------------------------
@@ -120,7 +130,7 @@ def register(
 
 def _cmd_ledger(args: argparse.Namespace, r: Resolved) -> int:
     if not r.bootstrap:
-        return _fail("ledger: no Kafka bootstrap servers (--bootstrap or KAFKA_BOOTSTRAP_SERVERS)")
+        return fail("ledger: no Kafka bootstrap servers (--bootstrap or KAFKA_BOOTSTRAP_SERVERS)")
     settings = LedgerSettings(
         topic=r.topic,
         bootstrap=r.bootstrap,
@@ -140,7 +150,7 @@ def _cmd_ledger(args: argparse.Namespace, r: Resolved) -> int:
 
     async def run(redis: Redis) -> int:
         stats = await run_ledger(settings, redis)
-        _out(
+        emit(
             args,
             {"applied": stats.applied, "duplicates": stats.duplicates, "dlq": stats.dead_lettered},
             f"ledger stopped: {stats.applied} applied, {stats.duplicates} duplicates, "
@@ -148,7 +158,7 @@ def _cmd_ledger(args: argparse.Namespace, r: Resolved) -> int:
         )
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 def _cmd_grant(args: argparse.Namespace, r: Resolved) -> int:
@@ -164,10 +174,10 @@ def _cmd_grant(args: argparse.Namespace, r: Resolved) -> int:
             f"balance {change.balance}"
         )
         data = {"user_id": args.user, "applied": change.applied, "balance": change.balance}
-        _out(args, data, text)
+        emit(args, data, text)
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 def _cmd_show(args: argparse.Namespace, r: Resolved) -> int:
@@ -178,19 +188,19 @@ def _cmd_show(args: argparse.Namespace, r: Resolved) -> int:
             blocked = "yes" if state.blocked_ttl_s is None else f"yes ({state.blocked_ttl_s}s)"
         lines = [f"user {state.user_id}", f"balance  {state.balance}", f"blocked  {blocked}"]
         lines += _entry_lines(state.entries)
-        _out(args, state.as_dict(), "\n".join(lines))
+        emit(args, state.as_dict(), "\n".join(lines))
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 def _cmd_entries(args: argparse.Namespace, r: Resolved) -> int:
     async def run(redis: Redis) -> int:
         entries = await CreditStore(redis, prefix=r.prefix).entries(args.user, args.limit)
-        _out(args, [e.as_dict() for e in entries], "\n".join(_entry_lines(entries)))
+        emit(args, [e.as_dict() for e in entries], "\n".join(_entry_lines(entries)))
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 def _cmd_key_create(args: argparse.Namespace, r: Resolved) -> int:
@@ -201,15 +211,15 @@ def _cmd_key_create(args: argparse.Namespace, r: Resolved) -> int:
             f"{created.api_key}\n"
             f"(user {args.user}, sha256 {created.sha256}; the key is shown only this once)"
         )
-        _out(args, data, text)
+        emit(args, data, text)
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 def _cmd_key_revoke(args: argparse.Namespace, r: Resolved) -> int:
     if (args.key is None) == (args.sha256 is None):
-        return _fail("keys revoke: give the key or --sha256 HASH (exactly one)")
+        return fail("keys revoke: give the key or --sha256 HASH (exactly one)")
 
     api_key = sys.stdin.readline().strip() if args.key == "-" else args.key
 
@@ -218,15 +228,15 @@ def _cmd_key_revoke(args: argparse.Namespace, r: Resolved) -> int:
         try:
             user = await store.revoke(api_key=api_key, sha256=args.sha256)
         except ValueError as exc:
-            return _fail(f"keys revoke: {exc}")
+            return fail(f"keys revoke: {exc}")
         if user is None:
-            _out(args, {"revoked": False}, "no such key")
+            emit(args, {"revoked": False}, "no such key")
             return 1
         text = f"revoked (user {user}); proxies may accept it for up to ~30 s from cache"
-        _out(args, {"revoked": True, "user_id": user}, text)
+        emit(args, {"revoked": True, "user_id": user}, text)
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 def _cmd_key_list(args: argparse.Namespace, r: Resolved) -> int:
@@ -234,10 +244,10 @@ def _cmd_key_list(args: argparse.Namespace, r: Resolved) -> int:
         infos = await ApiKeyStore(redis, prefix=r.prefix).list(args.user)
         data = [{"sha256": i.sha256, "created_at": i.created_at} for i in infos]
         text = "\n".join(f"{i.created_at}  {i.sha256}" for i in infos) or "no keys"
-        _out(args, data, text)
+        emit(args, data, text)
         return 0
 
-    return _with_redis(r, run)
+    return with_redis(r, run)
 
 
 # -- plumbing --------------------------------------------------------------------
@@ -269,7 +279,7 @@ def _from_config(settings: EnvSettings, cli_path: str | None) -> tuple[str, str]
     return config.guard.prefix, config.events.topic
 
 
-def _with_redis(resolved: Resolved, body: Callable[[Redis], Awaitable[int]]) -> int:
+def with_redis(resolved: Resolved, body: Callable[[Redis], Awaitable[int]]) -> int:
     async def main() -> int:
         redis = Redis.from_url(resolved.redis_url)
         try:
@@ -280,17 +290,17 @@ def _with_redis(resolved: Resolved, body: Callable[[Redis], Awaitable[int]]) -> 
     try:
         return asyncio.run(main())
     except RedisError as exc:
-        return _fail(f"redis: {exc}")
+        return fail(f"redis: {exc}")
 
 
-def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
     if args.json:
         sys.stdout.write(orjson.dumps(data).decode() + "\n")
     else:
         print(text)
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(message, file=sys.stderr)
     return 2
 

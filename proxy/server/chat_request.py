@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.billing.price_params import check_price_params
 from proxy.billing.record import ChatRequest
 from proxy.config.model import Alias
 from proxy.errors import (
@@ -72,8 +73,11 @@ def body_user(body: Mapping[str, Any]) -> str | None:
     return user
 
 
-def parse_chat_request(body: dict[str, Any], aliases: Mapping[str, Alias]) -> ChatRequest:
-    """Validate a decoded body against the configured aliases."""
+def parse_chat_request(
+    body: dict[str, Any], aliases: Mapping[str, Alias], *, started_ms: int
+) -> ChatRequest:
+    """Validate a decoded body against the configured aliases; `started_ms` (unix ms)
+    picks the price version that price-changing fields are checked against."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request(
@@ -109,4 +113,11 @@ def parse_chat_request(body: dict[str, Any], aliases: Mapping[str, Alias]) -> Ch
             "'stream_options' must be an object", param="stream_options", code="invalid_type"
         )
     usage_requested = bool(options and options.get("include_usage") is True)
-    return ChatRequest(alias=alias, body=body, stream=stream, usage_requested=usage_requested)
+    service_tier = check_price_params(body, alias, started_ms)
+    return ChatRequest(
+        alias=alias,
+        body=body,
+        stream=stream,
+        usage_requested=usage_requested,
+        service_tier=service_tier,
+    )

@@ -6,6 +6,7 @@ request → billing context → alias → guard → upstream → relay/meter →
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -14,7 +15,7 @@ from aiohttp import web
 
 from proxy.billing.guard import GuardDecision
 from proxy.billing.record import Exchange
-from proxy.billing.settlement import Settlement, settle
+from proxy.billing.settlement import Settlement, quote, settle
 from proxy.contract.outcome import Outcome
 from proxy.errors import ApiError, credentials_missing, insufficient_credit
 from proxy.server.chat_request import body_user, decode_body, parse_chat_request, read_body
@@ -75,7 +76,7 @@ async def _chat_completions(
         request.headers, user if isinstance(user, str) else None
     )
     body_user(body)  # its type is checked once the caller is known
-    ex.chat = chat = parse_chat_request(body, state.config.aliases)
+    ex.chat = chat = parse_chat_request(body, state.config.aliases, started_ms=ex.started_ms)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
     decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
@@ -103,11 +104,13 @@ async def _chat_completions(
 
     if up.status >= 400:
         return await relay_error_status(up, ex, wd)
+    # Cost in band is opt-in per alias (else the reply is byte-faithful).
+    cost = functools.partial(quote, ex) if chat.alias.cost_in_band else None
     if chat.stream and up.content_type == "text/event-stream":
         return await relay_stream(
-            request, up, ex, wd, strip=strip, metering=state.settings.metering
+            request, up, ex, wd, strip=strip, metering=state.settings.metering, quote=cost
         )
-    return await relay_json(up, ex, wd)
+    return await relay_json(up, ex, wd, quote=cost)
 
 
 def _settle(

@@ -19,7 +19,13 @@ import aiohttp
 
 from proxy.billing.record import ErrorKind
 from proxy.contract.outcome import Outcome
-from proxy.errors import ApiError, upstream_read_failed, upstream_timeout, upstream_unavailable
+from proxy.errors import (
+    ApiError,
+    upstream_auth_failed,
+    upstream_read_failed,
+    upstream_timeout,
+    upstream_unavailable,
+)
 from proxy.upstream.watchdog import Watchdog
 
 # Reads from the upstream socket that mean "the upstream went away".
@@ -82,6 +88,15 @@ def classify(
     return None
 
 
-def status_failure(status: int) -> Failure:
-    """The upstream answered 4xx/5xx: its status and body are relayed as they are."""
+# The provider refusing our credentials: the caller's key is not the problem.
+UPSTREAM_AUTH_STATUSES = frozenset({401, 403})
+
+
+def status_failure(status: int, provider: str) -> Failure:
+    """The upstream answered 4xx/5xx: its status and (redacted) body are relayed,
+    except 401/403, which mean our provider key was refused: 502, neutral error."""
+    if status in UPSTREAM_AUTH_STATUSES:
+        return Failure(
+            Outcome.UPSTREAM_ERROR, 502, ErrorKind.STATUS, upstream_auth_failed(provider)
+        )
     return Failure(Outcome.UPSTREAM_ERROR, status, ErrorKind.STATUS, None)

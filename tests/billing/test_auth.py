@@ -47,6 +47,7 @@ def auth_config(**overrides: object) -> AuthConfig:
                 "name": "agent-service",
                 "sha256": hash_key(SERVICE_KEY),
                 "scenes": ["agent", "Memory"],
+                "may_skip_charge": True,
             },
             {"name": "ops", "sha256": hash_key(WILDCARD_KEY), "scenes": ["*"]},
         ],
@@ -98,7 +99,9 @@ def test_unusable_request_id_is_replaced(bad: str) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", BillingContext.normalize(request_id=bad).request_id)
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "0", "1.5", "99999999999999999999", True])
+@pytest.mark.parametrize(
+    "bad", ["abc", "-1", "0", "1.5", "99999999999999999999", True, "042", "+5", "\u0665"]
+)
 def test_bad_user_id_is_400(bad: str | bool) -> None:
     with pytest.raises(ApiError) as info:
         BillingContext.normalize(user_id=bad)
@@ -203,9 +206,73 @@ async def test_user_from_header_over_body() -> None:
     auth = Authenticator(auth_config(), None, "p:")
     by_header = await auth.authenticate(bearer(WILDCARD_KEY, x_user_id="5"), body_user="6")
     by_body = await auth.authenticate(bearer(WILDCARD_KEY), body_user=" 6 ")
-    free_form = await auth.authenticate(bearer(WILDCARD_KEY), body_user="alice@example.com")
-    zero = await auth.authenticate(bearer(WILDCARD_KEY), body_user="0")
-    assert (by_header.user_id, by_body.user_id, free_form.user_id, zero.user_id) == (5, 6, 0, 0)
+    nobody = await auth.authenticate(bearer(WILDCARD_KEY), body_user=None)
+    assert (by_header.user_id, by_body.user_id, nobody.user_id) == (5, 6, 0)
+
+
+# Forms one reader could take for 42 and another for "nobody": each is refused.
+NON_CANONICAL_USERS = [
+    "042",
+    "+42",
+    "-42",
+    "42.0",
+    "4e1",
+    "0x2a",
+    "\u0664\u0662",  # Arabic-Indic 42
+    "\uff14\uff12",  # full-width 42
+    "42\u00a0",  # trailing no-break space
+    "0",
+    "00",
+    str(2**63),
+    "alice@example.com",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", NON_CANONICAL_USERS)
+async def test_non_canonical_body_user_is_invalid_user(value: str) -> None:
+    auth = Authenticator(auth_config(), None, "p:")
+    err = await api_error(auth.authenticate(bearer(WILDCARD_KEY), body_user=value))
+    assert (err.status, err.code, err.param) == (400, "invalid_user", "user")
+
+
+@pytest.mark.parametrize("value", [v for v in NON_CANONICAL_USERS if v.strip()])
+async def test_non_canonical_header_user_is_invalid_user(value: str) -> None:
+    auth = Authenticator(auth_config(), None, "p:")
+    err = await api_error(auth.authenticate(bearer(WILDCARD_KEY, x_user_id=value), None))
+    assert (err.status, err.code, err.param) == (400, "invalid_user", "X-User-Id")
+
+
+@pytest.mark.parametrize("value", ["1", "42", str(2**63 - 1)])
+async def test_canonical_ids_bill_that_user_from_header_and_body(value: str) -> None:
+    auth = Authenticator(auth_config(), None, "p:")
+    by_header = await auth.authenticate(bearer(WILDCARD_KEY, x_user_id=value), None)
+    by_body = await auth.authenticate(bearer(WILDCARD_KEY), body_user=value)
+    assert by_header.user_id == by_body.user_id == int(value)
+
+
+async def test_skip_charge_needs_may_skip_charge() -> None:
+    auth = Authenticator(auth_config(), None, "p:")
+    err = await api_error(
+        auth.authenticate(bearer(WILDCARD_KEY, x_user_id="7", x_skip_charge="true"), None)
+    )
+    assert (err.status, err.code, err.param) == (403, "permission_denied", "X-Skip-Charge")
+    # Saying "false" asks for nothing and is fine for any key.
+    ctx = await auth.authenticate(bearer(WILDCARD_KEY, x_user_id="7", x_skip_charge="0"), None)
+    assert (ctx.user_id, ctx.skip_charge) == (7, False)
+    allowed = await auth.authenticate(
+        bearer(SERVICE_KEY, x_user_id="7", x_billing_scene="agent", x_skip_charge="1"), None
+    )
+    assert allowed.skip_charge is True
+
+
+def test_may_skip_charge_defaults_false_and_must_be_a_boolean() -> None:
+    ops = auth_config().service_keys[1]
+    assert ops.may_skip_charge is False
+    raw = {"service_keys": [{"name": "a", "sha256": "a" * 64, "scenes": ["x"]}]}
+    raw["service_keys"][0]["may_skip_charge"] = "yes"  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"\[0\]\.may_skip_charge: must be true or false"):
+        parse_auth(raw, "auth")
 
 
 async def test_service_key_bad_user_header_is_400() -> None:

@@ -152,10 +152,42 @@ def test_snapshot_codec_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"not json", b"[]", b"{}", b'{"available_credit": "10"}', b'{"available_credit": true}'],
+    [
+        b"not json",
+        b"[]",
+        b"{}",
+        b'{"available_credit": true}',
+        b'{"available_credit": null}',
+        b'{"available_credit": "ten"}',
+        b'{"available_credit": "NaN"}',
+        b'{"available_credit": "-Infinity"}',
+        b'{"available_credit": [5]}',
+        b'{"available_credit": {"v": 5}}',
+    ],
 )
 def test_malformed_snapshot_decodes_to_none(raw: bytes) -> None:
     assert decode_snapshot(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "credit"),
+    [
+        (b'{"available_credit": -5.0}', -5),
+        (b'{"available_credit": "-5"}', -5),
+        (b'{"available_credit": "-5.0"}', -5),
+        (b'{"available_credit": "10"}', 10),
+        (b'{"available_credit": 10.0}', 10),
+        (b'{"available_credit": 0.0}', 0),
+        (b'{"available_credit": "0"}', 0),
+        # A fraction keeps its sign: "> 0?" is answered as the value answers it.
+        (b'{"available_credit": 0.25}', 1),
+        (b'{"available_credit": -0.25}', 0),
+        (b'{"available_credit": "1e999999"}', 2**63),
+        (b'{"available_credit": -1e300}', -(2**63)),
+    ],
+)
+def test_snapshot_numbers_are_read_by_value(raw: bytes, credit: int) -> None:
+    assert decode_snapshot(raw) == credit
 
 
 def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:

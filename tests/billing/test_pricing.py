@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from proxy.billing.pricing import Charge, price
 from proxy.config import PriceRule, parse_price_rules
-from proxy.config.model import FREE_RULE_ID
+from proxy.config.model import FREE_RULE_ID, PriceSchedule, Rates
 from proxy.contract.usage import Usage
 from proxy.errors import ConfigError
 
@@ -33,18 +33,32 @@ def test_parse_full_rule_reads_yaml_floats_exactly() -> None:
                 "reasoning": 12,
                 "multiplier": 0.1,
                 "min_charge": 3,
+                "cache_write": 3.125,
+                "audio_input": 40,
+                "audio_output": 80,
+                "request_fee": 0.5,
             }
         }
     )
     assert rules == {
         "gpt4o": PriceRule(
             id="gpt4o",
-            input=Decimal("2.5"),
-            cached_input=Decimal("1.25"),
-            output=Decimal("10"),
-            reasoning=Decimal("12"),
-            multiplier=Decimal("0.1"),  # not 0.1000000000000000055511...
-            min_charge=3,
+            schedules=(
+                PriceSchedule(
+                    rates=Rates(
+                        input=Decimal("2.5"),
+                        output=Decimal("10"),
+                        cached_input=Decimal("1.25"),
+                        reasoning=Decimal("12"),
+                        cache_write=Decimal("3.125"),
+                        audio_input=Decimal(40),
+                        audio_output=Decimal(80),
+                    ),
+                    multiplier=Decimal("0.1"),  # not 0.1000000000000000055511...
+                    min_charge=3,
+                    request_fee=Decimal("0.5"),
+                ),
+            ),
         )
     }
 
@@ -52,12 +66,22 @@ def test_parse_full_rule_reads_yaml_floats_exactly() -> None:
 def test_parse_defaults() -> None:
     assert parse_price_rules({"m": {"input": 3, "output": 7}})["m"] == PriceRule(
         id="m",
-        input=Decimal(3),
-        cached_input=Decimal(3),
-        output=Decimal(7),
-        reasoning=Decimal(7),
-        multiplier=Decimal(1),
-        min_charge=0,
+        schedules=(
+            PriceSchedule(
+                rates=Rates(
+                    input=Decimal(3),
+                    output=Decimal(7),
+                    cached_input=Decimal(3),
+                    reasoning=Decimal(7),
+                    cache_write=Decimal(3),
+                    audio_input=None,
+                    audio_output=None,
+                ),
+                multiplier=Decimal(1),
+                min_charge=0,
+                request_fee=Decimal(0),
+            ),
+        ),
     )
 
 
@@ -90,7 +114,7 @@ NUMBER = "must be a non-negative number, got"
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("ouput", 2, "price_rules.m.ouput: unknown key (allowed: cached_input, input"),
+        ("ouput", 2, "price_rules.m.ouput: unknown key (allowed: audio_input, audio_output"),
         ("input", "abc", f"price_rules.m.input: {NUMBER} 'abc'"),
         ("input", "2.5", f"price_rules.m.input: {NUMBER} '2.5'"),  # quoted numbers are typos too
         ("input", True, f"price_rules.m.input: {NUMBER} True"),
@@ -237,7 +261,23 @@ _counts = st.integers(min_value=0, max_value=10**13)
 def test_price_matches_rational_reference(
     rates: tuple[Decimal, ...], min_charge: int, counts: tuple[int, ...]
 ) -> None:
-    r = PriceRule("p", *rates, min_charge=min_charge)
+    f_rates = dict(zip(("input", "cached_input", "output", "reasoning"), rates, strict=False))
+    r = PriceRule(
+        "p",
+        (
+            PriceSchedule(
+                Rates(
+                    input=f_rates["input"],
+                    output=f_rates["output"],
+                    cached_input=f_rates["cached_input"],
+                    reasoning=f_rates["reasoning"],
+                    cache_write=f_rates["input"],
+                ),
+                multiplier=rates[4],
+                min_charge=min_charge,
+            ),
+        ),
+    )
     uncached, cached, plain, reasoning = counts
     usage = Usage(
         prompt_tokens=uncached + cached,

@@ -151,3 +151,106 @@ def test_idempotence_knob(raw: str | None, expected: bool) -> None:
 def test_idempotence_knob_rejects_garbage() -> None:
     with pytest.raises(ConfigError, match=IDEMPOTENCE_ENV):
         env_flag({IDEMPOTENCE_ENV: "sometimes"}, IDEMPOTENCE_ENV, True)
+
+
+# -- duplicate keys (issue 16) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            GOOD + "  smart: {provider: openai, model: gpt-4o-mini, free: true}\n",
+            "aliases.yaml: line 12: aliases.smart: duplicate key 'smart' (first at line 10)",
+        ),
+        (
+            GOOD.replace("output: 10}", "output: 10, input: 0}"),
+            "line 8: price_rules.gpt4o.input: duplicate key 'input' (first at line 8)",
+        ),
+        (
+            GOOD + "auth:\n  service_keys:\n    - {name: a, name: b}\n",
+            "line 14: auth.service_keys[0].name: duplicate key 'name'",
+        ),
+        (
+            GOOD + "providers: {}\n",
+            "line 12: providers: duplicate key 'providers' (first at line 2)",
+        ),
+    ],
+)
+def test_duplicate_keys_anywhere_are_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    assert message in str(info.value)
+    assert str(info.value).startswith(str(tmp_path / "aliases.yaml"))
+
+
+# -- allow_params and cost in band (issue 16) ----------------------------------------------
+
+PRICED = """
+providers:
+  openai: {base_url: "https://api.openai.com/v1"}
+price_rules:
+  full:
+    input: 2.5
+    output: 10
+    audio_input: 40
+    audio_output: 80
+    request_fee: 25
+    service_tiers: {priority: {multiplier: 2}}
+  plain: {input: 2.5, output: 10}
+aliases:
+"""
+
+
+def test_allow_params_and_cost_in_band(tmp_path: Path) -> None:
+    text = PRICED + (
+        "  a: {provider: openai, model: m, price_rule: full, cost_in_band: true,\n"
+        "      allow_params: [service_tier, audio, web_search_options, route]}\n"
+        "  b: {provider: openai, model: m, price_rule: plain}\n"
+    )
+    config = load_config(write(tmp_path, text), env={})
+    a, b = config.aliases["a"], config.aliases["b"]
+    assert a.allow_params == {"service_tier", "audio", "web_search_options", "route"}
+    assert (a.cost_in_band, b.cost_in_band, b.allow_params) == (True, False, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("alias", "message"),
+    [
+        ("{price_rule: plain, allow_params: [service_tier]}", "'service_tier' needs service_tiers"),
+        (
+            "{price_rule: plain, allow_params: [audio]}",
+            "'audio' needs audio_input and audio_output",
+        ),
+        (
+            "{price_rule: plain, allow_params: [web_search_options]}",
+            "'web_search_options' needs a request_fee above 0",
+        ),
+        ("{price_rule: full, allow_params: [temperature]}", "'temperature' is always accepted"),
+        ("{price_rule: full, allow_params: [modalities]}", "covered by 'audio'"),
+        ("{price_rule: full, allow_params: [3]}", "allow_params[0]: must be a request field name"),
+        ("{price_rule: full, allow_params: service_tier}", "allow_params: must be a list"),
+        ("{price_rule: full, cost_in_band: 1}", "cost_in_band: must be true or false"),
+    ],
+)
+def test_allow_params_errors(tmp_path: Path, alias: str, message: str) -> None:
+    text = PRICED + "  a: " + alias.replace("{", "{provider: openai, model: m, ", 1) + "\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    assert "aliases.a." in str(info.value) and message in str(info.value)
+
+
+def test_allowing_a_price_param_needs_a_version_that_prices_it(tmp_path: Path) -> None:
+    text = (
+        PRICED.replace(
+            "    request_fee: 25\n",
+            "    versions: [{effective_from: '2027-01-01T00:00:00Z', input: 2, output: 8,\n"
+            "                request_fee: 3}]\n",
+        )
+        + "  a: {provider: openai, model: m, price_rule: full,\n"
+        + "      allow_params: [web_search_options]}\n"
+    )
+    load_config(write(tmp_path, text), env={})  # the 2027 version prices web search
+    text = text.replace("request_fee: 3", "request_fee: 0")
+    with pytest.raises(ConfigError, match="'web_search_options' needs a request_fee above 0"):
+        load_config(write(tmp_path, text), env={})

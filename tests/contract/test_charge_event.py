@@ -60,7 +60,7 @@ def valid_dict() -> dict[str, Any]:
 def test_create_fills_identity_and_charge() -> None:
     event = make_event(now_ns=NOW_NS)
     assert event.event_type == EVENT_TYPE == "credit.charge.requested"
-    assert event.schema_version == SCHEMA_VERSION == 1
+    assert event.schema_version == SCHEMA_VERSION == 2
     assert event.occurred_at == "2024-05-01T12:00:00.123Z"
     assert re.fullmatch(r"[0-9a-f]{32}", event.event_id)
     assert event.price_rule == "gpt4o"
@@ -80,8 +80,9 @@ def test_to_json_has_stable_keys_and_values() -> None:
     assert data == {
         "event_id": event.event_id,
         "event_type": "credit.charge.requested",
-        "schema_version": 1,
+        "schema_version": 2,
         "occurred_at": "2024-05-01T12:00:00.123Z",
+        "started_at": "2024-05-01T11:59:58.889Z",  # occurred_at - latency_ms (1234.5)
         "request_id": "req_abc123",
         "user_id": 42,
         "scene": "chat",
@@ -90,15 +91,35 @@ def test_to_json_has_stable_keys_and_values() -> None:
         "provider": "openai",
         "upstream_model": "gpt-4o-2024-08-06",
         "stream": True,
-        "usage": {"prompt": 1200, "completion": 300, "cached": 100, "reasoning": 20, "total": 1500},
+        "service_tier": None,
+        "usage": {
+            "prompt": 1200,
+            "completion": 300,
+            "cached": 100,
+            "cache_write": 0,
+            "audio_prompt": 0,
+            "reasoning": 20,
+            "audio_completion": 0,
+            "total": 1500,
+        },
         "usage_source": "upstream",
         "price_rule": "gpt4o",
+        "price_version": None,
         "credits": 1,
         "outcome": "completed",
         "latency_ms": 1234.5,
         "ttft_ms": 210.25,
     }
-    assert list(data["usage"]) == ["prompt", "completion", "cached", "reasoning", "total"]
+    assert list(data["usage"]) == [
+        "prompt",
+        "completion",
+        "cached",
+        "cache_write",
+        "audio_prompt",
+        "reasoning",
+        "audio_completion",
+        "total",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -110,6 +131,21 @@ def test_to_json_has_stable_keys_and_values() -> None:
         {"usage": Usage(), "usage_source": UsageSource.ESTIMATED, "outcome": Outcome.REJECTED},
         {"usage": Usage(prompt_tokens=10**12, completion_tokens=10**12), "user_id": 2**62},
         {"outcome": Outcome.CLIENT_ABORTED, "scene": "naïve ☃"},
+        {
+            "usage": Usage(
+                prompt_tokens=100,
+                cached_tokens=10,
+                cache_write_tokens=20,
+                audio_prompt_tokens=30,
+                completion_tokens=50,
+                reasoning_tokens=5,
+                audio_completion_tokens=40,
+            ),
+            "service_tier": "priority",
+            "price_version": "2027-01-01T00:00:00Z",
+            "started_ms": 1_714_564_799_000,
+            "now_ns": NOW_NS,
+        },
     ],
 )
 def test_round_trip(overrides: dict[str, Any]) -> None:
@@ -180,12 +216,24 @@ def _drop(path: str) -> dict[str, Any]:
         (b"null", "$", "must be a JSON object, got null"),
         (_set("event_type", "credit.refund.requested"), "event_type", "must be"),
         (_drop("event_type"), "event_type", "must be"),
-        (_set("schema_version", 2), "schema_version", "unsupported version 2"),
+        (_set("schema_version", 3), "schema_version", "unsupported version 3"),
+        (_set("schema_version", 1), "started_at", "unknown field"),  # v1 has its own shape
         (_set("schema_version", "1"), "schema_version", "unsupported version '1'"),
         (_set("schema_version", True), "schema_version", "unsupported version True"),
         (_drop("schema_version"), "schema_version", "unsupported version None"),
         (_set("refund", True), "refund", "unknown field"),
         (_set("usage.audio", 3), "usage.audio", "unknown field"),
+        (_drop("started_at"), "started_at", "missing"),
+        (_set("started_at", "2024-05-01T12:00:00Z"), "started_at", "must be UTC"),
+        (_set("started_at", "2999-01-01T00:00:00.000Z"), "started_at", "not be after"),
+        (_drop("service_tier"), "service_tier", "missing"),
+        (_set("service_tier", ""), "service_tier", "must not be empty"),
+        (_set("price_version", 2027), "price_version", "must be a string"),
+        (_drop("price_version"), "price_version", "missing"),
+        (_drop("usage.audio_prompt"), "usage.audio_prompt", "missing"),
+        (_set("usage.cache_write", -1), "usage.cache_write", "must be >= 0"),
+        (_set("usage.cache_write", 1150), "usage.prompt", "less than cached + cache_write"),
+        (_set("usage.audio_completion", 290), "usage.completion", "less than reasoning"),
         (_drop("event_id"), "event_id", "missing"),
         (_set("event_id", "not-hex"), "event_id", "32 lowercase hex"),
         (_set("event_id", 123), "event_id", "must be a string, got number"),
@@ -239,6 +287,38 @@ def test_from_json_rejects_bad_messages(
     assert reason in info.value.reason
     assert isinstance(info.value, ValueError)  # the ledger's contract: ValueError
     assert f"{field}: " in str(info.value)
+
+
+def v1_dict() -> dict[str, Any]:
+    """What a version-1 proxy emitted (still in outboxes during an upgrade)."""
+    data = valid_dict()
+    for key in ("started_at", "service_tier", "price_version"):
+        del data[key]
+    for key in ("cache_write", "audio_prompt", "audio_completion"):
+        del data["usage"][key]
+    data["schema_version"] = 1
+    data["occurred_at"] = "2024-05-01T12:00:00.123Z"
+    return data
+
+
+def test_version_1_events_are_still_read_as_they_meant() -> None:
+    event = ChargeEvent.from_json(orjson.dumps(v1_dict()))
+    assert (event.service_tier, event.price_version) == (None, None)
+    assert event.started_at == "2024-05-01T11:59:58.889Z"  # occurred_at - latency_ms
+    assert event.usage == USAGE
+    assert (event.credits, event.user_id) == (1, 42)
+
+
+@pytest.mark.parametrize("extra", ["started_at", "price_version", "service_tier"])
+def test_version_1_events_must_keep_their_own_shape(extra: str) -> None:
+    data = v1_dict()
+    data[extra] = None
+    with pytest.raises(InvalidChargeEvent, match=f"{extra}: unknown field"):
+        ChargeEvent.from_json(orjson.dumps(data))
+    data = v1_dict()
+    data["usage"]["cache_write"] = 0
+    with pytest.raises(InvalidChargeEvent, match=r"usage\.cache_write: unknown field"):
+        ChargeEvent.from_json(orjson.dumps(data))
 
 
 def test_from_json_rejects_nan_latency_written_by_orjson() -> None:
@@ -337,6 +417,9 @@ def test_serialised_events_satisfy_the_schema(
         ("event_type", "other"),
         ("schema_version", True),
         ("occurred_at", "yesterday"),
+        ("started_at", "today"),
+        ("price_version", 5),
+        ("usage.audio_prompt", -1),
         ("ttft_ms", "fast"),
         ("outcome", "exploded"),
         ("extra", 1),

@@ -178,7 +178,8 @@ price_rules:
 aliases:
   smart: {{provider: fake, model: fake-model-v1, price_rule: std}}
 auth:
-  service_keys: [{{name: svc, sha256: "{hash_key(SERVICE_KEY)}", scenes: ["*"]}}]
+  service_keys:
+    - {{name: svc, sha256: "{hash_key(SERVICE_KEY)}", scenes: ["*"], may_skip_charge: true}}
 events: {{topic: {kafka_topic}}}
 server: {{shutdown_grace_s: 5, outbox_drain_s: 5}}
 """
@@ -257,3 +258,38 @@ server: {{shutdown_grace_s: 5, outbox_drain_s: 5}}
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 30)
         await fake.close()
+
+
+async def test_priced_tier_and_version_reach_the_topic_in_schema_2(
+    start_proxy: StartProxy, kafka_broker, kafka_topic: str
+) -> None:
+    """Issue 16: the event a ledger consumes names the version and tier that priced it."""
+    h = await start_proxy(
+        behaviour=Behaviour(audio_prompt_tokens=50, cache_write_tokens=5),
+        kafka_bootstrap=kafka_broker.bootstrap,
+        topic=kafka_topic,
+        extra_rules=(
+            "  dated:\n    input: 1\n    output: 1\n    versions:\n"
+            "      - {effective_from: '2020-01-01T00:00:00Z', input: 1000, output: 2000,\n"
+            "         audio_input: 9000, audio_output: 9000,\n"
+            "         service_tiers: {priority: {multiplier: 3}}}\n"
+        ),
+        extra_aliases=(
+            "  dated: {provider: fake, model: fake-dated, price_rule: dated,\n"
+            "          allow_params: [service_tier, audio]}\n"
+        ),
+    )
+    body = {"model": "dated", "messages": MESSAGES, "service_tier": "priority"}
+    headers = h.headers(user_id=204, **{"X-Request-Id": "tiered-1"})
+    status, reply, _ = await h.chat(body, headers)
+    assert status == 200
+    events = await read_until(kafka_broker.bootstrap, kafka_topic, {"tiered-1"})
+    (event,) = [e for e in events.values() if e["request_id"] == "tiered-1"]
+    assert event["schema_version"] == 2
+    assert (event["price_rule"], event["price_version"]) == ("dated", "2020-01-01T00:00:00Z")
+    assert event["service_tier"] == "priority"
+    u = reply["usage"]
+    assert (event["usage"]["audio_prompt"], event["usage"]["cache_write"]) == (50, 5)
+    text_in = u["prompt_tokens"] - 50 - 5
+    raw = (text_in * 1000 + 5 * 1000 + 50 * 9000 + u["completion_tokens"] * 2000) * 3
+    assert event["credits"] == -(-raw // 1_000_000)

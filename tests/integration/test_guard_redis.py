@@ -357,3 +357,48 @@ async def test_auth_paused_redis_answers_503(  # type: ignore[no-untyped-def]
         assert info.value.status == 503
     finally:
         redis_server.resume()
+
+
+# -- snapshots read strictly and conservatively (issue 16) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "decision"),
+    [
+        (b'{"available_credit": -5.0}', GuardDecision.BLOCK),
+        (b'{"available_credit": "-5"}', GuardDecision.BLOCK),
+        (b'{"available_credit": "0"}', GuardDecision.BLOCK),
+        (b'{"available_credit": -0.5}', GuardDecision.BLOCK),
+        (b'{"available_credit": "12"}', GuardDecision.ALLOW),
+        (b'{"available_credit": 0.5}', GuardDecision.ALLOW),
+    ],
+)
+async def test_numeric_snapshots_decide_by_value(  # type: ignore[no-untyped-def]
+    make_guard, redis_client, redis_prefix, raw, decision
+) -> None:
+    keys = RedisKeys(redis_prefix)
+    await redis_client.set(keys.snapshot(USER), raw)
+    assert await make_guard().check(ctx()) is decision
+    # A block by value leaves the marker, like any snapshot without credit.
+    assert await redis_client.exists(keys.blocked(USER)) == (decision is GuardDecision.BLOCK)
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{broken", b'{"available_credit": true}', b'{"available_credit": "lots"}', b"[]"]
+)
+async def test_unreadable_snapshot_asks_the_provider(  # type: ignore[no-untyped-def]
+    make_guard, fake_provider, redis_client, redis_prefix, raw
+) -> None:
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), raw)
+    fake_provider.set(USER, -3)
+    assert await make_guard(fake_provider).check(ctx()) is GuardDecision.BLOCK
+    assert fake_provider.calls == {USER: 1}
+
+
+async def test_unreadable_snapshot_without_provider_is_never_allow(  # type: ignore[no-untyped-def]
+    make_guard, redis_client, redis_prefix
+) -> None:
+    await redis_client.set(RedisKeys(redis_prefix).snapshot(USER), b'{"available_credit": true}')
+    assert await make_guard().check(ctx()) is GuardDecision.FAIL_OPEN
+    # Truly missing, with nobody to ask, is the seed rule's allow.
+    assert await make_guard().check(ctx(USER + 1)) is GuardDecision.ALLOW

@@ -17,7 +17,13 @@ import redis.asyncio as aioredis
 from multidict import CIMultiDict
 
 from proxy.ledger.apikeys import ApiKeyStore
-from tests.fixtures_proxy import SERVICE_KEY, ProxyHarness, RecordingObserver, StartProxy
+from tests.fixtures_proxy import (
+    SERVICE_KEY,
+    ProxyHarness,
+    RecordingObserver,
+    StartProxy,
+    service_key_yaml,
+)
 from tests.fixtures_redis import RedisServer
 
 REQ = {"model": "smart", "messages": [{"role": "user", "content": "hi"}]}
@@ -84,15 +90,17 @@ async def test_forged_user_id_with_a_user_key_never_bills_another_user(
         assert body["error"]["param"] == "X-User-Id"
     # Naming yourself is allowed (and changes nothing).
     assert (await post(h, [auth, ("X-User-Id", str(OWNER))]))[0] == 200
-    assert (await post(h, [auth, ("X-User-Id", f"0{OWNER}")]))[0] == 200
+    # ... but only in the canonical form: the header follows the body's rule (issue 16).
+    status, body = await post(h, [auth, ("X-User-Id", f"0{OWNER}")])
+    assert (status, body["error"]["code"]) == (400, "invalid_user")
     # A repeated header: the first one counts, and it must be the key's own user.
     status, _ = await post(h, [auth, ("X-User-Id", str(VICTIM)), ("X-User-Id", str(OWNER))])
     assert status == 403
     assert (await post(h, [auth, ("X-User-Id", str(OWNER)), ("X-User-Id", str(VICTIM))]))[0] == 200
     # The body's `user` field names nobody when a user key is used.
     assert (await post(h, [auth], {**REQ, "user": str(VICTIM)}))[0] == 200
-    assert len(h.recorder.requests) == 4
-    assert await charged_users(h, obs) == [OWNER] * 4
+    assert len(h.recorder.requests) == 3
+    assert await charged_users(h, obs) == [OWNER] * 3
 
 
 @pytest.mark.parametrize("value", ["true", "TRUE", " yes ", "1", "on", "maybe"])
@@ -234,3 +242,48 @@ async def test_keys_never_appear_in_logs_or_answers(
         assert all(secret not in a for a in answers)
     # Nor does any key reach the upstream: it gets the provider's own key only.
     assert all(s not in str(r["headers"]) for r in h.recorder.requests for s in secrets)
+
+
+# -- a service key's payer forms and skip-charge permission (issue 16) ----------------------
+
+NON_CANONICAL = ["042", "+42", "42.0", "\u0664\u0662", "0", "", " ", "alice", "4\u200b2"]
+
+
+@pytest.mark.parametrize("value", NON_CANONICAL)
+async def test_service_key_non_canonical_body_user_is_400_and_free_of_nothing(
+    proxy: tuple[ProxyHarness, RecordingObserver], value: str
+) -> None:
+    h, obs = proxy
+    svc = ("Authorization", f"Bearer {SERVICE_KEY}")
+    status, body = await post(h, [svc], {**REQ, "user": value})
+    assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_user", "user")
+    assert h.recorder.requests == []  # refused before the upstream: nothing consumed
+    # The canonical form bills that user; the header and the body agree on it.
+    assert (await post(h, [svc], {**REQ, "user": "42"}))[0] == 200
+    assert (await post(h, [svc, ("X-User-Id", "42")]))[0] == 200
+    status, body = await post(h, [svc, ("X-User-Id", value)]) if value.strip() else (400, {})
+    if value.strip():
+        assert (status, body["error"]["code"]) == (400, "invalid_user")
+    assert await charged_users(h, obs) == [42, 42]
+
+
+async def test_skip_charge_is_a_permission_of_its_own(
+    start_proxy: StartProxy, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    obs = RecordingObserver()
+    h = await start_proxy(
+        auth_yaml=service_key_yaml(may_skip_charge=False),
+        redis_url=redis_server.url,
+        guard_prefix=redis_prefix,
+        observer=obs,
+    )
+    svc = ("Authorization", f"Bearer {SERVICE_KEY}")
+    status, body = await post(h, [svc, ("X-User-Id", "42"), ("X-Skip-Charge", "true")])
+    assert (status, body["error"]["code"], body["error"]["param"]) == (
+        403,
+        "permission_denied",
+        "X-Skip-Charge",
+    )
+    assert h.recorder.requests == []
+    assert (await post(h, [svc, ("X-User-Id", "42"), ("X-Skip-Charge", "false")]))[0] == 200
+    assert await charged_users(h, obs) == [42]

@@ -50,7 +50,10 @@ async def test_upstream_usage_is_passed_through_exactly(start_proxy: StartProxy)
         "prompt": last_usage["prompt_tokens"],
         "completion": last_usage["completion_tokens"],
         "cached": 3,
+        "cache_write": 0,
+        "audio_prompt": 0,
         "reasoning": 5,
+        "audio_completion": 0,
         "total": last_usage["prompt_tokens"] + last_usage["completion_tokens"],
     }
     assert event["outcome"] == "completed"

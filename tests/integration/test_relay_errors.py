@@ -283,3 +283,69 @@ async def test_authentication_comes_before_validation(start_proxy: StartProxy) -
         assert status == 401
         assert_openai_error(err, "invalid_api_key")
     assert h.recorder.requests == []
+
+
+# -- upstream errors never leak provider details or blame the caller (issue 16) ------------
+
+
+@pytest.mark.parametrize("upstream_status", [401, 403])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_refusing_our_key_is_502_upstream_auth_failed(
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    upstream_status: int,
+    stream: bool,
+) -> None:
+    from tests.fixtures_proxy import PROVIDER_KEY
+
+    leaky = orjson.dumps(
+        {
+            "error": {
+                "message": f"Incorrect API key provided: {PROVIDER_KEY}. Org org-42 is disabled.",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+                "param": None,
+            }
+        }
+    )
+    h = await start_proxy(behaviour=Behaviour(status=upstream_status, error_body=leaky))
+    with caplog.at_level("WARNING", logger="proxy.upstream.relay"):
+        status, body, headers = await h.chat(
+            {"model": "smart", "messages": MESSAGES, "stream": stream}
+        )
+    assert status == 502
+    err = assert_openai_error(body, "upstream_auth_failed")
+    assert err["type"] == "upstream_error"
+    raw = orjson.dumps(body)
+    assert PROVIDER_KEY.encode() not in raw and b"org-42" not in raw
+    assert b"invalid_api_key" not in raw  # the caller's key is not the problem
+    assert headers["X-Request-Id"]
+    (record,) = [r for r in caplog.records if "refused the proxy's credentials" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert PROVIDER_KEY not in record.getMessage()
+    await h.flush_events()
+    assert h.sink_events() == []  # an upstream refusal is not charged
+
+
+@pytest.mark.parametrize(
+    ("secret", "kept"),
+    [
+        (b"sk-proj-AbC123_xyz-789", b"sk-[redacted]"),
+        (b"Bearer eyJhbGciOi.JIUzI1NiJ9.e30", b"Bearer [redacted]"),
+        (b"bearer abc/def+ghi=", b"Bearer [redacted]"),
+    ],
+)
+async def test_other_upstream_error_bodies_are_relayed_without_keys(
+    start_proxy: StartProxy, secret: bytes, kept: bytes
+) -> None:
+    leaky = (
+        b'{"error":{"message":"quota exceeded for '
+        + secret
+        + b' (ask support)","type":"rate_limit","code":"rate_limit_exceeded","param":null}}'
+    )
+    h = await start_proxy(behaviour=Behaviour(status=429, error_body=leaky))
+    status, body, _ = await h.chat({"model": "smart", "messages": MESSAGES})
+    assert status == 429
+    err = assert_openai_error(body, "rate_limit_exceeded")
+    assert err["message"] == "quota exceeded for " + kept.decode() + " (ask support)"
+    assert secret not in orjson.dumps(body)

@@ -27,6 +27,7 @@ LIMIT = 1024
 PROVIDER = Provider(name="acme", base_url="http://u/v1", api_key_env=None, api_key=None)
 ALIASES = {"smart": Alias(name="smart", provider=PROVIDER, model="up-1", price_rule=None)}
 MESSAGES = [{"role": "user", "content": "hi"}]
+NOW_MS = 1_800_000_000_000  # request start (unix ms): picks the price version in force
 REQ = {"model": "smart", "messages": MESSAGES}
 
 
@@ -189,7 +190,7 @@ def test_body_user_of_another_type_is_400(value: object) -> None:
 
 def test_a_valid_request_is_parsed() -> None:
     body = {"model": "smart", "messages": MESSAGES}
-    chat = parse_chat_request(body, ALIASES)
+    chat = parse_chat_request(body, ALIASES, started_ms=NOW_MS)
     assert chat.alias is ALIASES["smart"]
     assert chat.body is body
     assert (chat.stream, chat.usage_requested) == (False, False)
@@ -209,14 +210,14 @@ def test_usage_requested_only_for_include_usage_true(
     options: dict[str, Any] | None, requested: bool
 ) -> None:
     body = {"model": "smart", "messages": MESSAGES, "stream": True, "stream_options": options}
-    chat = parse_chat_request(body, ALIASES)
+    chat = parse_chat_request(body, ALIASES, started_ms=NOW_MS)
     assert chat.stream is True
     assert chat.usage_requested is requested
 
 
 def test_stream_null_means_not_streamed() -> None:
     body = {"model": "smart", "messages": MESSAGES, "stream": None}
-    assert parse_chat_request(body, ALIASES).stream is False
+    assert parse_chat_request(body, ALIASES, started_ms=NOW_MS).stream is False
 
 
 @pytest.mark.parametrize(
@@ -251,17 +252,19 @@ def test_parse_errors_name_their_code_and_param(
     body: dict[str, Any], expected: tuple[int, str, str]
 ) -> None:
     with pytest.raises(ApiError) as info:
-        parse_chat_request(body, ALIASES)
+        parse_chat_request(body, ALIASES, started_ms=NOW_MS)
     assert api_error(info) == expected
 
 
 def test_model_is_checked_before_messages() -> None:
     with pytest.raises(ApiError) as info:
-        parse_chat_request({"model": "nope"}, ALIASES)
+        parse_chat_request({"model": "nope"}, ALIASES, started_ms=NOW_MS)
     assert info.value.code == "model_not_found"
 
 
 def test_unknown_model_message_is_bounded() -> None:
     with pytest.raises(ApiError) as info:
-        parse_chat_request({"model": "m" * 10_000, "messages": MESSAGES}, ALIASES)
+        parse_chat_request(
+            {"model": "m" * 10_000, "messages": MESSAGES}, ALIASES, started_ms=NOW_MS
+        )
     assert len(info.value.message) < 400

@@ -188,12 +188,23 @@ async def test_other_exceptions_are_not_upstream_failures(exc: BaseException, ph
     assert await classify_now(exc, phase, 200) is None
 
 
-@pytest.mark.parametrize("status", [400, 401, 429, 500, 503])
+@pytest.mark.parametrize("status", [400, 429, 500, 503])
 def test_status_failure_relays_the_upstream_status(status: int) -> None:
-    failure = status_failure(status)
+    failure = status_failure(status, "p")
     assert (failure.outcome, failure.status, failure.kind, failure.error) == (
         Outcome.UPSTREAM_ERROR,
         status,
         ErrorKind.STATUS,
         None,
     )
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_status_failure_of_our_key_refused_is_a_neutral_502(status: int) -> None:
+    failure = status_failure(status, "p")
+    assert (failure.outcome, failure.status, failure.kind) == (
+        Outcome.UPSTREAM_ERROR,
+        502,
+        ErrorKind.STATUS,
+    )
+    assert failure.error is not None and failure.error.code == "upstream_auth_failed"
