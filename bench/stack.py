@@ -30,8 +30,11 @@ providers:
 price_rules:
   std: {{input: 1000, cached_input: 500, output: 2000}}
 aliases:
-  bench-paid: {{provider: bench, model: bench-model, price_rule: std}}
-  bench-free: {{provider: bench, model: bench-model, free: true}}
+  # bench_chunk_interval_ms: read only by the bench upstream (its chunk pacing).
+  bench-paid: {{provider: bench, model: bench-model, price_rule: std,
+               allow_params: [bench_chunk_interval_ms]}}
+  bench-free: {{provider: bench, model: bench-model, free: true,
+               allow_params: [bench_chunk_interval_ms]}}
 auth:
   mode: keys
   service_keys:
