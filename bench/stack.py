@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.harness import REPO, Proc, free_port, pinned, python
+from bench.harness import Proc, free_port, pinned, python
 from proxy.contract.redis_keys import key_sha256 as hash_key
 
 SERVICE_KEY = "sk-bench-service-key"
@@ -30,18 +30,11 @@ providers:
 price_rules:
   std: {{input: 1000, cached_input: 500, output: 2000}}
 aliases:
-  # bench_chunk_interval_ms: the bench upstream's pacing knob (an unknown field is
-  # refused unless the alias accepts it).
-  bench-paid:
-    provider: bench
-    model: bench-model
-    price_rule: std
-    allow_params: [bench_chunk_interval_ms]
-  bench-free:
-    provider: bench
-    model: bench-model
-    free: true
-    allow_params: [bench_chunk_interval_ms]
+  # bench_chunk_interval_ms: read only by the bench upstream (its chunk pacing).
+  bench-paid: {{provider: bench, model: bench-model, price_rule: std,
+               allow_params: [bench_chunk_interval_ms]}}
+  bench-free: {{provider: bench, model: bench-model, free: true,
+               allow_params: [bench_chunk_interval_ms]}}
 auth:
   mode: keys
   service_keys:
@@ -171,11 +164,9 @@ class Stack:
         workers: int = 1,
         cores: str | None = PROXY_CORE,
         extra_env: dict[str, str] | None = None,
-        source: Path | None = None,
     ) -> Target:
         """`full`: Redis guard + paid alias (metering, pricing, outbox with a JSON-lines
-        sink). Otherwise the relay only: no Redis, a free alias, no payer. `source`: a
-        checkout of another revision to run instead of this one (bench_revisions)."""
+        sink). Otherwise the relay only: no Redis, a free alias, no payer."""
         port = free_port()
         env = self.base_env()
         env["LLM_PROXY_OUTBOX_PATH"] = str(self.workdir / f"outbox-{name}.sqlite3")
@@ -194,10 +185,7 @@ class Stack:
         )  # fmt: skip
         if workers != 1:
             argv += ["--workers", str(workers)]
-        if source is not None:
-            env["PYTHONPATH"] = str(source)
-        log = self.workdir / f"{name}.log"
-        proc = self._start(Proc(name, pinned(cores, argv), env, log, port, cwd=source or REPO))
+        proc = self._start(Proc(name, pinned(cores, argv), env, self.workdir / f"{name}.log", port))
         model = "bench-paid" if full else "bench-free"
         return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", model, headers, proc)
 

@@ -126,7 +126,8 @@ class ChargeEvent:
     latency_ms: float
     ttft_ms: float | None
     # When the request arrived (same format as occurred_at): picks the price version.
-    started_at: str = ""
+    # Required: an event without it would not pass the reader.
+    started_at: str
     service_tier: str | None = None  # the request's service_tier, when it gave one
     # effective_from of the price rule's version that priced it; None: its undated rates.
     price_version: str | None = None

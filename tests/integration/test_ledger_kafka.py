@@ -34,6 +34,7 @@ def charge_event(user_id: int, credits: int) -> ChargeEvent:
     return ChargeEvent(
         event_id=new_event_id(time.time_ns() // 1_000_000),
         occurred_at="2024-05-01T12:00:00.123Z",
+        started_at="2024-05-01T12:00:00.122Z",
         request_id=uuid.uuid4().hex,
         user_id=user_id,
         scene="chat",

@@ -10,8 +10,8 @@ import pytest
 from redis import Redis
 
 from proxy.billing.pricing import price
-from proxy.cli import main
-from proxy.config import parse_price_rules
+from proxy.cli import build_parser
+from proxy.config import EnvSettings, parse_price_rules
 from proxy.contract.charge_event import ChargeEvent
 from proxy.contract.outcome import Outcome
 from proxy.contract.redis_keys import RedisKeys
@@ -86,6 +86,14 @@ def rerate(files: tuple[Path, Path], redis: RedisServer, prefix: str, *extra: st
     argv += ["--from", "2026-11-01", "--to", "2027-02-01T00:00:00Z", "--json"]
     argv += ["--redis-url", redis.url, "--prefix", prefix, *extra]
     return argv  # type: ignore[return-value]
+
+
+def main(argv: list[str]) -> int:
+    """The command as `llm-proxy` runs it, minus main()'s global logging set-up (which
+    would reconfigure logging for every later test)."""
+    settings = EnvSettings.from_env()
+    args = build_parser(settings).parse_args(argv)
+    return int(args.func(args, settings))
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
