@@ -12,7 +12,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.harness import Proc, free_port, pinned, python
+from bench.harness import REPO, Proc, free_port, pinned, python
 from proxy.contract.redis_keys import key_sha256 as hash_key
 
 SERVICE_KEY = "sk-bench-service-key"
@@ -164,9 +164,11 @@ class Stack:
         workers: int = 1,
         cores: str | None = PROXY_CORE,
         extra_env: dict[str, str] | None = None,
+        source: Path | None = None,
     ) -> Target:
         """`full`: Redis guard + paid alias (metering, pricing, outbox with a JSON-lines
-        sink). Otherwise the relay only: no Redis, a free alias, no payer."""
+        sink). Otherwise the relay only: no Redis, a free alias, no payer. `source`: a
+        checkout of another revision to run instead of this one (bench_revisions)."""
         port = free_port()
         env = self.base_env()
         env["LLM_PROXY_OUTBOX_PATH"] = str(self.workdir / f"outbox-{name}.sqlite3")
@@ -185,7 +187,10 @@ class Stack:
         )  # fmt: skip
         if workers != 1:
             argv += ["--workers", str(workers)]
-        proc = self._start(Proc(name, pinned(cores, argv), env, self.workdir / f"{name}.log", port))
+        if source is not None:
+            env["PYTHONPATH"] = str(source)
+        log = self.workdir / f"{name}.log"
+        proc = self._start(Proc(name, pinned(cores, argv), env, log, port, cwd=source or REPO))
         model = "bench-paid" if full else "bench-free"
         return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", model, headers, proc)
 
