@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import BrokerResponseError, KafkaError, TopicAlreadyExistsError
 
 from proxy.delivery.outbox import OutboxRow
 from proxy.errors import ConfigError
@@ -82,16 +82,32 @@ class KafkaSink:
     """
 
     def __init__(
-        self, producer: AIOKafkaProducer, topic: str, *, send_timeout: float = 30.0
+        self,
+        producer: AIOKafkaProducer,
+        topic: str,
+        *,
+        send_timeout: float = 30.0,
+        idempotence_hint: str | None = None,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._send_timeout = send_timeout
+        # For an idempotent producer: what to tell the operator when the broker refuses
+        # to hand out a producer id (brokers without idempotence answer UnknownError).
+        self._idempotence_hint = idempotence_hint
         self._started = False
 
     async def send_batch(self, rows: Sequence[OutboxRow]) -> None:
         if not self._started:
-            await self._producer.start()
+            try:
+                await self._producer.start()
+            except BrokerResponseError as exc:
+                if self._idempotence_hint is None:
+                    raise
+                raise KafkaError(
+                    f"{exc!r} while starting an idempotent producer: the broker may not "
+                    f"support idempotent producers ({self._idempotence_hint})"
+                ) from exc
             self._started = True
         futures: list[asyncio.Future[Any]] = []
         try:

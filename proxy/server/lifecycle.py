@@ -13,6 +13,7 @@ from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import CreditBalanceGuard
 from proxy.billing.snapshot_client import SnapshotClient
 from proxy.config import EnvSettings, Provider, YamlConfig
+from proxy.config.env import IDEMPOTENCE_ENV
 from proxy.delivery.kafka import KafkaSink, make_producer
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import JsonLinesSink, OutboxPublisher, Sink
@@ -73,7 +74,8 @@ async def start_state(
         await outbox.start()
         if settings.kafka_bootstrap:
             producer = make_producer(settings.kafka_bootstrap, idempotent=settings.kafka_idempotent)
-            sink: Sink = KafkaSink(producer, config.events.topic)
+            hint = f"set {IDEMPOTENCE_ENV}=false" if settings.kafka_idempotent else None
+            sink: Sink = KafkaSink(producer, config.events.topic, idempotence_hint=hint)
             where = f"kafka {settings.kafka_bootstrap} topic={config.events.topic}"
         else:
             sink = JsonLinesSink(settings.sink_path)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from proxy import cli
 from proxy.delivery.kafka import EVENT_ID_HEADER, KafkaSink, create_topic, make_producer
@@ -231,3 +232,15 @@ async def test_kafka_init_reports_failures() -> None:
     nobody = f"127.0.0.1:{free_port()}"
     assert await kafka_init(nobody, "charges", 3, 1) == 1
     assert await kafka_init(nobody, "charges", 0, 1) == 2
+
+
+async def test_a_broker_refusing_idempotence_names_the_switch(kafka_broker: KafkaBroker) -> None:
+    if kafka_broker.supports_idempotence:
+        pytest.skip("this broker supports idempotent producers")
+    producer = make_producer(kafka_broker.bootstrap, idempotent=True, request_timeout_ms=3000)
+    sink = KafkaSink(producer, "idem", idempotence_hint="set LLM_PROXY_KAFKA_IDEMPOTENCE=false")
+    try:
+        with pytest.raises(KafkaError, match="LLM_PROXY_KAFKA_IDEMPOTENCE=false"):
+            await sink.send_batch([])
+    finally:
+        await sink.close()
