@@ -29,7 +29,13 @@ from proxy.contract.timestamps import format_timestamp
 from proxy.contract.usage import Outcome, Usage, UsageSource
 
 EVENT_TYPE: Final = "credit.charge.requested"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+# Bounds every value of an event keeps, so that it serialises (orjson: 64-bit ints)
+# and any ledger can add it up without overflow (Lua numbers are doubles: exact to
+# 2**53; a sum of 9,000 maximal charges still is). Metering caps what it accepts at
+# MAX_TOKENS per count and pricing caps credits at MAX_CREDITS.
+MAX_TOKENS: Final = 10**9
+MAX_CREDITS: Final = 10**12
 
 _EVENT_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _OCCURRED_AT_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
@@ -58,6 +64,7 @@ FIELDS: Final = (
     "outcome",
     "latency_ms",
     "ttft_ms",
+    "client_disconnected",
 )
 _FIELD_SET: Final = frozenset(FIELDS)
 
@@ -90,6 +97,9 @@ class ChargeEvent:
     outcome: Outcome
     latency_ms: float
     ttft_ms: float | None
+    # The caller went away before the response ended (the disconnect policy decided
+    # what was still read and charged; see proxy.upstream.relay).
+    client_disconnected: bool = False
     # Constants of this schema version; not settable, so no event can lie about them.
     event_type: str = field(default=EVENT_TYPE, init=False)
     schema_version: int = field(default=SCHEMA_VERSION, init=False)
@@ -113,6 +123,7 @@ class ChargeEvent:
         outcome: Outcome,
         latency_ms: float,
         ttft_ms: float | None,
+        client_disconnected: bool = False,
         now_ns: int | None = None,
     ) -> ChargeEvent:
         """Build the event for a finished request, minting `event_id` and `occurred_at`.
@@ -140,6 +151,7 @@ class ChargeEvent:
             outcome=outcome,
             latency_ms=latency_ms,
             ttft_ms=ttft_ms,
+            client_disconnected=client_disconnected,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +182,7 @@ class ChargeEvent:
             "outcome": self.outcome,
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
+            "client_disconnected": self.client_disconnected,
         }
 
     def to_json(self) -> bytes:
@@ -197,7 +210,7 @@ class ChargeEvent:
         version = obj.get("schema_version")
         if type(version) is not int or version != SCHEMA_VERSION:
             raise InvalidChargeEvent(
-                "schema_version", f"unsupported version {version!r} (this reader: 1)"
+                "schema_version", f"unsupported version {version!r} (this reader: {SCHEMA_VERSION})"
             )
         for key in obj:
             if key not in _FIELD_SET:
@@ -219,10 +232,11 @@ class ChargeEvent:
             usage=_usage(obj),
             usage_source=UsageSource(_choice(obj, "usage_source", _USAGE_SOURCES)),
             price_rule=_str(obj, "price_rule"),
-            credits=_int(obj, "credits"),
+            credits=_int(obj, "credits", maximum=MAX_CREDITS),
             outcome=Outcome(_choice(obj, "outcome", _OUTCOMES)),
             latency_ms=_duration(obj, "latency_ms"),
             ttft_ms=_opt_duration(obj, "ttft_ms"),
+            client_disconnected=_bool(obj, "client_disconnected"),
         )
 
 
@@ -281,12 +295,21 @@ def _opt_str(obj: dict[str, Any], name: str) -> str | None:
     return None if _get(obj, name) is None else _str(obj, name)
 
 
-def _int(obj: dict[str, Any], name: str, *, prefix: str = "", minimum: int | None = 0) -> int:
+def _int(
+    obj: dict[str, Any],
+    name: str,
+    *,
+    prefix: str = "",
+    minimum: int | None = 0,
+    maximum: int | None = None,
+) -> int:
     value = _get(obj, name, prefix)
     if type(value) is not int:  # JSON true/false are not integers
         raise InvalidChargeEvent(prefix + name, f"must be an integer, got {_json_type(value)}")
     if minimum is not None and value < minimum:
         raise InvalidChargeEvent(prefix + name, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidChargeEvent(prefix + name, f"must be <= {maximum}, got {value}")
     return value
 
 
@@ -337,9 +360,10 @@ def _usage(obj: dict[str, Any]) -> Usage:
     for key in raw:
         if key not in _USAGE_KEYS:
             raise InvalidChargeEvent(f"usage.{key}", "unknown field")
-    prompt, completion, cached, reasoning, total = (
-        _int(raw, key, prefix="usage.") for key in _USAGE_KEYS
+    prompt, completion, cached, reasoning = (
+        _int(raw, key, prefix="usage.", maximum=MAX_TOKENS) for key in _USAGE_KEYS[:4]
     )
+    total = _int(raw, "total", prefix="usage.", maximum=2 * MAX_TOKENS)
     if total != prompt + completion:
         raise InvalidChargeEvent(
             "usage.total", f"must equal prompt + completion ({prompt + completion}), got {total}"
