@@ -10,6 +10,7 @@ Rates are credits per 1,000,000 tokens. A request is priced as::
     credits = ceil(raw)                        # always rounded UP to a whole credit
     credits = max(credits, min_charge)         # only when the request used any token
     credits = 0                                # when it used no token at all
+    credits = min(credits, 10**12)             # MAX_CREDITS: every ledger can apply it
 
 `cached_tokens` is the part of the prompt served from the provider's cache and
 `reasoning_tokens` the part of the completion spent on hidden reasoning (OpenAI's
@@ -41,6 +42,7 @@ from decimal import (
 from typing import Final
 
 from proxy.config.model import FREE_RULE_ID, PriceRule
+from proxy.contract.charge_event import MAX_CREDITS
 from proxy.contract.usage import Usage
 
 _TOKENS_PER_UNIT: Final = 6  # rates are per 10**6 tokens
@@ -121,4 +123,6 @@ def _credits(rule: PriceRule, uncached: int, cached: int, plain: int, reasoning:
     # Dividing by 10**6 is an exponent shift (scaleb), exact by construction.
     raw = total.scaleb(-_TOKENS_PER_UNIT, ctx)
     credits = int(raw.to_integral_value(rounding=ROUND_CEILING, context=ctx))
-    return max(credits, rule.min_charge)
+    # Capped so that every event serialises and every ledger can add it up
+    # (proxy.contract.charge_event); only absurd usage at absurd rates gets there.
+    return min(max(credits, rule.min_charge), MAX_CREDITS)

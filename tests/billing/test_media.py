@@ -33,7 +33,9 @@ def png(width: int, height: int) -> bytes:
 
 
 def jpeg(width: int, height: int) -> bytes:
-    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    app0 = (
+        b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    )
     sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
     return b"\xff\xd8" + app0 + sof + b"\xff\xd9"
 
@@ -81,7 +83,10 @@ def test_files_and_audio_are_bounded_by_their_size() -> None:
     part = {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{pdf}"}}
     assert media.file_tokens(part) == 30_003 // 3 + 1
     assert media.file_tokens({"type": "file", "file": {"file_id": "f1"}}) == 1445
-    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"a" * 64_000).decode()}}
+    audio = {
+        "type": "input_audio",
+        "input_audio": {"data": base64.b64encode(b"a" * 64_000).decode()},
+    }
     assert media.audio_tokens(audio) == 641
 
 
@@ -91,7 +96,10 @@ def _prompt(o200k: tiktoken.Encoding, **fields: Any) -> int:
 
 def test_request_fields_without_published_rules_count_as_text(o200k: tiktoken.Encoding) -> None:
     base = _prompt(o200k)
-    schema = {"name": "answer", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    schema = {
+        "name": "answer",
+        "schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+    }
     fmt = {"type": "json_schema", "json_schema": schema}
     assert _prompt(o200k, response_format=fmt) > base + 10
     assert _prompt(o200k, response_format={"type": "json_object"}) == base
@@ -132,3 +140,15 @@ def test_the_byte_bound_is_never_below_the_count(o200k: tiktoken.Encoding) -> No
     assert count_completion(TokenCounter(None), "日本語", [("f", "{}")]) >= count_completion(
         o200k, "日本語", [("f", "{}")]
     )
+
+
+@pytest.mark.parametrize("name", ["o200k_base", "cl100k_base"])
+def test_counting_in_pieces_gives_the_same_count(name: str) -> None:
+    import random
+
+    enc = EncodingRegistry().get(name)
+    rng = random.Random(7)
+    words = ["hello", "world", "Grüße", "世界", "x.", "1234", "  ", "\n", "don't", "éa", "ok!"]
+    text = "".join(rng.choice(words) + rng.choice([" ", "", "\n", ", "]) for _ in range(60_000))
+    assert len(text) > 3 * 65536
+    assert TokenCounter(enc).text(text) == len(enc.encode_ordinary(text))
