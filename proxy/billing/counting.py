@@ -53,7 +53,7 @@ class TokenCounter:
             return sum(len(enc.encode_ordinary(piece)) for piece in pieces(text))
         except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
             raise
-        except BaseException:  # noqa: BLE001 - PanicException is a BaseException
+        except BaseException:
             self.failed = True
             return utf8_length(text)
 

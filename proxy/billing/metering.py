@@ -127,9 +127,8 @@ async def estimate_off_loop(
 def accept_report(report: UsageReport | None, floor: int) -> Metered | None:
     """The report as the charge's usage when it is plausible (valid, and at least
     `floor` completion tokens: one per non-empty piece of text relayed); else None."""
-    if report is not None and report.usage is not None:
-        if report.usage.completion_tokens >= floor:
-            return Metered(report.usage, UsageSource.UPSTREAM)
+    if report is not None and report.usage is not None and report.usage.completion_tokens >= floor:
+        return Metered(report.usage, UsageSource.UPSTREAM)
     return None
 
 

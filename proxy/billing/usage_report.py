@@ -13,8 +13,8 @@ replaced by the estimate (proxy.billing.metering) and flagged.
 | Groq | `x_groq.usage` (streams) | location |
 | Moonshot (streams) | `choices[0].usage` | location; `cached_tokens` at the report's top level |
 | DeepSeek | `usage` | `prompt_cache_hit_tokens` (cache hits, part of `prompt_tokens`) |
-| Gemini (OpenAI-compatible API) | `usage` | `completion_tokens` leaves thinking out; `total_tokens` has it |
-| LiteLLM and other gateways | `usage` on a chunk that still has choices | location in the stream only |
+| Gemini (OpenAI-compatible) | `usage` | `completion_tokens` leaves thinking out, `total_tokens` not |
+| LiteLLM, other gateways | `usage` on a chunk that still has choices | where in the stream |
 
 Gemini's rule is applied to everyone: when `total_tokens` exceeds prompt +
 completion, the excess is hidden reasoning, so completion = total - prompt and

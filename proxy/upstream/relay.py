@@ -15,8 +15,8 @@ import orjson
 from aiohttp import web
 
 from proxy.billing.metering import (
-    MeterFlag,
     Metered,
+    MeterFlag,
     Reply,
     estimate_off_loop,
     message_reply,
