@@ -13,7 +13,7 @@ replaced by the estimate (proxy.billing.metering) and flagged.
 | Groq | `x_groq.usage` (streams) | location |
 | Moonshot (streams) | `choices[0].usage` | location; `cached_tokens` at the report's top level |
 | DeepSeek | `usage` | `prompt_cache_hit_tokens` (cache hits, part of `prompt_tokens`) |
-| Gemini (OpenAI-compatible) | `usage` | `completion_tokens` leaves thinking out, `total_tokens` not |
+| Gemini (OpenAI-compatible) | `usage` | thinking is in `total_tokens`, not `completion_tokens` |
 | LiteLLM, other gateways | `usage` on a chunk that still has choices | where in the stream |
 
 Gemini's rule is applied to everyone: when `total_tokens` exceeds prompt +
