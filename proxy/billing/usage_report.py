@@ -129,17 +129,16 @@ def normalise(raw: Any) -> Usage | None:
 
 def _at_location(obj: Any, path: Path) -> Any:
     for step in path:
-        if isinstance(step, int):
-            if step != 0:
+        if isinstance(step, int):  # an index into the list `choices` became
+            if not isinstance(obj, list) or len(obj) <= step:
                 return _ABSENT
-            choices = choices_of(obj) if isinstance(obj, Mapping) else []
-            if not choices:
-                return _ABSENT
-            obj = choices[0]
-        elif isinstance(obj, Mapping) and step in obj:
             obj = obj[step]
-        else:
+        elif not isinstance(obj, Mapping) or step not in obj:
             return _ABSENT
+        elif step == "choices":
+            obj = choices_of(obj)
+        else:
+            obj = obj[step]
     return obj
 
 

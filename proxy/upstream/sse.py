@@ -49,8 +49,9 @@ class EventFramer:
         self._buf = b""
         self._sep: bytes | None = None
 
-    def _ends(self, buf: bytes) -> list[int]:
-        """End offsets of the complete events in `buf`."""
+    def _ends(self, buf: bytes, whole: bool = False) -> list[int]:
+        """End offsets of the complete events in `buf` (`whole`: buf ends where an
+        event does, so a final CR is a line ending, not half of a CRLF)."""
         ends: list[int] = []
         if b"\r" not in buf:  # LF only: JSON data never holds a raw CR
             start = 0
@@ -63,7 +64,7 @@ class EventFramer:
         else:
             for m in _EVENT_END.finditer(buf):
                 # A CR at the very end may be the first half of a CRLF still to come.
-                if m.end() == len(buf) and buf.endswith(b"\r"):
+                if not whole and m.end() == len(buf) and buf.endswith(b"\r"):
                     break
                 ends.append(m.end())
         if ends and self._sep is None:
@@ -71,11 +72,13 @@ class EventFramer:
             self._sep = found.group(0) if found is not None else b"\n\n"
         return ends
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, *, whole: bool = False) -> list[bytes]:
+        """The complete events so far; `whole` says `data` ends at an event's end
+        (what `feed_complete` returned, or a stream that has ended)."""
         buf = self._buf + data if self._buf else data
         events: list[bytes] = []
         start = 0
-        for end in self._ends(buf):
+        for end in self._ends(buf, whole):
             events.append(buf[start:end])
             start = end
         self._buf = buf[start:] if start < len(buf) else b""
@@ -149,7 +152,7 @@ def decode_event(event: bytes) -> dict[str, Any] | None:
 def iter_event_objects(body: bytes) -> Iterator[dict[str, Any]]:
     """Every decodable JSON object in a relayed SSE body (estimate path only)."""
     framer = EventFramer()
-    events = framer.feed(body)
+    events = framer.feed(body, whole=True)
     if framer.pending:
         events.append(framer.pending)  # a truncated last event may still be whole JSON
     for event in events:

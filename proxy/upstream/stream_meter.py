@@ -95,7 +95,7 @@ class StreamMeter:
         out = out.replace(sse.USAGE_NULL, b"")
         if sse.USAGE_KEY in out or sse.ESCAPE in out:
             split = sse.EventFramer()
-            events = split.feed(out)
+            events = split.feed(out, whole=True)
             out = b"".join(self._strip_event(e) for e in events) + split.pending
             if not out:
                 return b""
@@ -138,8 +138,18 @@ class StreamMeter:
             self._report = report
 
     def unterminated(self) -> bytes:
-        """An event left incomplete when the stream ended (strip mode only)."""
-        return self._framer.pending if self._framer is not None else b""
+        """What is left in the framer when the stream ended (strip mode only): an
+        event without its blank line (or whose final CR could not be told from half
+        a CRLF), relayed as it is unless it is usage we asked for."""
+        if self._framer is None or not self._framer.pending:
+            return b""
+        out = self._framer.pending
+        if sse.USAGE_KEY in out or sse.ESCAPE in out:
+            split = sse.EventFramer()
+            events = split.feed(out, whole=True)
+            out = b"".join(self._strip_event(e) for e in events) + split.pending
+        self._chunks.append(out)
+        return out
 
     def relayed(self) -> bytes:
         return b"".join(self._chunks)
@@ -176,7 +186,7 @@ def _report_in_tail(chunks: list[bytes]) -> UsageReport | None:
     tail = b"".join(reversed(parts))
     if sse.USAGE_KEY not in tail:
         return None
-    for event in reversed(sse.EventFramer().feed(tail)):
+    for event in reversed(sse.EventFramer().feed(tail, whole=True)):
         if sse.USAGE_KEY in event:
             obj = sse.decode_event(event)
             report = find_report(obj) if obj is not None else None
