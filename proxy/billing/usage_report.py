@@ -158,7 +158,7 @@ def _tokens_value(value: Any) -> int:
         raise _Implausible
     if isinstance(value, int):
         count = value
-    elif isinstance(value, float) and math.isfinite(value):
+    elif isinstance(value, float) and math.isfinite(value) and value >= 0:
         count = math.ceil(value)
     else:
         raise _Implausible
