@@ -28,7 +28,12 @@ _ESCAPED_KEY: Final = b'"\\u0075sage"'
 
 
 def provider_usage(fmt: str, usage: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI usage object as `fmt` reports it."""
+    """The OpenAI usage object as `fmt` reports it (a fault's object goes as it is)."""
+    if fmt not in ("deepseek", "moonshot", "gemini") or not {
+        "prompt_tokens",
+        "completion_tokens",
+    } <= set(usage):
+        return usage
     prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
