@@ -138,7 +138,12 @@ async def test_a_large_prompt_is_counted_exactly_off_the_loop(start_proxy: Start
 DRAIN_ALIASES = """
 aliases:
   smart: {{provider: fake, model: fake-model-v1, price_rule: std}}
-  drainy: {{provider: fake, model: fake-model-r1, price_rule: std, on_client_disconnect: drain, drain_timeout_s: {timeout}}}
+  drainy:
+    provider: fake
+    model: fake-model-r1
+    price_rule: std
+    on_client_disconnect: drain
+    drain_timeout_s: {timeout}
 """
 
 
