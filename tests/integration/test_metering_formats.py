@@ -148,11 +148,14 @@ aliases:
 
 
 async def leave_after_content(h: ProxyHarness, model: str) -> None:
-    async with aiohttp.ClientSession() as session, session.post(
-        f"{h.url}/v1/chat/completions",
-        data=orjson.dumps(dict(REQ, model=model, stream=True)),
-        headers=h.headers(),
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{h.url}/v1/chat/completions",
+            data=orjson.dumps(dict(REQ, model=model, stream=True)),
+            headers=h.headers(),
+        ) as resp,
+    ):
         assert resp.status == 200
         for _ in range(3):
             await resp.content.readuntil(b"\n\n")
