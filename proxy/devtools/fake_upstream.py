@@ -169,7 +169,6 @@ async def _stream(
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "x-request-id": "req_fake_" + ident[-8:]}
     )
-    await resp.prepare(request)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     base = {"id": ident, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
     pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
@@ -182,6 +181,7 @@ async def _stream(
     first = 1 if fmt == "crlf" else 0  # the comment preamble
     rec.open_connections += 1
     try:
+        await resp.prepare(request)
         await resp.write(b"".join(events[: first + 1]))
         for i in range(len(words)):
             if b.reset_after is not None and i == b.reset_after:
@@ -200,9 +200,11 @@ async def _stream(
             await asyncio.sleep(b.delay_before_usage)
         await resp.write(b"".join(rest[1:]))
         await resp.write_eof()
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         rec.closed_early += 1
         raise
+    except ConnectionResetError:
+        rec.closed_early += 1  # the proxy hung up (abort policy): normal, not an error
     finally:
         rec.open_connections -= 1
     return resp

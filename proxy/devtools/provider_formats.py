@@ -29,10 +29,8 @@ _ESCAPED_KEY: Final = b'"\\u0075sage"'
 
 def provider_usage(fmt: str, usage: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI usage object as `fmt` reports it (a fault's object goes as it is)."""
-    if fmt not in ("deepseek", "moonshot", "gemini") or not {
-        "prompt_tokens",
-        "completion_tokens",
-    } <= set(usage):
+    counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    if fmt not in ("deepseek", "moonshot", "gemini") or not all(type(c) is int for c in counts):
         return usage
     prompt, completion = usage["prompt_tokens"], usage["completion_tokens"]
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
