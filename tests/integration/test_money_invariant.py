@@ -27,6 +27,7 @@ import tiktoken
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.metering import completion_parts, message_reply
 from proxy.billing.tokens import count_completion
+from proxy.contract.charge_event import ChargeEvent
 from proxy.devtools.fake_upstream import COUNTED, Behaviour
 from proxy.devtools.provider_formats import FORMATS
 from proxy.upstream import sse
@@ -220,6 +221,7 @@ async def test_every_answered_request_is_charged_once_and_enough(
             answered += 1
             assert len(got) == 1, (rid, body["model"], body["stream"])
             (event,) = got
+            ChargeEvent.from_json(orjson.dumps(event))  # the ledger's strict reader takes it
             owed = math.ceil(relayed_tokens(enc, received, body["stream"]) * OUTPUT_RATE / 1e6)
             assert event["credits"] >= max(owed, 1), (rid, event, owed)
             assert event["usage"]["prompt"] >= 1
