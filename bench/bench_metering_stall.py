@@ -126,7 +126,7 @@ async def main(rounds: int) -> None:
                 await asyncio.sleep(0)
                 try:
                     enc.encode_ordinary(SCENARIOS["whitespace"])
-                except BaseException:  # noqa: BLE001 - what the old code let escape
+                except BaseException:
                     return {"raised": "PanicException"}
                 return {}
 
