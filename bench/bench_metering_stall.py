@@ -86,6 +86,10 @@ async def measure(run: Any) -> dict[str, Any]:
     return {**summary(lags), "request_ms": round(took, 1), **(result or {})}
 
 
+def count_lines(path: Path) -> int:
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
 async def main(rounds: int) -> None:
     encodings = EncodingRegistry()
     encodings.preload(["o200k_base"])
@@ -132,10 +136,8 @@ async def main(rounds: int) -> None:
 
             results["inline-ref"] = await measure(inline)
         await proxy.close()  # flushes the outbox to the sink
-        sink = Path(settings.sink_path)
-        lines = sink.read_bytes().splitlines() if sink.exists() else []
         # Every request is charged (never a free answer): one event each.
-        results["charge_events"] = len(lines)
+        results["charge_events"] = count_lines(Path(settings.sink_path))
         results["requests"] = rounds * len(SCENARIOS)
     await fake.close()
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
