@@ -81,6 +81,8 @@ async def relay_json(up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog) -> 
                 drained = await _drain_body(up, parts, wd, policy)
                 if drained is not None:
                     ex.metered = meter_json(drained, ex.chat.body, ex.encoding, ex.request_bytes)
+                    await _refine(ex, None, drained)
+                    raise
             await _refine(ex, Reply())
             raise
         raise failure.error from None

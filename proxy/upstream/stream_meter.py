@@ -105,11 +105,14 @@ class StreamMeter:
     def drain(self, data: bytes) -> None:
         """A read after the client left (disconnect policy `drain`): nothing is sent,
         but its usage report (and its text, for an estimate) counts."""
-        self._chunks.append(data)
         framer = self._framer
         if framer is None:  # pass-through mode frames nothing; draining must
             framer = self._drain_framer = self._drain_framer or sse.EventFramer()
-        for event in framer.feed(data):
+            self._chunks.append(data)  # reads, contiguous with the relayed ones
+        events = framer.feed(data)
+        if self._framer is not None:
+            self._chunks.extend(events)  # whole events, like the relayed ones
+        for event in events:
             if sse.USAGE_KEY in event or sse.ESCAPE in event:
                 self._strip_event(event)
 
