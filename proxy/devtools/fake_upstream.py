@@ -169,19 +169,25 @@ async def _stream(
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "x-request-id": "req_fake_" + ident[-8:]}
     )
+    try:
+        # The head first: counting the usage may load an encoding (~0.25 s).
+        await resp.prepare(request)
+    except ConnectionResetError:
+        rec.closed_early += 1  # the proxy hung up before the head
+        return resp
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     base = {"id": ident, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
     pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
     chunks = [{**base, "choices": [_choice({"role": "assistant", "content": ""})]}]
     chunks += [{**base, "choices": [_choice({"content": p})]} for p in pieces]
     chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-    usage = _usage(app, body, "".join(pieces))
     fmt = b.format if b.format in FORMATS else "openai"
-    events = stream_events(fmt, chunks, usage, include_usage, b.honour_stream_usage)
+    # Usage only shapes the last events; it is counted once the content is out
+    # (counting may load an encoding, ~0.25 s, which must not delay the first chunk).
+    events = stream_events(fmt, chunks, {}, include_usage, b.honour_stream_usage)
     first = 1 if fmt == "crlf" else 0  # the comment preamble
     rec.open_connections += 1
     try:
-        await resp.prepare(request)
         await resp.write(b"".join(events[: first + 1]))
         for i in range(len(words)):
             if b.reset_after is not None and i == b.reset_after:
@@ -194,6 +200,8 @@ async def _stream(
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
             await resp.write(events[first + 1 + i])
+        usage = _usage(app, body, "".join(pieces))
+        events = stream_events(fmt, chunks, usage, include_usage, b.honour_stream_usage)
         rest = events[first + 1 + len(words) :]
         await resp.write(rest[0])  # the finish chunk
         if b.delay_before_usage:
