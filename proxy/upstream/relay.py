@@ -177,7 +177,10 @@ async def _refine(ex: Exchange, reply: Reply | None, body: bytes | None = None) 
         except orjson.JSONDecodeError:
             obj = None
         reply = message_reply(obj) if isinstance(obj, dict) else Reply()
-    ex.metered = await estimate_off_loop(metered, ex.chat.body, reply, ex.encoding)
+    try:
+        ex.metered = await estimate_off_loop(metered, ex.chat.body, reply, ex.encoding)
+    except RuntimeError:  # the executor is shut down (process stopping): keep the bound
+        return
 
 
 async def _drain_stream(
