@@ -3,159 +3,240 @@
 Streams are watched by proxy.upstream.stream_meter, which hands this module the
 usage report it found or the relayed events to estimate from.
 
-The upstream's own usage report is the truth. When it never arrives (client
-disconnected, upstream died or timed out, provider without stream usage) the
-prompt is counted locally with OpenAI's chat counting rules and the completion
-from what was actually relayed to the client, so a call that ended badly is
-still billed for what it produced.
+The upstream's own usage report is the truth when it is plausible
+(proxy.billing.usage_report validates it; it must also cover at least one token
+per non-empty piece of text relayed). Otherwise the prompt is counted locally with
+OpenAI's chat counting rules and the completion from what was actually relayed to
+the client, so a call that ended badly is still billed for what it produced.
+
+An estimate never fails and never stalls the event loop: inputs up to
+INLINE_COUNT_CHARS are counted at once (a few ms at worst); larger ones are first
+bounded (UTF-8 bytes, flag BOUNDED) and the caller may refine that bound off the
+loop with `estimate_off_loop`. Whatever happens to the refinement, a charge has
+the bound to fall back on, never nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Final
 
 import orjson
 import tiktoken
 
+from proxy.billing.counting import TokenCounter
 from proxy.billing.tokens import count_chat_prompt, count_completion
-from proxy.billing.usage_parts import with_priced_parts
+from proxy.billing.usage_report import UsageReport, choices_of, find_report
+from proxy.contract.charge_event import MAX_TOKENS
 from proxy.contract.usage import Usage, UsageSource
+
+# Request + reply characters counted on the event loop; measured worst cases at
+# this size (runs of whitespace, one 64K-letter word) take ~25 ms, plain text ~3 ms.
+INLINE_COUNT_CHARS: Final = 65536
+
+
+class MeterFlag(StrEnum):
+    """Why a charge rests on something other than a plain report or exact count."""
+
+    REPORT_REJECTED = "report_rejected"  # the upstream's usage was implausible
+    COUNT_FAILED = "count_failed"  # the tokenizer failed: UTF-8 byte bound
+    BOUNDED = "bounded"  # too large to count on the loop: UTF-8 byte bound
 
 
 @dataclass(frozen=True, slots=True)
 class Metered:
     usage: Usage
     source: UsageSource
+    flags: frozenset[MeterFlag] = frozenset()
 
 
-def usage_from_report(report: Mapping[str, Any]) -> Usage | None:
-    """OpenAI's usage object → Usage, clamped to be internally consistent.
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What the client received of the reply: text and (name, arguments) tool calls."""
 
-    Returns None when the object is not a usable report (then we estimate).
-    """
+    text: str = ""
+    tool_calls: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def chars(self) -> int:
+        return len(self.text) + sum(len(n) + len(a) for n, a in self.tool_calls)
+
+    @property
+    def floor(self) -> int:
+        """Fewest completion tokens a report may claim: one per relayed piece of text."""
+        return int(bool(self.text)) + sum(1 for _, args in self.tool_calls if args)
+
+
+def request_size(body: Mapping[str, Any]) -> int:
+    """Characters that bound the request's text (its JSON length)."""
     try:
-        prompt = int(report.get("prompt_tokens") or 0)
-        completion = int(report.get("completion_tokens") or 0)
-        pdetails = report.get("prompt_tokens_details") or {}
-        cdetails = report.get("completion_tokens_details") or {}
-        cached = int(pdetails.get("cached_tokens") or 0) if isinstance(pdetails, dict) else 0
-        reasoning = int(cdetails.get("reasoning_tokens") or 0) if isinstance(cdetails, dict) else 0
-    except (TypeError, ValueError, AttributeError):
-        return None
-    if prompt < 0 or completion < 0:
-        return None
-    # Subsets by definition; a provider that reports otherwise is clamped rather
-    # than trusted to make a cached token cost more than nothing.
+        return len(orjson.dumps(body))
+    except (TypeError, orjson.JSONEncodeError):
+        return INLINE_COUNT_CHARS + 1  # cannot tell: treat as large
+
+
+def estimate(
+    request_body: Mapping[str, Any],
+    reply: Reply,
+    enc: tiktoken.Encoding,
+    *,
+    size: int | None = None,
+    flags: frozenset[MeterFlag] = frozenset(),
+    inline: bool = True,
+) -> Metered:
+    """The estimate of a request; `size` is the request body's length in bytes.
+
+    With `inline`, inputs over INLINE_COUNT_CHARS are bounded instead of counted.
+    """
+    total = (request_size(request_body) if size is None else size) + reply.chars
+    counter = TokenCounter(enc if not inline or total <= INLINE_COUNT_CHARS else None)
+    # Capped like reported counts (only a body far over server.max_body_bytes could
+    # reach MAX_TOKENS), so that every event stays within the contract's bounds.
     usage = Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cached_tokens=min(max(cached, 0), prompt),
-        reasoning_tokens=min(max(reasoning, 0), completion),
+        prompt_tokens=min(count_chat_prompt(counter, request_body), MAX_TOKENS),
+        completion_tokens=min(count_completion(counter, reply.text, reply.tool_calls), MAX_TOKENS),
     )
-    return with_priced_parts(usage, report, pdetails, cdetails)
+    if counter.bounded:
+        flags |= {MeterFlag.BOUNDED}
+    if counter.failed:
+        flags |= {MeterFlag.COUNT_FAILED}
+    return Metered(usage, UsageSource.ESTIMATED, flags)
 
 
-def meter_json(body: bytes, request_body: Mapping[str, Any], enc: tiktoken.Encoding) -> Metered:
+async def estimate_off_loop(
+    metered: Metered, request_body: Mapping[str, Any], reply: Reply, enc: tiktoken.Encoding
+) -> Metered:
+    """Refine a BOUNDED estimate by counting in a worker thread (tiktoken releases
+    the GIL while it encodes). The caller keeps `metered` if this is cancelled."""
+    if MeterFlag.BOUNDED not in metered.flags:
+        return metered
+    flags = metered.flags - {MeterFlag.BOUNDED}
+    exact = await asyncio.to_thread(
+        estimate, request_body, reply, enc, size=0, flags=flags, inline=False
+    )
+    # A count is never allowed to exceed the bound it refines (it cannot, but a
+    # charge must not grow because a thread said so).
+    if exact.usage.total_tokens > metered.usage.total_tokens:
+        return metered
+    return exact
+
+
+def accept_report(report: UsageReport | None, floor: int) -> Metered | None:
+    """The report as the charge's usage when it is plausible (valid, and at least
+    `floor` completion tokens: one per non-empty piece of text relayed); else None."""
+    if report is not None and report.usage is not None and report.usage.completion_tokens >= floor:
+        return Metered(report.usage, UsageSource.UPSTREAM)
+    return None
+
+
+def rejected(report: UsageReport | None) -> frozenset[MeterFlag]:
+    """The flags of an estimate made although a report was there."""
+    return frozenset({MeterFlag.REPORT_REJECTED}) if report is not None else frozenset()
+
+
+def meter_json(
+    body: bytes, request_body: Mapping[str, Any], enc: tiktoken.Encoding, size: int | None = None
+) -> Metered:
     """Usage of a non-streaming response body; estimated when the body has none."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         obj = None
-    if isinstance(obj, dict):
-        report = obj.get("usage")
-        if isinstance(report, dict):
-            usage = usage_from_report(report)
-            if usage is not None:
-                return Metered(usage, UsageSource.UPSTREAM)
-        content, tool_args = _message_parts(obj)
-    else:
-        content, tool_args = "", []
-    return Metered(
-        Usage(
-            prompt_tokens=count_chat_prompt(enc, request_body),
-            completion_tokens=count_completion(enc, content, tool_args),
-        ),
-        UsageSource.ESTIMATED,
-    )
+    if not isinstance(obj, dict):
+        return estimate(request_body, Reply(), enc, size=size)
+    report = find_report(obj)
+    reply = message_reply(obj)
+    accepted = accept_report(report, reply.floor)
+    if accepted is not None:
+        return accepted
+    return estimate(request_body, reply, enc, size=size, flags=rejected(report))
 
 
-def estimate_prompt_only(request_body: Mapping[str, Any], enc: tiktoken.Encoding) -> Metered:
+def estimate_prompt_only(
+    request_body: Mapping[str, Any], enc: tiktoken.Encoding, size: int | None = None
+) -> Metered:
     """Nothing was relayed (e.g. upstream died before the first chunk after we
     started the response): only the prompt was consumed."""
-    return Metered(Usage(prompt_tokens=count_chat_prompt(enc, request_body)), UsageSource.ESTIMATED)
+    return estimate(request_body, Reply(), enc, size=size)
 
 
-def estimate_stream(
-    events: Iterable[Mapping[str, Any]], request_body: Mapping[str, Any], enc: tiktoken.Encoding
-) -> Metered:
-    """A stream without a usage report: the prompt, and what was relayed (`events`:
-    the decoded JSON objects of the relayed SSE events)."""
-    content, tool_args = completion_parts(events)
-    return Metered(
-        Usage(
-            prompt_tokens=count_chat_prompt(enc, request_body),
-            completion_tokens=count_completion(enc, content, tool_args),
-        ),
-        UsageSource.ESTIMATED,
-    )
+def with_flags(metered: Metered, *flags: MeterFlag) -> Metered:
+    return replace(metered, flags=metered.flags | frozenset(flags))
 
 
-def completion_parts(
-    events: Iterable[Mapping[str, Any]],
-) -> tuple[str, list[tuple[str, str]]]:
-    """Text and tool-call name/argument fragments the client actually received."""
+# -- what the client received -------------------------------------------------------
+
+
+def stream_reply(events: Iterable[Mapping[str, Any]]) -> Reply:
+    """Text and tool-call name/argument fragments of decoded stream chunks."""
     texts: list[str] = []
     # Streamed tool calls arrive as fragments keyed by (choice, call index); they
     # are joined per call first because BPE counts of pieces differ from the whole.
     calls: dict[tuple[Any, Any], list[str]] = {}
     for obj in events:
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if not isinstance(delta, dict):
+        for choice in choices_of(obj):
+            delta = choice.get("delta")
+            if not isinstance(delta, Mapping):
                 continue
-            for key in ("content", "refusal", "reasoning_content"):
-                value = delta.get(key)
-                if isinstance(value, str):
-                    texts.append(value)
+            _texts(delta, texts)
+            legacy = delta.get("function_call")  # the pre-tools API, still served
+            if isinstance(legacy, Mapping):
+                _add_fragment(calls, (choice.get("index"), "function_call"), legacy)
             fragments = delta.get("tool_calls")
-            if not isinstance(fragments, list):
-                continue
-            for frag in fragments:
-                fn = frag.get("function") if isinstance(frag, dict) else None
-                if not isinstance(fn, dict):
-                    continue
-                parts = calls.setdefault((choice.get("index"), frag.get("index")), ["", ""])
-                if isinstance(fn.get("name"), str):
-                    parts[0] += fn["name"]
-                if isinstance(fn.get("arguments"), str):
-                    parts[1] += fn["arguments"]
-    return "".join(texts), [(name, args) for name, args in calls.values()]
+            for frag in fragments if isinstance(fragments, list) else ():
+                fn = frag.get("function") if isinstance(frag, Mapping) else None
+                if isinstance(fn, Mapping):
+                    _add_fragment(calls, (choice.get("index"), frag.get("index")), fn)
+    return Reply("".join(texts), tuple((name, args) for name, args in calls.values()))
 
 
-def _message_parts(obj: Mapping[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+def completion_parts(
+    events: Iterable[Mapping[str, Any]],
+) -> tuple[str, list[tuple[str, str]]]:
+    """Text and tool calls the client received (tests and tools read it this way)."""
+    reply = stream_reply(events)
+    return reply.text, list(reply.tool_calls)
+
+
+def message_reply(obj: Mapping[str, Any]) -> Reply:
     texts: list[str] = []
     tools: list[tuple[str, str]] = []
-    for choice in obj.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
+    for choice in choices_of(obj):
+        message = choice.get("message")
+        if not isinstance(message, Mapping):
             continue
-        for key in ("content", "refusal", "reasoning_content"):
-            value = message.get(key)
-            if isinstance(value, str):
-                texts.append(value)
-        _collect_tool_calls(message.get("tool_calls"), tools)
-    return "".join(texts), tools
+        _texts(message, texts)
+        legacy = message.get("function_call")
+        if isinstance(legacy, Mapping):
+            tools.append((_str(legacy.get("name")), _str(legacy.get("arguments"))))
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            fn = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(fn, Mapping):
+                tools.append((_str(fn.get("name")), _str(fn.get("arguments"))))
+    return Reply("".join(texts), tuple(tools))
 
 
-def _collect_tool_calls(calls: Any, out: list[tuple[str, str]]) -> None:
-    if not isinstance(calls, list):
-        return
-    for call in calls:
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict):
-            name, args = fn.get("name"), fn.get("arguments")
-            out.append(
-                (name if isinstance(name, str) else "", args if isinstance(args, str) else "")
-            )
+def _texts(part: Mapping[str, Any], out: list[str]) -> None:
+    for key in ("content", "refusal", "reasoning_content", "reasoning"):
+        value = part.get(key)
+        if isinstance(value, str):
+            out.append(value)
+    audio = part.get("audio")  # audio replies: the transcript is what we can count
+    if isinstance(audio, Mapping) and isinstance(audio.get("transcript"), str):
+        out.append(audio["transcript"])
+
+
+def _add_fragment(
+    calls: dict[tuple[Any, Any], list[str]], key: tuple[Any, Any], fn: Mapping[str, Any]
+) -> None:
+    parts = calls.setdefault(key, ["", ""])
+    parts[0] += _str(fn.get("name"))
+    parts[1] += _str(fn.get("arguments"))
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""

@@ -23,6 +23,7 @@ its rule in force when it started (`PriceRule.in_force`), as::
     credits = ceil(raw)                        # always rounded UP to a whole credit
     credits = max(credits, min_charge)         # only when the request used any token
     credits = 0                                # when it used no token at all
+    credits = min(credits, 10**12)             # MAX_CREDITS: every ledger can apply it
 
 Cached, cache-write and audio tokens are parts of the prompt; reasoning and audio
 tokens parts of the completion (subsets, never added on top). `cached_input` and
@@ -55,6 +56,7 @@ from typing import Final
 
 from proxy.config.model import FREE_RULE_ID, PriceRule, PriceSchedule, Rates
 from proxy.config.price_rules import DEFAULT_SERVICE_TIER
+from proxy.contract.charge_event import MAX_CREDITS
 from proxy.contract.usage import Usage
 
 _TOKENS_PER_UNIT: Final = 6  # rates are per 10**6 tokens
@@ -200,4 +202,6 @@ def _credits(
     # Dividing by 10**6 is an exponent shift (scaleb), exact by construction.
     raw = ctx.add(total.scaleb(-_TOKENS_PER_UNIT, ctx), schedule.request_fee)
     credits = int(raw.to_integral_value(rounding=ROUND_CEILING, context=ctx))
-    return max(credits, schedule.min_charge)
+    # Capped so that every event serialises and every ledger can add it up
+    # (proxy.contract.charge_event); only absurd usage at absurd rates gets there.
+    return min(max(credits, schedule.min_charge), MAX_CREDITS)

@@ -47,6 +47,7 @@ class Exchange:
 
     __slots__ = (
         "chat",
+        "client_disconnected",
         "ctx",
         "encoding",
         "error_kind",
@@ -54,6 +55,7 @@ class Exchange:
         "guard_decision",
         "metered",
         "outcome",
+        "request_bytes",
         "started",
         "started_ms",
         "status",
@@ -74,6 +76,8 @@ class Exchange:
         self.status: int = 0
         self.error_kind: ErrorKind | None = None
         self.metered: Metered | None = None
+        self.request_bytes: int | None = None  # size of the request body (bounds its text)
+        self.client_disconnected = False  # the caller left before the response ended
 
     @property
     def request_id(self) -> str:
@@ -91,7 +95,7 @@ class Exchange:
 
     def estimate_prompt_only(self) -> Metered:
         assert self.chat is not None and self.encoding is not None
-        return estimate_prompt_only(self.chat.body, self.encoding)
+        return estimate_prompt_only(self.chat.body, self.encoding, self.request_bytes)
 
     def latency_ms(self, now: float) -> float:
         return round((now - self.started) * 1000, 3)

@@ -55,6 +55,7 @@ def settle(ex: Exchange, now: float) -> Settlement:
         outcome=ex.outcome or Outcome.COMPLETED,
         latency_ms=ex.latency_ms(now),
         ttft_ms=ex.ttft_ms(),
+        client_disconnected=ex.client_disconnected,
     )
     return Settlement(charge, event)
 

@@ -11,7 +11,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import orjson
 import tiktoken
+
+from proxy.billing import media
+from proxy.billing.counting import TokenCounter, as_counter
+from proxy.billing.tool_schema import render_function_definitions, unrendered_schema_text
+
+__all__ = [
+    "count_chat_prompt",
+    "count_completion",
+    "count_text",
+    "render_function_definitions",
+]
+
+Enc = tiktoken.Encoding | TokenCounter | None
 
 # Per-message framing: <|start|>{role/name}\n{content}<|end|>\n (cookbook, see below).
 TOKENS_PER_MESSAGE = 3
@@ -26,18 +40,17 @@ FUNCTION_CALL_OVERHEAD = 3  # an assistant message's function_call / each tool c
 FUNCTION_RESULT_ADJUST = -2  # a `function` (and, by extension, `tool`) result message
 FORCED_FUNCTION_OVERHEAD = 4  # function_call={"name": ...} / tool_choice naming one
 CHOICE_NONE_TOKENS = 1  # function_call="none" / tool_choice="none"
-# An image part's size is unknown without fetching/decoding it; 85 tokens is the fixed
-# base cost of one image (= all of a detail="low" image) for gpt-4o in OpenAI's vision
-# pricing docs, so this is a lower bound for detail="high"/"auto".
-IMAGE_PART_TOKENS = 85
+# A detail="low" image (proxy.billing.media has the rules for the other details).
+IMAGE_PART_TOKENS = media.IMAGE_BASE_TOKENS
 
 
-def count_text(enc: tiktoken.Encoding, text: str) -> int:
-    """Tokens in ``text``; special-token-looking text counts as plain text, never raises."""
-    return len(enc.encode_ordinary(text)) if text else 0
+def count_text(enc: Enc, text: str) -> int:
+    """Tokens in ``text``; special-token-looking text counts as plain text. Never
+    raises: a tokenizer failure counts the byte length (proxy.billing.counting)."""
+    return as_counter(enc).text(text)
 
 
-def count_chat_prompt(enc: tiktoken.Encoding, body: Mapping[str, Any]) -> int:
+def count_chat_prompt(enc: Enc, body: Mapping[str, Any]) -> int:
     """The ``prompt_tokens`` OpenAI would report for a chat.completions request body.
 
     Rules (same constants for cl100k_base and o200k_base models):
@@ -66,30 +79,35 @@ def count_chat_prompt(enc: tiktoken.Encoding, body: Mapping[str, Any]) -> int:
        ``function`` message named after the call its ``tool_call_id`` answers;
        ``tool_choice`` like ``function_call``; ``developer`` is costed like any role.
     4. Content given as a list of parts: text (and refusal) parts are concatenated;
-       each image part costs ``IMAGE_PART_TOKENS`` (a lower bound, see there); audio
-       and file parts are not counted. Other body fields (``response_format``
-       schemas, ...) are not counted.
+       image, file and input_audio parts follow proxy.billing.media (OpenAI's tile
+       rule from the image header, bounds where the size is unknown).
+    5. Without a published figure, counted as their text so that nothing sent is
+       free: the JSON of ``response_format`` (a ``json_schema``'s name, description
+       and schema), ``prediction`` content, ``custom`` tools (name, description and
+       format as JSON), and tool-schema text the rendering of rule 2 drops (nested
+       descriptions, titles, examples, defaults, ...; proxy.billing.tool_schema).
 
     Malformed parts of ``body`` are skipped, never raised on: validation is not
     this function's job and billing must not fail on odd input.
     """
+    enc = as_counter(enc)  # one counter: its failure flag covers the whole count
     messages = body.get("messages")
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         messages = ()
     functions = _function_definitions(body)
-    total = REPLY_PRIMING
+    total = REPLY_PRIMING + _extras(enc, body, functions)
     padded_system = False
     call_names: dict[str, str] = {}  # tool_call_id -> function name, for tool results
     for message in messages:
         if not isinstance(message, Mapping):
             continue
         role = _str(message.get("role"))
-        text, images = _content(message.get("content"))
+        text, media_tokens = _content(message.get("content"))
         if functions and role == "system" and not padded_system:
             text += "\n"
             padded_system = True
         tokens = TOKENS_PER_MESSAGE + count_text(enc, role) + count_text(enc, text)
-        tokens += images * IMAGE_PART_TOKENS
+        tokens += media_tokens
         name = _str(message.get("name"))
         if role == "tool":
             name = call_names.get(_str(message.get("tool_call_id")), "")
@@ -119,7 +137,7 @@ def count_chat_prompt(enc: tiktoken.Encoding, body: Mapping[str, Any]) -> int:
 
 
 def count_completion(
-    enc: tiktoken.Encoding,
+    enc: Enc,
     content: str | None,
     tool_calls: Iterable[tuple[str, str]] = (),
 ) -> int:
@@ -129,83 +147,11 @@ def count_completion(
     OpenAI's framing tokens around a generated call are unpublished, so this is a lower
     bound. Hidden reasoning tokens cannot be known and are not estimated.
     """
+    enc = as_counter(enc)  # one counter: its failure flag covers the whole count
     total = count_text(enc, content or "")
     for name, arguments in tool_calls:
         total += count_text(enc, name) + count_text(enc, arguments)
     return total
-
-
-# ------------------------------------------------------------- function definitions
-
-
-def render_function_definitions(functions: Sequence[Mapping[str, Any]]) -> str:
-    """JSON-schema function definitions as the TypeScript OpenAI shows the model.
-
-    Format per openai-chat-tokens (see ``count_chat_prompt``): descriptions become
-    ``//`` comments (only at the top two levels), optional properties get ``?``,
-    enums become unions, ``anyOf`` becomes a union, arrays ``T[]``.
-    """
-    lines = ["namespace functions {", ""]
-    for fn in functions:
-        description = _str(fn.get("description"))
-        if description:
-            lines.append(f"// {description}")
-        params = fn.get("parameters")
-        props = params.get("properties") if isinstance(params, Mapping) else None
-        if isinstance(params, Mapping) and isinstance(props, Mapping) and props:
-            lines.append(f"type {_str(fn.get('name'))} = (_: {{")
-            lines.append(_format_properties(params, 0))
-            lines.append("}) => any;")
-        else:
-            lines.append(f"type {_str(fn.get('name'))} = () => any;")
-        lines.append("")
-    lines.append("} // namespace functions")
-    return "\n".join(lines)
-
-
-def _format_properties(obj: Mapping[str, Any], indent: int) -> str:
-    props = obj.get("properties")
-    required = obj.get("required")
-    required = required if isinstance(required, list) else []
-    lines: list[str] = []
-    for name, prop in props.items() if isinstance(props, Mapping) else ():
-        if not isinstance(prop, Mapping):
-            prop = {}
-        description = _str(prop.get("description"))
-        if description and indent < 2:
-            lines.append(f"// {description}")
-        optional = "" if name in required else "?"
-        lines.append(f"{name}{optional}: {_format_type(prop, indent)},")
-    return "\n".join(" " * indent + line for line in lines)
-
-
-def _format_type(prop: Mapping[str, Any], indent: int) -> str:
-    any_of = prop.get("anyOf")
-    if isinstance(any_of, list):
-        return " | ".join(_format_type(p if isinstance(p, Mapping) else {}, indent) for p in any_of)
-    kind = prop.get("type")
-    enum = prop.get("enum")
-    if isinstance(enum, list) and kind in ("string", "number", "integer"):
-        return " | ".join(f'"{v}"' if kind == "string" else _js_literal(v) for v in enum)
-    if kind in ("string", "number", "boolean", "null"):
-        return str(kind)
-    if kind == "integer":
-        return "number"
-    if kind == "object":
-        return "\n".join(["{", _format_properties(prop, indent + 2), "}"])
-    if kind == "array":
-        items = prop.get("items")
-        return f"{_format_type(items, indent)}[]" if isinstance(items, Mapping) else "any[]"
-    return "any"
-
-
-def _js_literal(value: Any) -> str:
-    # Enum values are printed the way JavaScript's template strings print them.
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -216,13 +162,13 @@ def _str(value: Any) -> str:
 
 
 def _content(content: Any) -> tuple[str, int]:
-    """(concatenated text, number of image parts) of a message's content."""
+    """(concatenated text, tokens of the media parts) of a message's content."""
     if isinstance(content, str):
         return content, 0
     if not isinstance(content, list):
         return "", 0
     texts: list[str] = []
-    images = 0
+    tokens = 0
     for part in content:
         if not isinstance(part, Mapping):
             continue
@@ -230,8 +176,40 @@ def _content(content: Any) -> tuple[str, int]:
         if kind in ("text", "refusal"):
             texts.append(_str(part.get(kind)))
         elif kind == "image_url":
-            images += 1
-    return "".join(texts), images
+            tokens += media.image_tokens(part)
+        elif kind == "file":
+            tokens += media.file_tokens(part)
+        elif kind == "input_audio":
+            tokens += media.audio_tokens(part)
+    return "".join(texts), tokens
+
+
+def _extras(enc: TokenCounter, body: Mapping[str, Any], functions: list[Mapping[str, Any]]) -> int:
+    """Rule 5 of count_chat_prompt: request fields without a published token rule."""
+    total = 0
+    fmt = body.get("response_format")
+    if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+        total += count_text(enc, _json_text(fmt.get("json_schema")))
+    prediction = body.get("prediction")
+    if isinstance(prediction, Mapping):
+        text, _ = _content(prediction.get("content"))
+        total += count_text(enc, text)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, Mapping) and tool.get("type") == "custom":
+            total += count_text(enc, _json_text(tool.get("custom")))
+    for text in unrendered_schema_text(functions):
+        total += count_text(enc, text)
+    return total
+
+
+def _json_text(value: Any) -> str:
+    if value is None:
+        return ""
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return ""
 
 
 def _calls(message: Mapping[str, Any]) -> list[tuple[str, str, str]]:

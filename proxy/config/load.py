@@ -22,8 +22,10 @@ from proxy.config.model import (
     Alias,
     AuthConfig,
     AuthMode,
+    DisconnectPolicy,
     EventsConfig,
     GuardConfig,
+    OnDisconnect,
     PriceRule,
     Provider,
     ServerConfig,
@@ -96,7 +98,7 @@ def _provider(name: str, raw: Any, path: str, lookup: Callable[[str], str | None
     m = Section(
         raw,
         path,
-        ("base_url", "api_key_env", "stream_usage", "timeouts", "max_connections"),
+        ("base_url", "api_key_env", "stream_usage", "timeouts", "max_connections", *_DISCONNECT),
         required=True,
     )
     base_url = m.text("base_url", required=True)
@@ -118,6 +120,26 @@ def _provider(name: str, raw: Any, path: str, lookup: Callable[[str], str | None
             total=t.number("total", d.total, positive=True),
         ),
         max_connections=m.count("max_connections", 256),
+        disconnect=_disconnect(m, DisconnectPolicy()),
+    )
+
+
+_DISCONNECT = ("on_client_disconnect", "drain_timeout_s", "drain_max_bytes")
+
+
+def _disconnect(m: Section, base: DisconnectPolicy) -> DisconnectPolicy:
+    """A provider's policy, or an alias's overrides of its provider's (`base`)."""
+    raw = m.get("on_client_disconnect", base.action.value)
+    try:
+        action = OnDisconnect(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{m.where('on_client_disconnect')}: must be 'abort' or 'drain', got {raw!r}"
+        ) from None
+    return DisconnectPolicy(
+        action=action,
+        drain_timeout_s=m.number("drain_timeout_s", base.drain_timeout_s, positive=True),
+        drain_max_bytes=m.count("drain_max_bytes", base.drain_max_bytes),
     )
 
 
@@ -131,7 +153,16 @@ def _alias(
     m = Section(
         raw,
         path,
-        ("provider", "model", "price_rule", "free", "tokenizer", "allow_params", "cost_in_band"),
+        (
+            "provider",
+            "model",
+            "price_rule",
+            "free",
+            "tokenizer",
+            "allow_params",
+            "cost_in_band",
+            *_DISCONNECT,
+        ),
         required=True,
     )
     pname = m.text("provider", required=True)
@@ -158,14 +189,16 @@ def _alias(
             f"(supported: {', '.join(sorted(SUPPORTED_ENCODINGS))})"
         )
     allow = _allow_params(m, rule)
+    provider = providers[pname]
     return Alias(
         name=name,
-        provider=providers[pname],
+        provider=provider,
         model=model,
         price_rule=rule,
         tokenizer=tokenizer,
         allow_params=allow,
         cost_in_band=m.flag("cost_in_band", False),
+        disconnect=_disconnect(m, provider.disconnect),
     )
 
 

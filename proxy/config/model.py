@@ -36,6 +36,20 @@ class Timeouts:
     total: float = 600.0
 
 
+class OnDisconnect(StrEnum):
+    """What a stream does when its caller leaves (README "Client disconnects")."""
+
+    ABORT = "abort"  # close the upstream exchange at once; charge the estimate
+    DRAIN = "drain"  # keep reading (writing nothing) until the usage report or a limit
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectPolicy:
+    action: OnDisconnect = OnDisconnect.ABORT
+    drain_timeout_s: float = 30.0  # longest drain after the caller left
+    drain_max_bytes: int = 4 * 1024 * 1024  # most bytes read (and dropped) while draining
+
+
 @dataclass(frozen=True, slots=True)
 class Provider:
     name: str
@@ -46,6 +60,7 @@ class Provider:
     stream_usage: bool = True  # upstream honours stream_options.include_usage
     timeouts: Timeouts = Timeouts()
     max_connections: int = 256  # keep-alive pool bound for this provider
+    disconnect: DisconnectPolicy = DisconnectPolicy()
 
     @property
     def chat_url(self) -> str:
@@ -161,6 +176,8 @@ class Alias:
     allow_params: frozenset[str] = frozenset()
     # Opt-in: tell the caller what it was charged (usage.cost, X-Credits-Charged).
     cost_in_band: bool = False
+    # The provider's policy with this alias's overrides applied (proxy.config.load).
+    disconnect: DisconnectPolicy = DisconnectPolicy()
 
     @property
     def price_rule_id(self) -> str:

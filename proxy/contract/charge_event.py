@@ -12,8 +12,8 @@ field the ledger does not understand could change what a charge means. Any chang
 to the shape, even an added field, bumps `SCHEMA_VERSION`. The JSON Schema in
 docs/charge-event.schema.json describes exactly what `to_json()` emits.
 
-Version 2 added `started_at`, `service_tier`, `price_version` and the usage parts
-`cache_write`, `audio_prompt`, `audio_completion`. The reader still accepts
+Version 2 added `started_at`, `service_tier`, `price_version`, `client_disconnected`
+and the usage parts `cache_write`, `audio_prompt`, `audio_completion`. The reader still accepts
 version 1 events (still in an outbox during a rolling upgrade), exactly in their
 own shape, and reads them as what they meant: none of the new parts, no dated
 price version, started `latency_ms` before `occurred_at`.
@@ -60,6 +60,12 @@ __all__ = [
 EVENT_TYPE: Final = "credit.charge.requested"
 SCHEMA_VERSION: Final = 2
 _READABLE_VERSIONS: Final = (1, 2)
+# Bounds every value of an event keeps, so that it serialises (orjson: 64-bit ints)
+# and any ledger can add it up without overflow (Lua numbers are doubles: exact to
+# 2**53; a sum of 9,000 maximal charges still is). Metering caps what it accepts at
+# MAX_TOKENS per count and pricing caps credits at MAX_CREDITS.
+MAX_TOKENS: Final = 10**9
+MAX_CREDITS: Final = 10**12
 
 _EVENT_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
@@ -100,8 +106,9 @@ FIELDS: Final = (
     "outcome",
     "latency_ms",
     "ttft_ms",
+    "client_disconnected",
 )
-_V2_ONLY: Final = frozenset({"started_at", "service_tier", "price_version"})
+_V2_ONLY: Final = frozenset({"started_at", "service_tier", "price_version", "client_disconnected"})
 FIELDS_V1: Final = tuple(f for f in FIELDS if f not in _V2_ONLY)
 _FIELD_SETS: Final = {1: frozenset(FIELDS_V1), 2: frozenset(FIELDS)}
 
@@ -131,6 +138,9 @@ class ChargeEvent:
     service_tier: str | None = None  # the request's service_tier, when it gave one
     # effective_from of the price rule's version that priced it; None: its undated rates.
     price_version: str | None = None
+    # The caller went away before the response ended (the disconnect policy decided
+    # what was still read and charged; see proxy.upstream.relay).
+    client_disconnected: bool = False
     # Constants of this schema version; not settable, so no event can lie about them.
     event_type: str = field(default=EVENT_TYPE, init=False)
     schema_version: int = field(default=SCHEMA_VERSION, init=False)
@@ -157,6 +167,7 @@ class ChargeEvent:
         started_ms: int | None = None,
         service_tier: str | None = None,
         price_version: str | None = None,
+        client_disconnected: bool = False,
         now_ns: int | None = None,
     ) -> ChargeEvent:
         """Build the event for a finished request, minting `event_id` and `occurred_at`.
@@ -189,6 +200,7 @@ class ChargeEvent:
             outcome=outcome,
             latency_ms=latency_ms,
             ttft_ms=ttft_ms,
+            client_disconnected=client_disconnected,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,6 +237,7 @@ class ChargeEvent:
             "outcome": self.outcome,
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
+            "client_disconnected": self.client_disconnected,
         }
 
     def to_json(self) -> bytes:
@@ -289,10 +302,11 @@ class ChargeEvent:
             usage=read_usage(obj, _USAGE_KEYS_V1 if version == 1 else _USAGE_KEYS),
             usage_source=UsageSource(read_choice(obj, "usage_source", _USAGE_SOURCES)),
             price_rule=read_str(obj, "price_rule"),
-            credits=read_int(obj, "credits"),
+            credits=read_int(obj, "credits", maximum=MAX_CREDITS),
             outcome=Outcome(read_choice(obj, "outcome", _OUTCOMES)),
             latency_ms=latency_ms,
             ttft_ms=read_opt_duration(obj, "ttft_ms"),
+            client_disconnected=False if version == 1 else read_bool(obj, "client_disconnected"),
         )
 
 

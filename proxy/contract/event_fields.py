@@ -57,12 +57,21 @@ def read_opt_str(obj: dict[str, Any], name: str) -> str | None:
     return None if read_field(obj, name) is None else read_str(obj, name)
 
 
-def read_int(obj: dict[str, Any], name: str, *, prefix: str = "", minimum: int | None = 0) -> int:
+def read_int(
+    obj: dict[str, Any],
+    name: str,
+    *,
+    prefix: str = "",
+    minimum: int | None = 0,
+    maximum: int | None = None,
+) -> int:
     value = read_field(obj, name, prefix)
     if type(value) is not int:  # JSON true/false are not integers
         raise InvalidChargeEvent(prefix + name, f"must be an integer, got {json_type(value)}")
     if minimum is not None and value < minimum:
         raise InvalidChargeEvent(prefix + name, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidChargeEvent(prefix + name, f"must be <= {maximum}, got {value}")
     return value
 
 

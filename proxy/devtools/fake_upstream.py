@@ -18,6 +18,10 @@ from aiohttp import web
 
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.tokens import count_chat_prompt, count_text
+from proxy.devtools.provider_formats import FORMATS, json_body, stream_events
+
+# `Behaviour.usage_override` left alone: the fake reports the usage it counted.
+COUNTED = "counted"
 
 WORDS = (
     *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while"),
@@ -46,6 +50,13 @@ class Behaviour:
     cache_write_tokens: int = 0  # reported as prompt_tokens_details.cache_write_tokens
     audio_prompt_tokens: int = 0  # prompt_tokens_details.audio_tokens (added to the prompt)
     audio_completion_tokens: int = 0  # completion_tokens_details.audio_tokens (added too)
+    # Provider dialect of the reply (proxy.devtools.provider_formats.FORMATS).
+    format: str = "openai"
+    # Sent instead of the counted usage object: any JSON value (faults: strings,
+    # floats, huge numbers, {}), or a dict merged over the counted fields.
+    usage_override: Any = COUNTED
+    usage_merge: dict[str, Any] | None = None
+    delay_before_usage: float = 0.0  # seconds between the last content chunk and usage
     # When set, a request body field of this name picks a fault for that request only
     # ("reset", "stall", "malformed" or "status:<code>"), so one run can mix faults
     # into normal traffic (bench/soak.py). The proxy forwards unknown fields as is.
@@ -83,8 +94,10 @@ def reply_words(body: dict[str, Any], n: int) -> list[str]:
     return [WORDS[(seed[i % len(seed)] + i) % len(WORDS)] for i in range(n)]
 
 
-def _usage(app: web.Application, body: dict[str, Any], text: str) -> dict[str, Any]:
-    b = app[BEHAVIOUR]
+def _usage(app: web.Application, body: dict[str, Any], text: str) -> Any:
+    b = app[BEHAVIOUR].for_request(body)
+    if b.usage_override != COUNTED:
+        return b.usage_override
     enc = app[ENCODINGS].get("o200k_base")
     prompt = count_chat_prompt(enc, body) + b.audio_prompt_tokens
     completion = count_text(enc, text) + b.reasoning_tokens + b.audio_completion_tokens
@@ -96,13 +109,14 @@ def _usage(app: web.Application, body: dict[str, Any], text: str) -> dict[str, A
         pdetails["audio_tokens"] = b.audio_prompt_tokens
     if b.audio_completion_tokens:
         cdetails["audio_tokens"] = b.audio_completion_tokens
-    return {
+    usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": pdetails,
         "completion_tokens_details": cdetails,
     }
+    return {**usage, **(b.usage_merge or {})}
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -144,10 +158,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 }
             ],
         }
-        if b.usage_in_body:
-            reply["usage"] = _usage(app, body, text)
+        usage = _usage(app, body, text) if b.usage_in_body else None
         return web.Response(
-            body=orjson.dumps(reply),
+            body=json_body(b.format, reply, usage),
             content_type="application/json",
             headers={"x-request-id": "req_fake_" + ident[-8:], "openai-processing-ms": "1"},
         )
@@ -167,26 +180,27 @@ async def _stream(
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "x-request-id": "req_fake_" + ident[-8:]}
     )
-    await resp.prepare(request)
+    try:
+        # The head first: counting the usage may load an encoding (~0.25 s).
+        await resp.prepare(request)
+    except ConnectionResetError:
+        rec.closed_early += 1  # the proxy hung up before the head
+        return resp
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    usage_null = b',"usage":null' if include_usage and b.honour_stream_usage else b""
-    head = (
-        b'data: {"id":"' + ident.encode() + b'","object":"chat.completion.chunk",'
-        b'"created":1700000000,"model":"' + str(model).encode() + b'","choices":'
-    )
-
-    def event(choices: bytes, extra: bytes = b"") -> bytes:
-        return head + choices + extra + b"}\n\n"
-
+    base = {"id": ident, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
+    pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    chunks = [{**base, "choices": [_choice({"role": "assistant", "content": ""})]}]
+    chunks += [{**base, "choices": [_choice({"content": p})]} for p in pieces]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    fmt = b.format if b.format in FORMATS else "openai"
+    # Usage only shapes the last events; it is counted once the content is out
+    # (counting may load an encoding, ~0.25 s, which must not delay the first chunk).
+    events = stream_events(fmt, chunks, {}, include_usage, b.honour_stream_usage)
+    first = 1 if fmt == "crlf" else 0  # the comment preamble
     rec.open_connections += 1
     try:
-        await resp.write(
-            event(
-                b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]',
-                usage_null,
-            )
-        )
-        for i, word in enumerate(words):
+        await resp.write(b"".join(events[: first + 1]))
+        for i in range(len(words)):
             if b.reset_after is not None and i == b.reset_after:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
@@ -196,29 +210,27 @@ async def _stream(
                 await resp.write(b"data: {this is not json\n\n")
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
-            piece = word if i == 0 else " " + word
-            await resp.write(
-                event(
-                    b'[{"index":0,"delta":{"content":'
-                    + orjson.dumps(piece)
-                    + b'},"finish_reason":null}]',
-                    usage_null,
-                )
-            )
-        await resp.write(event(b'[{"index":0,"delta":{},"finish_reason":"stop"}]', usage_null))
-        if include_usage and b.honour_stream_usage:
-            usage = orjson.dumps(
-                _usage(app, body, "".join(w if i == 0 else " " + w for i, w in enumerate(words)))
-            )
-            await resp.write(event(b"[]", b',"usage":' + usage))
-        await resp.write(b"data: [DONE]\n\n")
+            await resp.write(events[first + 1 + i])
+        usage = _usage(app, body, "".join(pieces))
+        events = stream_events(fmt, chunks, usage, include_usage, b.honour_stream_usage)
+        rest = events[first + 1 + len(words) :]
+        await resp.write(rest[0])  # the finish chunk
+        if b.delay_before_usage:
+            await asyncio.sleep(b.delay_before_usage)
+        await resp.write(b"".join(rest[1:]))
         await resp.write_eof()
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         rec.closed_early += 1
         raise
+    except ConnectionResetError:
+        rec.closed_early += 1  # the proxy hung up (abort policy): normal, not an error
     finally:
         rec.open_connections -= 1
     return resp
+
+
+def _choice(delta: dict[str, Any]) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "finish_reason": None}
 
 
 async def models(request: web.Request) -> web.Response:

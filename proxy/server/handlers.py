@@ -69,7 +69,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _chat_completions(
     request: web.Request, state: ProxyState, ex: Exchange
 ) -> web.StreamResponse:
-    body = decode_body(await read_body(request, state.config.server.max_body_bytes))
+    raw = await read_body(request, state.config.server.max_body_bytes)
+    ex.request_bytes = len(raw)
+    body = decode_body(raw)
     # Who pays comes before what is asked: an unknown key learns nothing about aliases.
     user = body.get("user")
     ex.ctx = ctx = await state.auth.authenticate(

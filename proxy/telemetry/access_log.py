@@ -38,6 +38,8 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
         "guard": ex.guard_decision,
         "tokens": None,
         "usage_source": None,
+        "metering_flags": [],
+        "client_disconnected": ex.client_disconnected,
         "credits": settlement.charge.credits if settlement and settlement.charge and charged else 0,
         "charged": charged,
         "latency_ms": ex.latency_ms(now),
@@ -52,4 +54,5 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
             "reasoning": usage.reasoning_tokens,
         }
         line["usage_source"] = metered.source
+        line["metering_flags"] = sorted(metered.flags)
     return orjson.dumps(line, option=orjson.OPT_UTC_Z).decode()

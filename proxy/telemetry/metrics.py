@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy.billing.guard import GuardDecision
+from proxy.billing.metering import MeterFlag
 from proxy.billing.record import ErrorKind
 from proxy.contract.usage import UsageSource
 
@@ -187,6 +188,15 @@ class ProxyMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.metering_fallbacks = Counter(
+            "llm_proxy_metering_fallbacks_total",
+            "Charges not resting on a plain usage report or exact count, by reason: "
+            "report_rejected (implausible upstream usage, estimated), count_failed "
+            "(the tokenizer failed: UTF-8 byte bound), bounded (too large to count on "
+            "the event loop and not refined: byte bound).",
+            ("reason",),
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "llm_proxy_upstream_errors_total",
             "Failed upstream exchanges by provider and kind (connect, timeout, status, "
@@ -203,6 +213,7 @@ class ProxyMetrics:
         self._published = charge["published"]
         self._publish_failed = charge["publish_failed"]
         self._before, self._after, self._total = (self.overhead.labels(p) for p in OVERHEAD_PHASES)
+        self._fallbacks = {flag: self.metering_fallbacks.labels(flag) for flag in MeterFlag}
         for provider in providers:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(provider, kind)
@@ -263,6 +274,8 @@ class ProxyMetrics:
                 cached.inc(usage.cached_tokens)
             if usage.reasoning_tokens:
                 reasoning.inc(usage.reasoning_tokens)
+            for flag in metered.flags:
+                self._fallbacks[flag].inc()
         if settlement is None:
             self._enqueue_failed.inc()
         elif settlement.event is not None:

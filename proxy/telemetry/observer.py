@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.logs import ACCESS_LOGGER
+from proxy.logs import ACCESS_LOGGER, ThrottledLog
 from proxy.telemetry.access_log import access_line
 from proxy.telemetry.metrics import ProxyMetrics
 
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger(__name__)
+
+# Metering fallbacks are logged at most this often (each is counted in a metric).
+FALLBACK_LOG_INTERVAL_S = 60.0
 
 # With several worker processes another process may be the one scraped: each keeps
 # its live gauges (in-flight, outbox) in the shared files this often.
@@ -38,6 +41,7 @@ class Observer:
         self.last_record_failed = False
         self._outbox: Outbox | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._fallback_log = ThrottledLog(log, FALLBACK_LOG_INTERVAL_S)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -105,6 +109,12 @@ class Observer:
         elif settlement.event is not None:
             self.last_record_failed = False
         self.metrics.observe_request(ex, settlement, now, done)
+        if ex.metered is not None and ex.metered.flags:
+            # Never the prompt or the report itself: the request id and why.
+            self._fallback_log.warning(
+                f"request {ex.request_id}: charged on a fallback "
+                f"({', '.join(sorted(ex.metered.flags))}); see llm_proxy_metering_fallbacks_total"
+            )
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(access_line(ex, settlement, now))
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import orjson
 
-from proxy.billing.metering import usage_from_report
+from proxy.billing.usage_report import normalise
 from proxy.contract.usage import Usage
 from proxy.upstream import sse
 
@@ -27,7 +27,7 @@ def stamp_json(body: bytes, quote: Quote) -> tuple[bytes, int | None]:
         return body, None
     if not isinstance(obj, dict) or not isinstance(obj.get("usage"), dict):
         return body, None
-    usage = usage_from_report(obj["usage"])
+    usage = normalise(obj["usage"])
     if usage is None:
         return body, None
     credits = quote(usage)
@@ -59,7 +59,7 @@ class StreamCostStamp:
         if not sse.has_usage_object(event):
             return event
         obj = sse.decode_event(event)
-        usage = usage_from_report(obj["usage"]) if obj is not None else None
+        usage = normalise(obj["usage"]) if obj is not None else None
         if obj is None or usage is None:
             return event
         obj["usage"]["cost"] = self._quote(usage)

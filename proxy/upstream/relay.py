@@ -8,13 +8,23 @@ are classified by proxy.upstream.failures.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
+import orjson
 from aiohttp import web
 
-from proxy.billing.metering import Metered, meter_json
+from proxy.billing.metering import (
+    Metered,
+    MeterFlag,
+    Reply,
+    estimate_off_loop,
+    message_reply,
+    meter_json,
+)
 from proxy.billing.record import Exchange
+from proxy.config.model import DisconnectPolicy, OnDisconnect
 from proxy.contract.outcome import Outcome
 from proxy.contract.usage import Usage, UsageSource
 from proxy.errors import ApiError, upstream_status_body
@@ -28,7 +38,7 @@ from proxy.upstream.failures import (
     status_failure,
 )
 from proxy.upstream.pools import relay_headers
-from proxy.upstream.stream_meter import StreamMeter, meter_stream
+from proxy.upstream.stream_meter import StreamMeter, estimate_reply, meter_stream
 from proxy.upstream.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -87,22 +97,35 @@ async def relay_json(
     """`quote` (cost in band, opt-in per alias): the body's usage gains `cost` and the
     response the `X-Credits-Charged` header."""
     assert ex.chat is not None and ex.encoding is not None
+    parts: list[bytes] = []  # read here, not by up.read(): a drain goes on from them
     try:
-        body = await up.read()
+        async for data in up.content.iter_any():
+            parts.append(data)
+        body = b"".join(parts)
     except BaseException as exc:
         failure = classify(exc, wd, ex.chat.alias.provider.name, Phase.BODY)
         if failure is None:
             raise
         ex.finish(failure.outcome, failure.status, failure.kind)
         if failure.error is None:  # the client left while we read: the prompt was used
-            ex.metered = ex.estimate_prompt_only()
+            ex.client_disconnected = True
+            ex.metered = ex.estimate_prompt_only()  # before any await: never nothing
+            policy = ex.chat.alias.disconnect
+            if policy.action is OnDisconnect.DRAIN:
+                drained = await _drain_body(up, parts, wd, policy)
+                if drained is not None:
+                    ex.metered = meter_json(drained, ex.chat.body, ex.encoding, ex.request_bytes)
+                    await _refine(ex, None, drained)
+                    raise
+            await _refine(ex, Reply())
             raise
         raise failure.error from None
     finally:
         wd.cancel()
     ex.mark_first_byte()
-    ex.metered = meter_json(body, ex.chat.body, ex.encoding)
+    ex.metered = meter_json(body, ex.chat.body, ex.encoding, ex.request_bytes)
     ex.finish(Outcome.COMPLETED, up.status)
+    await _refine(ex, None, body)
     headers = relay_headers(up.headers)
     headers["X-Request-Id"] = ex.request_id
     if quote is not None:
@@ -162,18 +185,90 @@ async def relay_stream(
         ex.finish(failure.outcome, failure.status, failure.kind)
         if failure.error is not None:
             await _end_with_error(out, failure.error)
-        elif not isinstance(exc, CLIENT_WRITE_ERRORS):
-            raise  # cancelled because the client left: let the cancellation through
+        else:
+            ex.client_disconnected = True
+            policy = ex.chat.alias.disconnect
+            if meter is not None and policy.action is OnDisconnect.DRAIN:
+                await _drain_stream(up, meter, wd, policy)
+            if not isinstance(exc, CLIENT_WRITE_ERRORS):
+                raise  # cancelled because the client left: let the cancellation through
     finally:
         wd.cancel()
         if released:
             up.release()
         else:
             up.close()  # stop reading at once; the half-read connection is not reusable
+        # Set before anything is awaited: whatever happens next, there is a charge.
         ex.metered = (
-            meter_stream(meter, ex.chat.body, ex.encoding) if meter is not None else _UNMETERED
+            meter_stream(meter, ex.chat.body, ex.encoding, ex.request_bytes)
+            if meter is not None
+            else _UNMETERED
         )
+        if meter is not None and MeterFlag.BOUNDED in ex.metered.flags:
+            await _refine(ex, estimate_reply(meter))
     return out
+
+
+async def _refine(ex: Exchange, reply: Reply | None, body: bytes | None = None) -> None:
+    """Replace a BOUNDED estimate by the count made off the event loop. Cancelled
+    (the caller left, shutdown), the bound stays: a charge, never none."""
+    metered = ex.metered
+    if metered is None or MeterFlag.BOUNDED not in metered.flags:
+        return
+    assert ex.chat is not None and ex.encoding is not None
+    if reply is None:
+        try:
+            obj = orjson.loads(body or b"")
+        except orjson.JSONDecodeError:
+            obj = None
+        reply = message_reply(obj) if isinstance(obj, dict) else Reply()
+    try:
+        ex.metered = await estimate_off_loop(metered, ex.chat.body, reply, ex.encoding)
+    except RuntimeError:  # the executor is shut down (process stopping): keep the bound
+        return
+
+
+async def _drain_stream(
+    up: aiohttp.ClientResponse, meter: StreamMeter, wd: Watchdog, policy: DisconnectPolicy
+) -> None:
+    """The caller left: keep reading, writing nothing, until the usage report arrived,
+    the stream ended or a drain limit passed (disconnect policy `drain`)."""
+    read = 0
+    try:
+        async with asyncio.timeout(policy.drain_timeout_s):
+            async for data in up.content.iter_any():
+                wd.touch()
+                meter.drain(data)
+                read += len(data)
+                if meter.has_report() or read >= policy.drain_max_bytes:
+                    return
+    except (TimeoutError, *UPSTREAM_READ_ERRORS):
+        return
+    except asyncio.CancelledError:
+        if not wd.absorb():  # not our idle/total bound: a shutdown, let it through
+            raise
+
+
+async def _drain_body(
+    up: aiohttp.ClientResponse, parts: list[bytes], wd: Watchdog, policy: DisconnectPolicy
+) -> bytes | None:
+    """The non-streamed body (`parts` read so far) read to its end after the caller
+    left, within the drain limits; None when it could not be."""
+    read = 0
+    try:
+        async with asyncio.timeout(policy.drain_timeout_s):
+            async for data in up.content.iter_any():
+                parts.append(data)
+                read += len(data)
+                if read >= policy.drain_max_bytes:
+                    return None
+    except (TimeoutError, *UPSTREAM_READ_ERRORS):
+        return None
+    except asyncio.CancelledError:
+        if not wd.absorb():
+            raise
+        return None
+    return b"".join(parts)
 
 
 async def _end_with_error(out: web.StreamResponse, error: ApiError) -> None:

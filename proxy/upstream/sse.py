@@ -8,6 +8,7 @@ rare estimate path, after the stream has ended.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,18 @@ from proxy.errors import error_body
 
 USAGE_KEY = b'"usage"'
 USAGE_NULL = b',"usage":null'
+# A JSON key may be written with escapes (`"\u0075sage"`): events holding one are
+# decoded too (an escape is rare outside non-ASCII text from ensure_ascii encoders).
+ESCAPE = b"\\u"
+# Fragments of text a client can receive, for the cheap "was anything relayed" check.
+_TEXT_KEYS = (b'content":"', b'arguments":"', b'transcript":"', b'refusal":"')
 DONE_PAYLOAD = b"[DONE]"
+
+
+# A blank line ends an event; a line ends with CRLF, LF or a lone CR (the SSE spec,
+# "Interpreting an event stream"). A lone CR must not be the first half of a CRLF.
+_EOL = rb"(?:\r\n|\r(?!\n)|\n)"
+_EVENT_END = re.compile(_EOL + _EOL)
 
 
 class EventFramer:
@@ -25,8 +37,10 @@ class EventFramer:
 
     Upstream reads end anywhere (mid-line, mid-event); `feed` returns the complete
     events (each with its terminating blank line, bytes untouched) and keeps the
-    remainder. The separator (`\\n\\n` or `\\r\\n\\r\\n`) is learnt from the first
-    line ending seen, since one upstream never mixes them.
+    remainder. Every separator form is understood, mixed within one stream
+    (`\n\n`, `\r\n\r\n`, `\r\r`, `\r\n\n`, ...). The common case, a stream
+    of `\n` line endings only, takes a fast path (`find` instead of a regex); the
+    first separator seen is kept as `separator` for StreamMeter's fast path.
     """
 
     __slots__ = ("_buf", "_sep")
@@ -35,29 +49,38 @@ class EventFramer:
         self._buf = b""
         self._sep: bytes | None = None
 
-    def _learn_separator(self, buf: bytes) -> bytes | None:
-        """From the first line ending (None until one arrived); called until then only."""
-        nl = buf.find(b"\n")
-        if nl < 0:
-            return None
-        self._sep = b"\r\n\r\n" if nl > 0 and buf[nl - 1] == 0x0D else b"\n\n"
-        return self._sep
+    def _ends(self, buf: bytes, whole: bool = False) -> list[int]:
+        """End offsets of the complete events in `buf` (`whole`: buf ends where an
+        event does, so a final CR is a line ending, not half of a CRLF)."""
+        ends: list[int] = []
+        if b"\r" not in buf:  # LF only: JSON data never holds a raw CR
+            start = 0
+            while True:
+                end = buf.find(b"\n\n", start)
+                if end < 0:
+                    break
+                start = end + 2
+                ends.append(start)
+        else:
+            for m in _EVENT_END.finditer(buf):
+                # A CR at the very end may be the first half of a CRLF still to come.
+                if not whole and m.end() == len(buf) and buf.endswith(b"\r"):
+                    break
+                ends.append(m.end())
+        if ends and self._sep is None:
+            found = _EVENT_END.search(buf, 0, ends[0])
+            self._sep = found.group(0) if found is not None else b"\n\n"
+        return ends
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes, *, whole: bool = False) -> list[bytes]:
+        """The complete events so far; `whole` says `data` ends at an event's end
+        (what `feed_complete` returned, or a stream that has ended)."""
         buf = self._buf + data if self._buf else data
-        sep = self._sep or self._learn_separator(buf)
-        if sep is None:
-            self._buf = buf
-            return []
         events: list[bytes] = []
         start = 0
-        step = len(sep)
-        while True:
-            end = buf.find(sep, start)
-            if end < 0:
-                break
-            events.append(buf[start : end + step])
-            start = end + step
+        for end in self._ends(buf, whole):
+            events.append(buf[start:end])
+            start = end
         self._buf = buf[start:] if start < len(buf) else b""
         return events
 
@@ -68,29 +91,21 @@ class EventFramer:
         events (the usual case), which is most reads.
         """
         buf = self._buf + data if self._buf else data
-        sep = self._sep or self._learn_separator(buf)
-        if sep is None:
-            self._buf = buf
-            return b""
-        if buf.endswith(sep):
+        sep = self._sep
+        if sep is not None and buf.endswith(sep) and b"\r" not in sep and b"\r" not in buf:
             self._buf = b""
             return buf
-        # Cut after the last separator, found scanning forward as `feed` does.
-        # (The same bytes come out either way; runs of extra blank lines may only
-        # be cut at a different place.)
-        start = 0
-        step = len(sep)
-        while True:
-            end = buf.find(sep, start)
-            if end < 0:
-                break
-            start = end + step
-        self._buf = buf[start:]
-        return buf[:start]
+        ends = self._ends(buf)
+        if not ends:
+            self._buf = buf
+            return b""
+        last = ends[-1]
+        self._buf = buf[last:]
+        return buf[:last] if last < len(buf) else buf
 
     @property
     def separator(self) -> bytes | None:
-        """The event separator, once the first line ending has been seen."""
+        """The first event separator seen (None until one arrived)."""
         return self._sep
 
     @property
@@ -137,7 +152,7 @@ def decode_event(event: bytes) -> dict[str, Any] | None:
 def iter_event_objects(body: bytes) -> Iterator[dict[str, Any]]:
     """Every decodable JSON object in a relayed SSE body (estimate path only)."""
     framer = EventFramer()
-    events = framer.feed(body)
+    events = framer.feed(body, whole=True)
     if framer.pending:
         events.append(framer.pending)  # a truncated last event may still be whole JSON
     for event in events:
@@ -148,7 +163,33 @@ def iter_event_objects(body: bytes) -> Iterator[dict[str, Any]]:
 
 def is_usage_only_chunk(obj: dict[str, Any]) -> bool:
     """The extra final chunk OpenAI sends for `include_usage`: no choices, a usage object."""
-    return not obj.get("choices") and isinstance(obj.get("usage"), dict)
+    choices = obj.get("choices")
+    no_choices = not choices or not isinstance(choices, list | dict)
+    return no_choices and isinstance(obj.get("usage"), dict)
+
+
+def without_usage(event: bytes, obj: dict[str, Any]) -> bytes:
+    """The event re-written without its `usage` member (a chunk that carries choices
+    and the usage we asked for on the caller's behalf): its data lines become one
+    `data:` line of the re-encoded object; other lines and the line ending stay."""
+    eol = b"\r\n" if b"\r\n" in event else (b"\r" if b"\r" in event else b"\n")
+    rest = {k: v for k, v in obj.items() if k != "usage"}
+    lines = [line for line in event.splitlines() if line and not line.startswith(b"data:")]
+    lines.append(b"data: " + orjson.dumps(rest))
+    return eol.join(lines) + eol + eol
+
+
+def relayed_text(body: bytes) -> bool:
+    """True when `body` carries a non-empty text or argument fragment (a byte scan;
+    escaped keys are not seen, so this can only say yes too rarely)."""
+    for key in _TEXT_KEYS:
+        pos = body.find(key)
+        while pos >= 0:
+            end = pos + len(key)
+            if end < len(body) and body[end] != 0x22:  # not an empty string
+                return True
+            pos = body.find(key, end)
+    return False
 
 
 def error_event(message: str, type: str, code: str) -> bytes:

@@ -1,5 +1,5 @@
 """Watching a relayed SSE stream: byte-faithful pass-through (or removal of the usage
-chunk we asked for on the caller's behalf), and its usage at the end, reported or
+we asked for on the caller's behalf), and its usage at the end, reported or
 estimated (proxy.billing.metering)."""
 
 from __future__ import annotations
@@ -9,8 +9,16 @@ from typing import Any
 
 import tiktoken
 
-from proxy.billing.metering import Metered, estimate_stream, usage_from_report
-from proxy.contract.usage import Usage, UsageSource
+from proxy.billing.metering import (
+    Metered,
+    Reply,
+    accept_report,
+    estimate,
+    rejected,
+    stream_reply,
+)
+from proxy.billing.usage_report import UsageReport, find_report
+from proxy.contract.usage import Usage
 from proxy.upstream import sse
 
 
@@ -18,23 +26,37 @@ class StreamMeter:
     """Watches a relayed SSE stream.
 
     `relay(data)` takes one upstream read and returns the bytes to send to the
-    client: the same bytes, except that the usage-only final chunk we asked for
-    on the caller's behalf is removed when `strip_usage` is set. Framing into
+    client: the same bytes, except that, when `strip_usage` is set, the usage we
+    asked for on the caller's behalf is removed (the usage-only final chunk, the
+    `"usage":null` members it implies, and a usage member on a chunk that also has
+    choices), so the caller sees what OpenAI would have sent it. Framing into
     events only happens in that mode; otherwise reads pass through untouched and
     the usage event is found after the stream ends by scanning its tail.
+
+    `drain(data)` takes a read after the client left: kept for metering only.
     """
 
-    __slots__ = ("_chunks", "_close", "_framer", "_null_tail", "_sep_len", "_usage", "strip_usage")
+    __slots__ = (
+        "_chunks",
+        "_close",
+        "_drain_framer",
+        "_framer",
+        "_null_tail",
+        "_report",
+        "_sep_len",
+        "strip_usage",
+    )
 
     def __init__(self, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self._framer = sse.EventFramer() if strip_usage else None
         self._chunks: list[bytes] = []  # what the client was sent (references, no copies)
-        self._usage: Usage | None = None
+        self._report: UsageReport | None = None
         # `,"usage":null}` + the stream's event separator, once that is known.
         self._null_tail: bytes | None = None
         self._close = b""  # `}` + the separator: what the cut leaves of that tail
         self._sep_len = 0
+        self._drain_framer: sse.EventFramer | None = None
 
     def relay(self, data: bytes) -> bytes:
         framer = self._framer
@@ -68,66 +90,149 @@ class StreamMeter:
         # same object when there is nothing to remove, so it runs unguarded: a
         # guarding `in` would cost a second scan of every chunk. Once the nulls are
         # gone, no `"usage"` left means no usage object to look at (a JSON string
-        # cannot hold the raw bytes `"usage"`; its quotes are escaped).
+        # cannot hold the raw bytes `"usage"`; its quotes are escaped), unless a
+        # key is written with escapes: events with a `\u` are decoded too.
         out = out.replace(sse.USAGE_NULL, b"")
-        if sse.USAGE_KEY in out:  # once per stream: the usage event is here
+        if sse.USAGE_KEY in out or sse.ESCAPE in out:
             split = sse.EventFramer()
-            events = split.feed(out)
-            kept = b"".join(e for e in events if not self._take_usage_event(e))
-            out = kept + split.pending  # a stray blank line stays relayed
+            events = split.feed(out, whole=True)
+            out = b"".join(self._strip_event(e) for e in events) + split.pending
             if not out:
                 return b""
         self._chunks.append(out)
         return out
 
-    def _take_usage_event(self, event: bytes) -> bool:
-        """Record usage from this event; True when the event must not be relayed."""
-        if not sse.has_usage_object(event):
-            return False
+    def drain(self, data: bytes) -> None:
+        """A read after the client left (disconnect policy `drain`): nothing is sent,
+        but its usage report (and its text, for an estimate) counts."""
+        framer = self._framer
+        if framer is None:  # pass-through mode frames nothing; draining must
+            framer = self._drain_framer = self._drain_framer or sse.EventFramer()
+            self._chunks.append(data)  # reads, contiguous with the relayed ones
+        events = framer.feed(data)
+        if self._framer is not None:
+            self._chunks.extend(events)  # whole events, like the relayed ones
+        for event in events:
+            if sse.USAGE_KEY in event or sse.ESCAPE in event:
+                self._strip_event(event)
+
+    def has_report(self) -> bool:
+        """A plausible usage report has been seen (a drain can stop)."""
+        return self._report is not None and self._report.valid
+
+    def _strip_event(self, event: bytes) -> bytes:
+        """Record a usage report in this event; return what the client gets of it."""
         obj = sse.decode_event(event)
         if obj is None:
-            return False
-        usage = usage_from_report(obj["usage"])
-        if usage is not None:
-            self._usage = usage
-        return sse.is_usage_only_chunk(obj)
+            return event
+        report = find_report(obj)
+        if report is not None:
+            self._keep(report)
+        if "usage" not in obj:
+            return event
+        if sse.is_usage_only_chunk(obj):
+            return b""
+        return sse.without_usage(event, obj)
+
+    def _keep(self, report: UsageReport) -> None:
+        # The last report wins (gateways may repeat a cumulative one), but a valid
+        # report is never replaced by an implausible one.
+        if report.valid or self._report is None or not self._report.valid:
+            self._report = report
 
     def unterminated(self) -> bytes:
-        """An event left incomplete when the stream ended (strip mode only)."""
-        return self._framer.pending if self._framer is not None else b""
+        """What is left in the framer when the stream ended (strip mode only): an
+        event without its blank line (or whose final CR could not be told from half
+        a CRLF), relayed as it is unless it is usage we asked for."""
+        if self._framer is None or not self._framer.pending:
+            return b""
+        out = self._framer.pending
+        if sse.USAGE_KEY in out or sse.ESCAPE in out:
+            split = sse.EventFramer()
+            events = split.feed(out, whole=True)
+            out = b"".join(self._strip_event(e) for e in events) + split.pending
+        self._chunks.append(out)
+        return out
 
     def relayed(self) -> bytes:
         return b"".join(self._chunks)
 
+    def report(self) -> UsageReport | None:
+        if self._report is None and self._framer is None and self._chunks:
+            # (After a drain in pass-through mode `_report` may be set already.)
+            self._report = _report_in_tail(self._chunks)
+        return self._report
+
     def upstream_usage(self) -> Usage | None:
-        if self._usage is None and self._framer is None and self._chunks:
-            self._usage = _usage_in_tail(self._chunks)
-        return self._usage
+        """The plausible usage report's counts, if one was seen."""
+        report = self.report()
+        return report.usage if report is not None else None
 
 
-def _usage_in_tail(chunks: list[bytes]) -> Usage | None:
+def _report_in_tail(chunks: list[bytes]) -> UsageReport | None:
     """Find the usage event near the end of a pass-through stream.
 
     It is the last data event before `[DONE]`, so scanning backwards over the
-    last few reads is enough; only that one event is JSON-decoded.
+    last few reads is enough; only events that name `"usage"` are JSON-decoded.
+    (A report under an escaped key is found by the estimate path, which decodes
+    every event.)
     """
-    tail = b""
+    parts: list[bytes] = []
+    size = 0
+    seen = False
     for chunk in reversed(chunks):
-        tail = chunk + tail
-        if sse.USAGE_KEY in tail and len(tail) > 4096:
+        parts.append(chunk)
+        size += len(chunk)
+        seen = seen or sse.USAGE_KEY in chunk
+        if seen and size > 4096:
             break
-    for event in reversed(sse.EventFramer().feed(tail)):
-        if sse.has_usage_object(event):
+    tail = b"".join(reversed(parts))
+    if sse.USAGE_KEY not in tail:
+        return None
+    for event in reversed(sse.EventFramer().feed(tail, whole=True)):
+        if sse.USAGE_KEY in event:
             obj = sse.decode_event(event)
-            if obj is not None:
-                return usage_from_report(obj["usage"])
+            report = find_report(obj) if obj is not None else None
+            if report is not None:
+                return report
     return None
 
 
 def meter_stream(
-    meter: StreamMeter, request_body: Mapping[str, Any], enc: tiktoken.Encoding
+    meter: StreamMeter,
+    request_body: Mapping[str, Any],
+    enc: tiktoken.Encoding,
+    size: int | None = None,
 ) -> Metered:
-    usage = meter.upstream_usage()
-    if usage is not None:
-        return Metered(usage, UsageSource.UPSTREAM)
-    return estimate_stream(sse.iter_event_objects(meter.relayed()), request_body, enc)
+    """The stream's usage: the report when plausible, else the estimate (which may be
+    a BOUNDED one, for the caller to refine off the loop)."""
+    report = meter.report()
+    if report is not None and report.usage is not None:
+        # Plausible for what was relayed: a report of no completion at all while text
+        # was relayed is not (a cheap check; only done when the report says zero).
+        floor = 1 if report.usage.completion_tokens == 0 and _text_relayed(meter) else 0
+        accepted = accept_report(report, floor)
+        if accepted is not None:
+            return accepted
+    objects = list(sse.iter_event_objects(meter.relayed()))
+    if report is None:
+        # Keys written with escapes hide from the byte scans; decoding finds them.
+        for obj in reversed(objects):
+            found = find_report(obj)
+            if found is not None:
+                report = found
+                break
+    reply = stream_reply(objects)
+    accepted = accept_report(report, reply.floor)
+    if accepted is not None:
+        return accepted
+    return estimate(request_body, reply, enc, size=size, flags=rejected(report))
+
+
+def estimate_reply(meter: StreamMeter) -> Reply:
+    """What the client received, decoded (for an off-loop refinement)."""
+    return stream_reply(sse.iter_event_objects(meter.relayed()))
+
+
+def _text_relayed(meter: StreamMeter) -> bool:
+    return sse.relayed_text(meter.relayed())

@@ -8,8 +8,9 @@ import orjson
 import pytest
 
 from proxy.billing.encodings import EncodingRegistry
-from proxy.billing.metering import completion_parts, meter_json, usage_from_report
+from proxy.billing.metering import completion_parts, meter_json
 from proxy.billing.tokens import count_chat_prompt, count_text
+from proxy.billing.usage_report import normalise as usage_from_report
 from proxy.contract.usage import Usage, UsageSource
 from proxy.upstream import sse
 from proxy.upstream.stream_meter import StreamMeter

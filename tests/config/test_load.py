@@ -254,3 +254,62 @@ def test_allowing_a_price_param_needs_a_version_that_prices_it(tmp_path: Path) -
     text = text.replace("request_fee: 3", "request_fee: 0")
     with pytest.raises(ConfigError, match="'web_search_options' needs a request_fee above 0"):
         load_config(write(tmp_path, text), env={})
+
+
+DISCONNECT = """
+providers:
+  reasoner:
+    base_url: https://api.example.invalid/v1
+    on_client_disconnect: drain
+    drain_timeout_s: 20
+    drain_max_bytes: 1000000
+price_rules:
+  r: {input: 1, output: 2}
+aliases:
+  think: {provider: reasoner, model: r1, price_rule: r}
+  quick: {provider: reasoner, model: r1, price_rule: r, on_client_disconnect: abort}
+  patient: {provider: reasoner, model: r1, price_rule: r, drain_timeout_s: 120}
+"""
+
+
+def test_disconnect_policy_on_providers_and_aliases(tmp_path: Path) -> None:
+    from proxy.config.model import DisconnectPolicy, OnDisconnect
+
+    config = load_config(write(tmp_path, DISCONNECT), env={})
+    drain = DisconnectPolicy(OnDisconnect.DRAIN, 20.0, 1_000_000)
+    assert config.providers["reasoner"].disconnect == drain
+    assert config.aliases["think"].disconnect == drain
+    assert config.aliases["quick"].disconnect == DisconnectPolicy(
+        OnDisconnect.ABORT, 20.0, 1_000_000
+    )
+    assert config.aliases["patient"].disconnect.drain_timeout_s == 120
+    default = load_config(write(tmp_path, GOOD), env={})
+    assert default.aliases["smart"].disconnect == DisconnectPolicy()  # abort
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "on_client_disconnect: drain",
+            "on_client_disconnect: wait",
+            "providers.reasoner.on_client_disconnect: must be 'abort' or 'drain', got 'wait'",
+        ),
+        (
+            "drain_timeout_s: 20",
+            "drain_timeout_s: 0",
+            "providers.reasoner.drain_timeout_s: must be a positive number, got 0",
+        ),
+        (
+            "drain_timeout_s: 120}",
+            "drain_max_bytes: 1.5}",
+            "aliases.patient.drain_max_bytes: must be a positive whole number, got 1.5",
+        ),
+    ],
+)
+def test_bad_disconnect_policies_name_the_key(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, DISCONNECT.replace(old, new)), env={})
+    assert str(info.value).endswith(message)

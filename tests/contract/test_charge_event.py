@@ -61,6 +61,7 @@ def test_create_fills_identity_and_charge() -> None:
     event = make_event(now_ns=NOW_NS)
     assert event.event_type == EVENT_TYPE == "credit.charge.requested"
     assert event.schema_version == SCHEMA_VERSION == 2
+    assert event.client_disconnected is False
     assert event.occurred_at == "2024-05-01T12:00:00.123Z"
     assert re.fullmatch(r"[0-9a-f]{32}", event.event_id)
     assert event.price_rule == "gpt4o"
@@ -109,6 +110,7 @@ def test_to_json_has_stable_keys_and_values() -> None:
         "outcome": "completed",
         "latency_ms": 1234.5,
         "ttft_ms": 210.25,
+        "client_disconnected": False,
     }
     assert list(data["usage"]) == [
         "prompt",
@@ -129,7 +131,8 @@ def test_to_json_has_stable_keys_and_values() -> None:
         {"conversation_id": None, "ttft_ms": None, "stream": False},
         {"latency_ms": 0, "ttft_ms": 0},
         {"usage": Usage(), "usage_source": UsageSource.ESTIMATED, "outcome": Outcome.REJECTED},
-        {"usage": Usage(prompt_tokens=10**12, completion_tokens=10**12), "user_id": 2**62},
+        {"usage": Usage(prompt_tokens=10**9, completion_tokens=10**9), "user_id": 2**62},
+        {"client_disconnected": True, "outcome": Outcome.CLIENT_ABORTED},
         {"outcome": Outcome.CLIENT_ABORTED, "scene": "naïve ☃"},
         {
             "usage": Usage(
@@ -275,6 +278,11 @@ def _drop(path: str) -> dict[str, Any]:
         (_set("ttft_ms", -1), "ttft_ms", "must be a finite number >= 0"),
         (_set("ttft_ms", False), "ttft_ms", "must be a number, got boolean"),
         (_drop("ttft_ms"), "ttft_ms", "missing"),
+        (_drop("client_disconnected"), "client_disconnected", "missing"),
+        (_set("client_disconnected", 0), "client_disconnected", "must be a boolean"),
+        (_set("client_disconnected", None), "client_disconnected", "must be a boolean"),
+        (_set("credits", 10**12 + 1), "credits", "must be <= 1000000000000"),
+        (_set("usage.prompt", 10**9 + 1), "usage.prompt", "must be <= 1000000000"),
     ],
 )
 def test_from_json_rejects_bad_messages(
@@ -332,7 +340,7 @@ def test_from_json_rejects_nan_latency_written_by_orjson() -> None:
 # the published JSON Schema matches what to_json emits
 #
 # A deliberately minimal walker over the subset of draft 2020-12 the schema uses
-# (type, const, enum, required, properties, additionalProperties, minimum,
+# (type, const, enum, required, properties, additionalProperties, minimum, maximum,
 # minLength, pattern), so the test needs no jsonschema package.
 
 _JSON_TYPES = {
@@ -346,7 +354,7 @@ _JSON_TYPES = {
 }
 _SUPPORTED = {
     *("$schema", "$id", "title", "description", "type", "const", "enum", "required"),
-    *("properties", "additionalProperties", "minimum", "minLength", "pattern"),
+    *("properties", "additionalProperties", "minimum", "maximum", "minLength", "pattern"),
 }
 
 
@@ -365,6 +373,8 @@ def schema_errors(schema: dict[str, Any], value: Any, path: str = "$") -> list[s
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if number and "minimum" in schema and value < schema["minimum"]:
         errors.append(f"{path}: below minimum")
+    if number and "maximum" in schema and value > schema["maximum"]:
+        errors.append(f"{path}: above maximum")
     if isinstance(value, str):
         if len(value) < schema.get("minLength", 0):
             errors.append(f"{path}: too short")
@@ -421,6 +431,8 @@ def test_serialised_events_satisfy_the_schema(
         ("price_version", 5),
         ("usage.audio_prompt", -1),
         ("ttft_ms", "fast"),
+        ("client_disconnected", "no"),
+        ("credits", 10**12 + 1),
         ("outcome", "exploded"),
         ("extra", 1),
     ],

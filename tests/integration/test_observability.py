@@ -314,7 +314,7 @@ async def test_access_log_lines_and_no_secrets(
     assert set(ok) == {
         *("time", "request_id", "user_id", "scene", "principal", "alias", "provider"),
         *("stream", "status", "outcome", "error_kind", "guard", "tokens", "usage_source"),
-        *("credits", "charged", "latency_ms", "ttft_ms"),
+        *("credits", "charged", "latency_ms", "ttft_ms", "metering_flags", "client_disconnected"),
     }
     assert ok["time"].endswith("Z")
     assert ok["user_id"] == 7 and ok["alias"] == "smart" and ok["provider"] == "fake"

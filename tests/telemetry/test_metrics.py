@@ -301,6 +301,8 @@ def test_access_line_fields(config: YamlConfig) -> None:
         "guard": "allow",
         "tokens": {"prompt": 10, "completion": 5, "cached": 4, "reasoning": 2},
         "usage_source": "upstream",
+        "metering_flags": [],
+        "client_disconnected": False,
         "credits": settlement.charge.credits,
         "charged": True,
         "latency_ms": 500.0,

@@ -1,0 +1,172 @@
+"""The one usage normaliser: a provider's usage report (wherever it hides) → Usage.
+
+Table-driven: `LOCATIONS` says where a report may be (first match wins, OpenAI's
+place first) and `PROMPT`/`COMPLETION`/`CACHED`/`REASONING` where each count may be
+inside it. Every count is validated: a non-negative integer up to MAX_TOKENS; a
+float is rounded up (never down); strings, booleans, objects, NaN, negatives and
+oversized values make the whole report implausible. An implausible report is
+replaced by the estimate (proxy.billing.metering) and flagged.
+
+| provider | where | what differs |
+|---|---|---|
+| OpenAI (and most compatibles) | `usage` | the reference |
+| Groq | `x_groq.usage` (streams) | location |
+| Moonshot (streams) | `choices[0].usage` | location; `cached_tokens` at the report's top level |
+| DeepSeek | `usage` | `prompt_cache_hit_tokens` (cache hits, part of `prompt_tokens`) |
+| Gemini (OpenAI-compatible) | `usage` | thinking is in `total_tokens`, not `completion_tokens` |
+| LiteLLM, other gateways | `usage` on a chunk that still has choices | where in the stream |
+
+Gemini's rule is applied to everyone: when `total_tokens` exceeds prompt +
+completion, the excess is hidden reasoning, so completion = total - prompt and
+reasoning grows by the excess (OpenAI's semantics: reasoning ⊆ completion).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from proxy.billing.usage_parts import with_priced_parts
+from proxy.contract.charge_event import MAX_TOKENS
+from proxy.contract.usage import Usage
+
+Path = tuple[str | int, ...]
+
+LOCATIONS: Final[tuple[tuple[str, Path], ...]] = (
+    ("openai", ("usage",)),
+    ("groq", ("x_groq", "usage")),
+    ("moonshot", ("choices", 0, "usage")),
+)
+PROMPT: Final[tuple[Path, ...]] = (("prompt_tokens",),)
+COMPLETION: Final[tuple[Path, ...]] = (("completion_tokens",),)
+TOTAL: Final[tuple[Path, ...]] = (("total_tokens",),)
+CACHED: Final[tuple[Path, ...]] = (
+    ("prompt_tokens_details", "cached_tokens"),
+    ("prompt_cache_hit_tokens",),  # DeepSeek
+    ("cached_tokens",),  # Moonshot
+)
+REASONING: Final[tuple[Path, ...]] = (("completion_tokens_details", "reasoning_tokens"),)
+
+_ABSENT: Final = object()
+
+
+class _Implausible(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """A report found in a response; `usage` is None when it was implausible."""
+
+    usage: Usage | None
+    where: str  # the LOCATIONS row it was found at
+
+    @property
+    def valid(self) -> bool:
+        return self.usage is not None
+
+
+def choices_of(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The choice objects of a chunk or body, whatever shape `choices` has: a list, a
+    single choice object, or an object of choices keyed by index."""
+    choices = obj.get("choices")
+    if isinstance(choices, list):
+        return [c for c in choices if isinstance(c, Mapping)]
+    if isinstance(choices, Mapping):
+        if any(k in choices for k in ("delta", "message", "index", "finish_reason")):
+            return [choices]
+        return [c for c in choices.values() if isinstance(c, Mapping)]
+    return []
+
+
+def find_report(obj: Mapping[str, Any]) -> UsageReport | None:
+    """The usage report of a decoded chunk or body; None when it has none at all."""
+    for where, path in LOCATIONS:
+        raw = _at_location(obj, path)
+        if raw is _ABSENT or raw is None:
+            continue
+        return UsageReport(normalise(raw), where)
+    return None
+
+
+def has_report(obj: Mapping[str, Any]) -> bool:
+    return find_report(obj) is not None
+
+
+def normalise(raw: Any) -> Usage | None:
+    """One report object → Usage, or None when it is implausible."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        prompt = _first(raw, PROMPT)
+        completion = _first(raw, COMPLETION)
+        total = _first(raw, TOTAL)
+        cached = _first(raw, CACHED)
+        reasoning = _first(raw, REASONING)
+    except _Implausible:
+        return None
+    if prompt is None or prompt == 0:
+        return None  # every chat request has a prompt: a report without one is wrong
+    if completion is None:
+        if total is None or total < prompt:
+            return None
+        completion = total - prompt
+    reasoning = reasoning or 0
+    if total is not None and total > prompt + completion:
+        hidden = total - prompt - completion  # Gemini: thinking is outside completion
+        completion += hidden
+        reasoning += hidden
+    if completion > MAX_TOKENS:
+        return None
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=min(cached or 0, prompt),
+        reasoning_tokens=min(reasoning, completion),
+    )
+    # Cache writes and audio: priced parts of the same report (proxy.billing.usage_parts).
+    return with_priced_parts(
+        usage, raw, raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
+    )
+
+
+def _at_location(obj: Any, path: Path) -> Any:
+    for step in path:
+        if isinstance(step, int):  # an index into the list `choices` became
+            if not isinstance(obj, list) or len(obj) <= step:
+                return _ABSENT
+            obj = obj[step]
+        elif not isinstance(obj, Mapping) or step not in obj:
+            return _ABSENT
+        elif step == "choices":
+            obj = choices_of(obj)
+        else:
+            obj = obj[step]
+    return obj
+
+
+def _first(raw: Mapping[str, Any], paths: Sequence[Path]) -> int | None:
+    """The first count present at one of `paths` (None when none is)."""
+    for path in paths:
+        value = _at_location(raw, path)
+        if value is _ABSENT or value is None:
+            continue
+        return _tokens_value(value)
+    return None
+
+
+def _tokens_value(value: Any) -> int:
+    """A validated count: integers as they are, floats rounded up, all else refused."""
+    if isinstance(value, bool):
+        raise _Implausible
+    if isinstance(value, int):
+        count = value
+    elif isinstance(value, float) and math.isfinite(value) and value >= 0:
+        count = math.ceil(value)
+    else:
+        raise _Implausible
+    if count < 0 or count > MAX_TOKENS:
+        raise _Implausible
+    return count
