@@ -299,7 +299,7 @@ class ChargeEvent:
             provider=read_str(obj, "provider"),
             upstream_model=read_str(obj, "upstream_model"),
             stream=read_bool(obj, "stream"),
-            usage=read_usage(obj, _USAGE_KEYS_V1 if version == 1 else _USAGE_KEYS),
+            usage=read_usage(obj, _USAGE_KEYS_V1 if version == 1 else _USAGE_KEYS, MAX_TOKENS),
             usage_source=UsageSource(read_choice(obj, "usage_source", _USAGE_SOURCES)),
             price_rule=read_str(obj, "price_rule"),
             credits=read_int(obj, "credits", maximum=MAX_CREDITS),

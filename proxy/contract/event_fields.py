@@ -122,14 +122,20 @@ def v1_started_at(occurred_at: str, latency_ms: float) -> str:
     return format_timestamp(max(end_ms - int(latency_ms), 0))
 
 
-def read_usage(obj: dict[str, Any], keys: tuple[str, ...]) -> Usage:
+def read_usage(obj: dict[str, Any], keys: tuple[str, ...], max_tokens: int) -> Usage:
+    """`usage` with every count in 0..max_tokens (total up to twice that)."""
     raw = read_field(obj, "usage")
     if not isinstance(raw, dict):
         raise InvalidChargeEvent("usage", f"must be an object, got {json_type(raw)}")
     for key in raw:
         if key not in keys:
             raise InvalidChargeEvent(f"usage.{key}", "unknown field")
-    n = {key: read_int(raw, key, prefix="usage.") for key in keys}
+    n = {
+        key: read_int(
+            raw, key, prefix="usage.", maximum=2 * max_tokens if key == "total" else max_tokens
+        )
+        for key in keys
+    }
     prompt, completion, cached, reasoning, total = (
         n[k] for k in ("prompt", "completion", "cached", "reasoning", "total")
     )

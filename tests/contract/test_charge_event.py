@@ -300,7 +300,7 @@ def test_from_json_rejects_bad_messages(
 def v1_dict() -> dict[str, Any]:
     """What a version-1 proxy emitted (still in outboxes during an upgrade)."""
     data = valid_dict()
-    for key in ("started_at", "service_tier", "price_version"):
+    for key in ("started_at", "service_tier", "price_version", "client_disconnected"):
         del data[key]
     for key in ("cache_write", "audio_prompt", "audio_completion"):
         del data["usage"][key]
