@@ -261,10 +261,24 @@ async def test_service_key_non_canonical_body_user_is_400_and_free_of_nothing(
     # The canonical form bills that user; the header and the body agree on it.
     assert (await post(h, [svc], {**REQ, "user": "42"}))[0] == 200
     assert (await post(h, [svc, ("X-User-Id", "42")]))[0] == 200
-    status, body = await post(h, [svc, ("X-User-Id", value)]) if value.strip() else (400, {})
-    if value.strip():
-        assert (status, body["error"]["code"]) == (400, "invalid_user")
     assert await charged_users(h, obs) == [42, 42]
+
+
+@pytest.mark.parametrize("value", [v for v in NON_CANONICAL if v.strip()])
+async def test_service_key_non_canonical_header_user_is_400(
+    proxy: tuple[ProxyHarness, RecordingObserver], value: str
+) -> None:
+    h, obs = proxy
+    # Header values travel as UTF-8 bytes; aiohttp hands the proxy the same text.
+    headers = [("Authorization", f"Bearer {SERVICE_KEY}"), ("X-User-Id", value)]
+    status, body = await post(h, headers)
+    assert (status, body["error"]["code"], body["error"]["param"]) == (
+        400,
+        "invalid_user",
+        "X-User-Id",
+    )
+    assert h.recorder.requests == []
+    assert await charged_users(h, obs) == []
 
 
 async def test_skip_charge_is_a_permission_of_its_own(
