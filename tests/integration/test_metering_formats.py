@@ -135,13 +135,12 @@ async def test_a_large_prompt_is_counted_exactly_off_the_loop(start_proxy: Start
     assert event["usage"]["prompt"] == count_chat_prompt(enc, body)
 
 
-DRAIN_ALIASES = """
-aliases:
-  smart: {{provider: fake, model: fake-model-v1, price_rule: std}}
-  drainy:
+# Added under the harness's aliases (its `smart` is the abort case).
+DRAIN_ALIASES = """  drainy:
     provider: fake
     model: fake-model-r1
     price_rule: std
+    allow_params: [x_fault]
     on_client_disconnect: drain
     drain_timeout_s: {timeout}
 """
@@ -168,7 +167,7 @@ async def test_disconnect_policy(start_proxy: StartProxy, model: str, policy: st
     after the caller left and charges the report, `abort` stops and estimates."""
     h = await start_proxy(
         behaviour=Behaviour(reasoning_tokens=500, chunk_delay=0.02, delay_before_usage=0.3),
-        extra_yaml=DRAIN_ALIASES.format(timeout=5),
+        extra_aliases=DRAIN_ALIASES.format(timeout=5),
     )
     await leave_after_content(h, model)
     event = await one_event(h)
@@ -186,7 +185,7 @@ async def test_disconnect_policy(start_proxy: StartProxy, model: str, policy: st
 async def test_a_drain_ends_at_its_time_limit(start_proxy: StartProxy) -> None:
     h = await start_proxy(
         behaviour=Behaviour(reasoning_tokens=500, chunk_delay=0.02, delay_before_usage=5),
-        extra_yaml=DRAIN_ALIASES.format(timeout=0.3),
+        extra_aliases=DRAIN_ALIASES.format(timeout=0.3),
     )
     await leave_after_content(h, "drainy")
     event = await one_event(h)

@@ -36,13 +36,12 @@ from tests.fixtures_proxy import ProxyHarness, StartProxy
 SEED = 1515
 CASES = 150
 OUTPUT_RATE = 2000  # the harness's `std` rule: credits per 1M completion tokens
-ALIASES = """
-aliases:
-  smart: {provider: fake, model: fake-model-v1, price_rule: std}
-  drainy:
+# Added under the harness's aliases (its `smart` is the abort case).
+ALIASES = """  drainy:
     provider: fake
     model: fake-model-r1
     price_rule: std
+    allow_params: [x_fault]
     on_client_disconnect: drain
     drain_timeout_s: 0.3
 """
@@ -187,7 +186,7 @@ async def test_every_answered_request_is_charged_once_and_enough(
     start_proxy: StartProxy, caplog: pytest.LogCaptureFixture, shared_encodings: EncodingRegistry
 ) -> None:
     enc = shared_encodings.get("o200k_base")
-    h = await start_proxy(extra_yaml=ALIASES, idle=0.3, first_byte=2)
+    h = await start_proxy(extra_aliases=ALIASES, idle=0.3, first_byte=2)
     rng = random.Random(SEED)
     base = Behaviour()
     outcomes: dict[str, tuple[int, bytes, dict[str, Any]]] = {}
