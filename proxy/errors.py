@@ -14,6 +14,10 @@ class ConfigError(Exception):
     """A bad configuration; the message names the file and the key path."""
 
 
+class LedgerNotMigrated(Exception):
+    """The ledger database lacks the schema this code needs (`llm-proxy ledger migrate`)."""
+
+
 class ApiError(Exception):
     """An error answered to the client in OpenAI's shape.
 
