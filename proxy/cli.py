@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -19,6 +20,9 @@ from proxy.errors import ConfigError
 from proxy.ledger.cli import register as register_ledger_commands
 from proxy.logs import setup_logging
 from proxy.server.options import LOOP_CHOICES, ServeOptions
+
+if TYPE_CHECKING:
+    from proxy.server.lifecycle import EmbeddedLedgerFactory
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +48,25 @@ def cmd_serve(args: argparse.Namespace, settings: EnvSettings) -> int:
     config = _load_config(options.config_path)
     if config is None:
         return 2
+    embedded = _embedded_ledger(settings)
     if options.workers > 1:
         from proxy.server.workers import run_workers
 
         # Workers get the grace period plus the outbox drain before being killed.
         grace = config.server.shutdown_grace_s + config.server.outbox_drain_s + 5
-        return run_workers(options, settings, stop_timeout_s=grace)
+        return run_workers(options, settings, stop_timeout_s=grace, embedded_ledger=embedded)
     from proxy.server.serve import serve_one
 
-    return serve_one(options, config, settings)
+    return serve_one(options, config, settings, embedded_ledger=embedded)
+
+
+def _embedded_ledger(settings: EnvSettings) -> EmbeddedLedgerFactory | None:
+    """Without Kafka, charge events go to the embedded ledger (unless turned off)."""
+    if settings.kafka_bootstrap or not settings.embedded_ledger:
+        return None
+    from proxy.ledger.embedded import open_embedded_ledger
+
+    return open_embedded_ledger
 
 
 def cmd_fake_upstream(args: argparse.Namespace, settings: EnvSettings) -> int:
@@ -94,7 +108,9 @@ def cmd_demo(args: argparse.Namespace, settings: EnvSettings) -> int:
         await fake.setup()
         await web.TCPSite(fake, "127.0.0.1", 18001).start()
         runner = web.AppRunner(
-            build_app(config, settings), access_log=None, handler_cancellation=True
+            build_app(config, settings, embedded_ledger=_embedded_ledger(settings)),
+            access_log=None,
+            handler_cancellation=True,
         )
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()

@@ -12,8 +12,8 @@ environments unchanged. Read once, at start-up, into a frozen `EnvSettings`.
 | `KAFKA_BOOTSTRAP_SERVERS` | charge events to Kafka | none (JSON-lines file) |
 | `LLM_PROXY_KAFKA_IDEMPOTENCE` | idempotent producer | true |
 | `LLM_PROXY_OUTBOX_PATH` | the outbox file | `data/outbox.sqlite3` |
-| `LLM_PROXY_SINK_PATH` | the JSON-lines sink without Kafka (`LLM_PROXY_EMBEDDED_LEDGER=off`) | `data/charge-events.jsonl` |
-| `LEDGER_DATABASE_URL` | the ledger's database of record (`postgresql://…`, `sqlite:///…`) | `sqlite:///data/ledger.sqlite3` |
+| `LLM_PROXY_SINK_PATH` | JSON-lines sink (no Kafka, no embedded) | `data/charge-events.jsonl` |
+| `LEDGER_DATABASE_URL` | ledger database (`postgresql://…`) | `sqlite:///data/ledger.sqlite3` |
 | `LLM_PROXY_EMBEDDED_LEDGER` | without Kafka, apply charges to the embedded ledger | on |
 | `LLM_PROXY_METERING` | `off`: benchmark switch, streams unmetered (1 token) | on |
 | `LLM_PROXY_WORKERS` | `serve --workers` default | 1 |

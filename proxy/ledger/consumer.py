@@ -26,7 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.contract.charge_event import ChargeEvent
 from proxy.delivery.kafka import create_topic, make_producer
-from proxy.ledger.book import BatchResult, Book, check_event
+from proxy.ledger.batches import Applied, apply_isolating
+from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import is_transient, require_migrated
 from proxy.ledger.projection import Projection
 
@@ -178,52 +179,23 @@ class LedgerConsumer:
             good.append((record, event))
         if not good:
             return True
-        outcome: list[BatchResult | None] = []
-        if not await self._retry(lambda: self._apply([e for _, e in good], outcome)):
+        outcome: list[Applied] = []
+
+        async def apply() -> None:
+            outcome.append(await apply_isolating(self._book, [e for _, e in good]))
+
+        if not await self._retry(apply):
             return False
         result = outcome[-1]
-        if result is None:  # the database refused the batch: one by one
-            return await self._apply_each(good, producer)
+        self._applied += result.applied
+        self._duplicates += result.duplicates
         for record, event in good:
-            why = result.rejected.get(event.event_id)
+            why = result.refused.get(event.event_id)
             if why is not None and not await self._dead_letter(record, why, producer):
                 return False
         return await self._project(result)
 
-    async def _apply(self, events: list[ChargeEvent], outcome: list[BatchResult | None]) -> None:
-        """Appends the result to `outcome`, or None when the data was refused."""
-        try:
-            result = await self._book.apply_charges(events)
-        except SQLAlchemyError as exc:
-            if is_transient(exc):
-                raise
-            # Something in the data (a value this database cannot store, or the same
-            # id under another user): find the culprit event by event.
-            log.warning("ledger: batch of %d refused (%s); applying one by one", len(events), exc)
-            outcome.append(None)
-            return
-        self._applied += result.applied
-        self._duplicates += result.duplicates
-        outcome.append(result)
-
-    async def _apply_each(
-        self, good: Sequence[tuple[ConsumerRecord, ChargeEvent]], producer: AIOKafkaProducer
-    ) -> bool:
-        for record, event in good:
-            outcome: list[BatchResult | None] = []
-            if not await self._retry(lambda: self._apply([event], outcome)):  # noqa: B023
-                return False
-            result = outcome[-1]
-            why = (
-                "the database refused it" if result is None else result.rejected.get(event.event_id)
-            )
-            if why is not None and not await self._dead_letter(record, why, producer):
-                return False
-            if result is not None and not await self._project(result):
-                return False
-        return True
-
-    async def _project(self, result: BatchResult) -> bool:
+    async def _project(self, result: Applied) -> bool:
         projection = self._projection
         if projection is None or not result.balances:
             return True
@@ -270,7 +242,7 @@ class LedgerConsumer:
                 return True
             except (SQLAlchemyError, RedisError, KafkaError, OSError, TimeoutError) as exc:
                 if isinstance(exc, SQLAlchemyError) and not is_transient(exc):
-                    raise
+                    raise  # a bug, not an outage: apply_isolating handled the data
                 # Messages of these errors carry no secrets (no prompt text, no keys).
                 log.warning("ledger: %s: %s; retrying", type(exc).__name__, exc)
                 self._retries += 1

@@ -9,6 +9,8 @@ the versioned migrations that create them.
   the charge event's id, grants `grant:<key>`, adjustments `adjust:<key>`.
 - `usage_hourly`: consumption per user, UTC hour (of the event), alias and scene;
   updated in the transaction that inserts the entries, read by `credits usage`.
+- `dead_letters`: events the embedded ledger could not apply (with Kafka the
+  dead-letter topic holds them), once per distinct payload.
 - `ledger_schema`: the applied migration version.
 """
 
@@ -25,6 +27,7 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -90,6 +93,17 @@ usage_hourly = Table(
     PrimaryKeyConstraint("user_id", "hour", "alias", "scene"),
 )
 
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("digest", Text, nullable=False, unique=True),  # sha256 of the payload
+    Column("payload", LargeBinary, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", _TS, nullable=False),
+)
+
 ledger_schema = Table(
     "ledger_schema",
     metadata,
@@ -98,7 +112,7 @@ ledger_schema = Table(
 
 
 def _v1(conn: Connection) -> None:
-    metadata.create_all(conn, tables=[accounts, entries, usage_hourly])
+    metadata.create_all(conn, tables=[accounts, entries, usage_hourly, dead_letters])
 
 
 # Append-only: each step runs once, in order, in its own transaction with the
