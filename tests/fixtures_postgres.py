@@ -1,7 +1,7 @@
 """Real PostgreSQL fixture and the ledger database fixtures (pytest plugin loaded from
 tests/conftest.py).
 
-One `postgres` per test session (Debian's postgresql 15 binaries: `initdb` into a
+One `postgres` per test session (Debian's postgresql binaries: `initdb` into a
 temp dir, then the server on a free 127.0.0.1 port, fsync off). As root, both run
 as the `postgres` user (PostgreSQL refuses root). Set `LEDGER_DATABASE_URL` to a
 `postgresql://` URL of an existing server (its user needs CREATEDB) to use that one.
@@ -28,7 +28,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from proxy.ledger.database import migrate, open_engine
 from tests.servers import ChildServer, free_port
 
-PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """The newest Debian postgresql's binaries (they are not on PATH)."""
+    found = sorted(
+        (p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres")),
+        key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0,
+    )
+    if found:
+        return found[-1]
+    on_path = shutil.which("postgres")
+    return Path(on_path).parent if on_path else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 PG_USER = "postgres"
 
 
