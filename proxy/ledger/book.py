@@ -59,9 +59,7 @@ class Posting:
             kind="charge",
             amount=-e.credits,
             event_id=e.event_id,
-            occurred_at=datetime.strptime(e.occurred_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                tzinfo=UTC
-            ),
+            occurred_at=datetime.fromisoformat(e.occurred_at),  # "Z": UTC (from_json checked it)
             request_id=e.request_id,
             alias=e.alias,
             scene=e.scene,
