@@ -7,7 +7,7 @@ whole topic re-applies nothing, with no time window). One transaction per polled
 batch. Records that are not valid charge events, or that the database refuses,
 go to a dead-letter topic with the reason and never hold up the records after
 them. After each transaction the Redis projection of the users touched is
-rewritten (proxy.ledger.projection).
+rewritten (proxy.ledger.projection); during a Redis outage it is deferred, not waited for.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from proxy.delivery.kafka import create_topic, make_producer
 from proxy.ledger.batches import Applied, apply_isolating
 from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import is_transient, require_migrated
-from proxy.ledger.projection import Projection
+from proxy.ledger.projection import Projection, ProjectionBacklog
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LedgerConsumer:
     ) -> None:
         self._settings = settings
         self._book = book
-        self._projection = projection
+        self._backlog = None if projection is None else ProjectionBacklog(projection)
         self._before_commit = before_commit
         self._stopping = asyncio.Event()
         self._applied = 0
@@ -193,14 +193,14 @@ class LedgerConsumer:
             why = result.refused.get(event.event_id)
             if why is not None and not await self._dead_letter(record, why, producer):
                 return False
-        return await self._project(result)
+        await self._project(result)
+        return True
 
-    async def _project(self, result: Applied) -> bool:
-        projection = self._projection
-        if projection is None or not result.balances:
-            return True
-        balances = result.balances
-        return await self._retry(lambda: _written(projection.write(balances.items())))
+    async def _project(self, result: Applied) -> None:
+        # A Redis outage must not stop the books: what could not be written waits
+        # for the next batch (the guard fails open meanwhile).
+        if self._backlog is not None:
+            await self._backlog.write(result.balances)
 
     async def _dead_letter(
         self, record: ConsumerRecord, reason: str, producer: AIOKafkaProducer
@@ -251,10 +251,6 @@ class LedgerConsumer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
             backoff = min(backoff * 2, MAX_RETRY_BACKOFF_S)
-
-
-async def _written(write: Awaitable[int]) -> None:
-    await write
 
 
 async def run_ledger(

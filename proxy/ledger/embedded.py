@@ -26,7 +26,7 @@ from proxy.delivery.outbox import OutboxRow
 from proxy.ledger.batches import apply_isolating
 from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import migrate, open_engine
-from proxy.ledger.projection import Projection
+from proxy.ledger.projection import Projection, ProjectionBacklog
 from proxy.ledger.reads import Account, Reader
 from proxy.ledger.schema import dead_letters
 
@@ -41,14 +41,14 @@ class LedgerSink:
     def __init__(self, engine: AsyncEngine, projection: Projection | None) -> None:
         self._engine = engine
         self._book = Book(engine)
-        self._projection = projection
+        self._backlog = None if projection is None else ProjectionBacklog(projection)
         self.applied = 0
         self.duplicates = 0
         self.dead_lettered = 0
 
     async def send_batch(self, rows: Sequence[OutboxRow]) -> None:
-        """Returns once every row is applied or dead-lettered; a database or Redis
-        failure raises, and the publisher re-sends the batch (duplicates are skipped)."""
+        """Returns once every row is applied or dead-lettered; a database failure
+        raises, and the publisher re-sends the batch (duplicates are skipped)."""
         events: list[ChargeEvent] = []
         dead: list[tuple[bytes, str]] = []
         payloads: dict[str, bytes] = {}
@@ -65,8 +65,8 @@ class LedgerSink:
         dead += [(payloads[eid], why) for eid, why in result.refused.items()]
         if dead:
             await self._dead_letter(dead)
-        if self._projection is not None and result.balances:
-            await self._projection.write(result.balances.items())
+        if self._backlog is not None:
+            await self._backlog.write(result.balances)  # a Redis outage defers it
         self.applied += result.applied
         self.duplicates += result.duplicates
 

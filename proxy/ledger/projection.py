@@ -9,13 +9,17 @@ lost or stale key is repaired by the next write or a rebuild.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Mapping
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from proxy.contract.redis_keys import RedisKeys, encode_snapshot
 from proxy.contract.timestamps import utc_now_iso
 from proxy.ledger.reads import Reader
+
+log = logging.getLogger(__name__)
 
 # Marker value of a blocked key the ledger set (the guard sets its own, with a TTL).
 BLOCKED_BY_LEDGER = b"ledger"
@@ -49,3 +53,35 @@ class Projection:
         async for page in reader.balances():
             total += await self.write(page)
         return total
+
+
+class ProjectionBacklog:
+    """Projection writes that survive a Redis outage without holding up the ledger:
+    balances that could not be written are kept (the newest per user) and written
+    with the next batch. Owned by one writer (a consumer, the embedded sink)."""
+
+    def __init__(self, projection: Projection) -> None:
+        self._projection = projection
+        self._pending: dict[int, int] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def write(self, balances: Mapping[int, int]) -> bool:
+        """True once everything pending is in Redis; False (logged) on a Redis error."""
+        self._pending.update(balances)
+        if not self._pending:
+            return True
+        try:
+            await self._projection.write(self._pending.items())
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "ledger: Redis projection of %d users deferred (%s: %s)",
+                len(self._pending),
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        self._pending.clear()
+        return True

@@ -2,7 +2,8 @@
 (SQLite and PostgreSQL): balance, history and usage equal the sum of the events,
 harmless replays, a crash between the transaction and the offset commit, kill -9 of
 the process, dead letters that never block, two consumers sharing the partitions,
-SIGTERM, a database outage, and an unmigrated database refused."""
+SIGTERM, a database outage (waited out), a Redis outage (projection deferred), and an
+unmigrated database refused."""
 
 from __future__ import annotations
 
@@ -17,18 +18,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.contract.charge_event import ChargeEvent, new_event_id
+from proxy.contract.redis_keys import RedisKeys, decode_snapshot
 from proxy.delivery.kafka import make_producer
 from proxy.errors import LedgerNotMigrated
 from proxy.ledger.book import MAX_AMOUNT, Book, grant
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
 from proxy.ledger.database import open_engine
+from proxy.ledger.projection import Projection
 from proxy.ledger.reads import Reader
 from proxy.ledger.schema import entries
 from tests.fixtures_kafka import KafkaBroker, consume_messages
+from tests.fixtures_postgres import PostgresServer
+from tests.fixtures_redis import RedisServer
 from tests.ledger_events import charge_event, random_charges
 
 WAIT_S = 60.0  # upper bound for a wait, never a timing assertion
@@ -411,3 +417,77 @@ async def test_an_unmigrated_database_is_refused(
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2 and "llm-proxy ledger migrate" in lines[-1]
     assert "Traceback" not in err.decode()
+
+
+async def test_a_database_outage_holds_the_batch_until_it_is_back(
+    kafka_broker: KafkaBroker,
+    kafka_topic: str,
+    producer: AIOKafkaProducer,
+    ledger_url: str,
+    ledger_engine: AsyncEngine,
+    book: Book,
+    reader: Reader,
+    request: pytest.FixtureRequest,
+) -> None:
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("an outage of an embedded SQLite file is not a thing")
+    pg: PostgresServer = request.getfixturevalue("postgres_server")
+    consumer = LedgerConsumer(settings(kafka_broker, kafka_topic), book)
+    events = random_charges(5, [801], seed=8)
+    task = asyncio.create_task(consumer.run())
+    try:
+        await send_events(producer, kafka_topic, events[:1])
+        await wait_for(lambda: consumer.stats.applied == 1, task, "the first event")
+        pg.stop()
+        try:
+            await send_events(producer, kafka_topic, events[1:])
+            await wait_for(lambda: consumer.stats.retries > 0, task, "a failed attempt")
+            assert consumer.stats.applied == 1
+        finally:
+            pg.start()
+        await wait_for(lambda: consumer.stats.applied == 5, task, "the rest after the outage")
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, WAIT_S)
+    assert (await reader.account(801)).balance == -sum(e.credits for e in events)
+
+
+async def test_a_redis_outage_defers_the_projection_not_the_books(
+    kafka_broker: KafkaBroker,
+    kafka_topic: str,
+    producer: AIOKafkaProducer,
+    book: Book,
+    reader: Reader,
+    redis_server: RedisServer,
+    redis_client: Redis,
+    redis_prefix: str,
+) -> None:
+    projection = Projection(Redis.from_url(redis_server.url, socket_timeout=1), redis_prefix)
+    consumer = LedgerConsumer(settings(kafka_broker, kafka_topic), book, projection)
+    task = asyncio.create_task(consumer.run())
+    try:
+        redis_server.stop()  # unpersisted: it comes back empty
+        try:
+            await send_events(producer, kafka_topic, [charge_event(901, 5)])
+            await wait_for(lambda: consumer.stats.applied == 1, task, "applied without Redis")
+        finally:
+            redis_server.start()
+        assert (await reader.account(901)).balance == -5
+        await send_events(producer, kafka_topic, [charge_event(902, 1)])
+        await wait_for(lambda: consumer.stats.applied == 2, task, "the next event")
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, WAIT_S)
+    # The next batch wrote the deferred user too.
+    raw = await redis_client.get(RedisKeys(redis_prefix).snapshot(901))
+    assert raw is not None and decode_snapshot(raw) == -5
+
+
+async def wait_for(done: Callable[[], bool], task: asyncio.Task, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not done():
+        if task.done():
+            task.result()
+            pytest.fail(f"consumer ended before {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
