@@ -2,8 +2,8 @@
 (proxy/contract/redis_keys.py), rewritten after every transaction for the users it
 touched, and all of them by `llm-proxy ledger rebuild-projection`.
 
-One command per key, pipelined without MULTI: every key is a single user's, so
-the writes are valid on a Redis Cluster too. The database is the authority; a
+One command per key, pipelined without MULTI: every key is a single user's (the
+user id is a hash tag), so the writes are valid on a Redis Cluster too. The database is the authority; a
 lost or stale key is repaired by the next write or a rebuild.
 """
 
@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.contract.redis_keys import RedisKeys, encode_snapshot
@@ -26,7 +27,7 @@ BLOCKED_BY_LEDGER = b"ledger"
 
 
 class Projection:
-    def __init__(self, redis: Redis, prefix: str) -> None:
+    def __init__(self, redis: Redis | RedisCluster, prefix: str) -> None:
         self._redis = redis
         self._keys = RedisKeys(prefix)
 

@@ -140,11 +140,11 @@ def test_grant_writes_the_projection_and_the_prefix_comes_from_the_config(
     assert run_cli(["credits", "grant", "61", "9", "--id", "g", *common]) == 0
     client = redis.Redis.from_url(redis_server.url)
     try:
-        snapshot = orjson.loads(client.get(f"{prefix}credit:snapshot:61") or b"{}")
+        snapshot = orjson.loads(client.get(f"{prefix}credit:{{61}}:snapshot") or b"{}")
         assert snapshot["available_credit"] == 9
-        assert client.get(f"{prefix}credit:blocked:61") is None
+        assert client.get(f"{prefix}credit:{{61}}:blocked") is None
     finally:
-        client.delete(f"{prefix}credit:snapshot:61")
+        client.delete(f"{prefix}credit:{{61}}:snapshot")
         client.close()
     capsys.readouterr()
 
