@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -32,7 +33,7 @@ from proxy.contract.payers import check_user_id
 from proxy.contract.redis_keys import DEFAULT_PREFIX
 from proxy.errors import ConfigError, LedgerNotMigrated
 from proxy.ledger.database import open_engine, require_migrated
-from proxy.ledger.projection import Projection
+from proxy.ledger.projection import Projection, RedisClient
 
 DEFAULT_TOPIC = EventsConfig().topic
 
@@ -46,8 +47,9 @@ class Resolved:
     bootstrap: str | None
     idempotent_producer: bool
     database_url: str
+    redis_cluster: bool = False
 
-    def projection(self, redis: Redis | None) -> Projection | None:
+    def projection(self, redis: RedisClient | None) -> Projection | None:
         return None if redis is None else Projection(redis, self.prefix)
 
 
@@ -73,6 +75,9 @@ def common_parser() -> argparse.ArgumentParser:
     common.add_argument("--redis-url", help="env REDIS_URL")
     common.add_argument("--database-url", help="env LEDGER_DATABASE_URL")
     common.add_argument("--prefix", help="Redis key prefix (default: guard.prefix)")
+    common.add_argument(
+        "--redis-cluster", action="store_true", help="the Redis URL is a Redis Cluster node"
+    )
     common.add_argument("--json", action="store_true", help="machine-readable output")
     return common
 
@@ -93,6 +98,7 @@ def resolve(args: argparse.Namespace, settings: EnvSettings) -> Resolved:
         bootstrap=getattr(args, "bootstrap", None) or settings.kafka_bootstrap,
         idempotent_producer=settings.kafka_idempotent,
         database_url=getattr(args, "database_url", None) or settings.ledger_database_url,
+        redis_cluster=bool(getattr(args, "redis_cluster", False)),
     )
 
 
@@ -120,7 +126,7 @@ def with_redis(resolved: Resolved, body: Callable[[Redis], Awaitable[int]]) -> i
         return fail(f"redis: {exc}")
 
 
-LedgerBody = Callable[[AsyncEngine, Redis | None], Awaitable[int]]
+LedgerBody = Callable[[AsyncEngine, RedisClient | None], Awaitable[int]]
 
 
 def with_ledger(
@@ -137,7 +143,9 @@ def with_ledger(
     async def main() -> int:
         engine = open_engine(resolved.database_url)
         url = resolved.redis_url if redis == "always" else resolved.projection_url
-        client = Redis.from_url(url) if redis is not None and url else None
+        client: RedisClient | None = None
+        if redis is not None and url:
+            client = RedisCluster.from_url(url) if resolved.redis_cluster else Redis.from_url(url)
         try:
             if migrated:
                 await require_migrated(engine)

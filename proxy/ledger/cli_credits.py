@@ -12,7 +12,6 @@ import argparse
 import sys
 from collections.abc import Iterable
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -27,6 +26,7 @@ from proxy.ledger.cli_common import (
     user_id,
     with_ledger,
 )
+from proxy.ledger.projection import RedisClient
 from proxy.ledger.reads import MAX_PAGE, PERIODS, Entry, Reader
 
 
@@ -77,7 +77,7 @@ def _page_size(raw: str) -> int:
 
 
 def _cmd_grant(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         change = await grant(Book(engine), args.user, args.amount, args.key, args.reason)
         await _project(r, redis, args.user, change)
         _changed(args, change, f"+{args.amount}")
@@ -87,7 +87,7 @@ def _cmd_grant(args: argparse.Namespace, r: Resolved) -> int:
 
 
 def _cmd_adjust(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         change = await adjust(
             Book(engine),
             args.user,
@@ -103,7 +103,7 @@ def _cmd_adjust(args: argparse.Namespace, r: Resolved) -> int:
     return with_ledger(r, run)
 
 
-async def _project(r: Resolved, redis: Redis | None, user: int, change: Change) -> None:
+async def _project(r: Resolved, redis: RedisClient | None, user: int, change: Change) -> None:
     projection = r.projection(redis)
     if projection is None:
         return
@@ -128,7 +128,7 @@ def _changed(args: argparse.Namespace, change: Change, what: str) -> None:
 
 
 def _cmd_show(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, _redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, _redis: RedisClient | None) -> int:
         reader = Reader(engine)
         account = await reader.account(args.user)
         recent = (await reader.history(args.user, args.limit)).entries if args.limit else ()
@@ -148,7 +148,7 @@ def _cmd_show(args: argparse.Namespace, r: Resolved) -> int:
 
 
 def _cmd_history(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, _redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, _redis: RedisClient | None) -> int:
         page = await Reader(engine).history(args.user, args.limit, args.cursor)
         lines = _entry_lines(page.entries)
         if page.next_cursor is not None:
@@ -160,7 +160,7 @@ def _cmd_history(args: argparse.Namespace, r: Resolved) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, _redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, _redis: RedisClient | None) -> int:
         usage = await Reader(engine).usage(args.user, args.period)
         t = usage["tokens"]
         lines = [

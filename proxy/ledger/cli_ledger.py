@@ -7,7 +7,6 @@ import argparse
 import sys
 
 from aiohttp import web
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.ledger.api import build_api
@@ -15,6 +14,7 @@ from proxy.ledger.book import Book
 from proxy.ledger.cli_common import Resolved, command, fail, out, positive_int, with_ledger
 from proxy.ledger.consumer import DEFAULT_GROUP_ID, LedgerSettings, run_ledger
 from proxy.ledger.database import migrate
+from proxy.ledger.projection import RedisClient
 from proxy.ledger.reads import Reader
 
 
@@ -70,7 +70,7 @@ def _cmd_consume(args: argparse.Namespace, r: Resolved) -> int:
         file=sys.stderr,
     )
 
-    async def run(engine: AsyncEngine, redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         runner: web.AppRunner | None = None
         if args.listen is not None:
             runner = web.AppRunner(build_api(engine), access_log=None)
@@ -96,7 +96,7 @@ def _cmd_consume(args: argparse.Namespace, r: Resolved) -> int:
 
 
 def _cmd_migrate(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, _redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, _redis: RedisClient | None) -> int:
         before, after = await migrate(engine)
         text = (
             f"ledger database at schema {after} (was {before})"
@@ -110,7 +110,7 @@ def _cmd_migrate(args: argparse.Namespace, r: Resolved) -> int:
 
 
 def _cmd_rebuild(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, redis: Redis | None) -> int:
+    async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         projection = r.projection(redis)
         assert projection is not None  # redis="always"
         users = await projection.rebuild(Reader(engine))

@@ -3,8 +3,8 @@
 touched, and all of them by `llm-proxy ledger rebuild-projection`.
 
 One command per key, pipelined without MULTI: every key is a single user's (the
-user id is a hash tag), so the writes are valid on a Redis Cluster too. The database is the authority; a
-lost or stale key is repaired by the next write or a rebuild.
+user id is a hash tag), so the writes are valid on a Redis Cluster too. The database
+is the authority; a lost or stale key is repaired by the next write or a rebuild.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from proxy.ledger.reads import Reader
 
 log = logging.getLogger(__name__)
 
+RedisClient = Redis | RedisCluster
+
 # Marker value of a blocked key the ledger set (the guard sets its own, with a TTL).
 BLOCKED_BY_LEDGER = b"ledger"
 
 
 class Projection:
-    def __init__(self, redis: Redis | RedisCluster, prefix: str) -> None:
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
         self._redis = redis
         self._keys = RedisKeys(prefix)
 

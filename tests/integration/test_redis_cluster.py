@@ -4,10 +4,13 @@ scripts and the projection's pipelines work across the cluster's nodes."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 import pytest
+import redis
 from aiohttp.test_utils import TestServer
 from redis.asyncio.cluster import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,12 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from proxy.billing.guard import CreditBalanceGuard, GuardDecision
 from proxy.billing.payer import BillingContext
 from proxy.billing.snapshot_client import SnapshotClient
-from proxy.config import GuardConfig
+from proxy.config import EnvSettings, GuardConfig
 from proxy.contract.redis_keys import RedisKeys, decode_snapshot
+from proxy.ledger import cli as ledger_cli
 from proxy.ledger.api import build_api
 from proxy.ledger.book import Book, grant
 from proxy.ledger.projection import Projection
 from proxy.ledger.reads import Reader
+from tests.fixtures_redis_cluster import RedisClusterServers
 from tests.ledger_events import charge_event
 
 USERS = list(range(1, 41))  # enough users to land on every node
@@ -100,3 +105,26 @@ async def test_guard_back_fills_from_the_ledger_api_on_the_cluster(
     raw = await cluster_client.get(keys.snapshot(7))  # the back-fill script ran
     assert raw is not None and decode_snapshot(raw) == 5
     assert await cluster_client.exists(keys.blocked(8)) == 1
+
+
+def test_rebuild_projection_cli_on_the_cluster(
+    ledger_url: str,
+    funded: dict[int, int],
+    redis_cluster: RedisClusterServers,
+    cluster_prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = argparse.ArgumentParser(prog="llm-proxy")
+    ledger_cli.register(parser.add_subparsers(dest="command", required=True))
+    argv = ["ledger", "rebuild-projection", "--json", "--database-url", ledger_url]
+    argv += ["--redis-url", redis_cluster.url, "--redis-cluster", "--prefix", cluster_prefix]
+    args = parser.parse_args(argv)
+    assert args.func(args, EnvSettings.from_env({})) == 0
+    assert orjson.loads(capsys.readouterr().out) == {"users": len(USERS)}
+    client = redis.RedisCluster.from_url(redis_cluster.url)
+    try:
+        keys = RedisKeys(cluster_prefix)
+        for u in USERS:
+            assert decode_snapshot(client.get(keys.snapshot(u)) or b"") == funded[u]
+    finally:
+        client.close()
