@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -36,6 +37,7 @@ from tests.fixtures_kafka import KafkaBroker, consume_messages
 from tests.fixtures_postgres import PostgresServer
 from tests.fixtures_redis import RedisServer
 from tests.ledger_events import charge_event, random_charges
+from tests.servers import free_port
 
 WAIT_S = 60.0  # upper bound for a wait, never a timing assertion
 
@@ -337,13 +339,23 @@ async def test_sigterm_stops_the_ledger_process_gracefully(
     events = random_charges(10, [401], seed=4)
     await send_events(producer, kafka_topic, events)
     group = f"ledger-{uuid.uuid4().hex[:8]}"
-    proc = await ledger_process(kafka_broker, kafka_topic, group, ledger_url)
+    port = free_port()
+    listen = ["--listen", f"127.0.0.1:{port}"]
+    proc = await ledger_process(kafka_broker, kafka_topic, group, ledger_url, *listen)
     try:
         deadline = time.monotonic() + WAIT_S
         while await entry_count(ledger_engine) < 10:
             assert proc.returncode is None, "ledger process exited early"
             assert time.monotonic() < deadline, "ledger process did not apply the events"
             await asyncio.sleep(0.1)
+        # The same process serves the guard's snapshot provider from the books.
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/users/401/credit-snapshot") as resp,
+        ):
+            assert resp.status == 200
+            expected = -sum(e.credits for e in events)
+            assert await resp.json() == {"balance": expected, "is_blocked": True}
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     finally:

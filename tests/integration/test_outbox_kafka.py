@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from proxy import cli
 from proxy.delivery.kafka import EVENT_ID_HEADER, KafkaSink, create_topic, make_producer
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import OutboxPublisher
+from proxy.logs import ACCESS_LOGGER
 from tests.fixtures_kafka import ConsumedMessage, KafkaBroker, consume_messages, free_port
 
 # Short timeouts so an outage is noticed, and recovered from, within seconds.
@@ -198,7 +200,14 @@ async def kafka_init(bootstrap: str, topic: str, partitions: int, replication: i
         "--replication-factor",
         str(replication),
     ]
-    return await asyncio.to_thread(cli.main, argv)
+    root, access = logging.getLogger(), logging.getLogger(ACCESS_LOGGER)
+    saved = (list(root.handlers), root.level, list(access.handlers), access.propagate)
+    try:
+        return await asyncio.to_thread(cli.main, argv)
+    finally:  # main() sets up the process's logging; later tests need theirs back
+        root.handlers[:], access.handlers[:] = saved[0], saved[2]
+        root.setLevel(saved[1])
+        access.propagate = saved[3]
 
 
 async def test_kafka_init_creates_the_topic_once(
