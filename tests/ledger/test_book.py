@@ -7,6 +7,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -171,3 +173,64 @@ async def test_usage_periods_read_the_hour_of_the_event(book: Book, reader: Read
 async def test_unknown_user_has_balance_zero_and_is_blocked(reader: Reader) -> None:
     account = await reader.account(12345)
     assert account.balance == 0 and account.is_blocked
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["charge", "grant", "again"]),
+            st.integers(min_value=1, max_value=3),  # user
+            st.integers(min_value=0, max_value=10**12),  # amount
+        ),
+        max_size=40,
+    ),
+    batch=st.integers(min_value=1, max_value=8),
+)
+def test_invariants_hold_for_any_mix_of_postings(
+    ops: list[tuple[str, int, int]], batch: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Whatever the mix of charges, grants and redeliveries and however it is batched:
+    each balance = the sum of its entries = grants - charges of the distinct ids, and
+    balance_after chains entry to entry."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('prop') / 'ledger.sqlite3'}"
+    asyncio.run(_check_invariants(url, ops, batch))
+
+
+async def _check_invariants(url: str, ops: list[tuple[str, int, int]], batch: int) -> None:
+    engine = open_engine(url)
+    try:
+        await migrate(engine)
+        book, reader = Book(engine), Reader(engine)
+        sent: list = []
+        expected = {1: 0, 2: 0, 3: 0}
+        pending: list = []
+        for i, (kind, user, amount) in enumerate(ops):
+            if kind == "grant":
+                await grant(book, user, amount + 1, f"g{i}")
+                expected[user] += amount + 1
+            elif kind == "again" and sent:
+                pending.append(sent[amount % len(sent)])  # a redelivery: no effect
+            else:
+                event = charge_event(user, amount)
+                sent.append(event)
+                pending.append(event)
+                expected[user] -= amount
+            if len(pending) >= batch:
+                await book.apply_charges(pending)
+                pending = []
+        await book.apply_charges(pending)
+        for user, balance in expected.items():
+            assert (await reader.account(user)).balance == balance
+            history = list(reversed((await reader.history(user, limit=1000)).entries))
+            running = 0
+            for entry in history:
+                running += entry.amount
+                assert entry.balance_after == running
+            assert running == balance
+        async with engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(entries))).scalar()
+        grants = sum(1 for k, _, _ in ops if k == "grant")
+        assert count == len({e.event_id for e in sent}) + grants
+    finally:
+        await engine.dispose()
