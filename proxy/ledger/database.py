@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, func, inspect, select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -22,7 +22,7 @@ from proxy.ledger.schema import MIGRATIONS, SCHEMA_VERSION, ledger_schema
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def async_url(url: str) -> str:
+def async_url(url: str) -> URL:
     """The SQLAlchemy URL with the async driver for a plain `postgresql://`/`sqlite://`."""
     try:
         parsed = make_url(url)
@@ -30,11 +30,11 @@ def async_url(url: str) -> str:
         raise ConfigError(f"LEDGER_DATABASE_URL: not a database URL: {url!r}") from None
     backend = parsed.get_backend_name()
     if backend in ("postgresql", "postgres"):
-        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        return parsed.set(drivername="postgresql+asyncpg")
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        return parsed.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+        return parsed.set(drivername="sqlite+aiosqlite")
     raise ConfigError(
         f"LEDGER_DATABASE_URL: unsupported database {backend!r} (postgresql or sqlite)"
     )
@@ -63,11 +63,26 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# SQLSTATE classes that say "try again", not "this data is wrong": connection (08),
+# transaction rollback: serialization failure, deadlock (40), insufficient resources
+# (53), operator intervention: shutdown, cancel (57), system error (58), lock timeout.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+_TRANSIENT_SQLSTATES = frozenset({"55P03"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """A failure of the database or the way to it (retry), not of the data."""
     if isinstance(exc, OperationalError | InterfaceError | OSError | TimeoutError):
         return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    # asyncpg's errors reach SQLAlchemy as a generic DBAPI error carrying the SQLSTATE.
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return isinstance(state, str) and (
+        state.startswith(_TRANSIENT_SQLSTATE_CLASSES) or state in _TRANSIENT_SQLSTATES
+    )
 
 
 async def schema_version(conn: AsyncConnection) -> int:
