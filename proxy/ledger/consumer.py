@@ -70,7 +70,7 @@ class LedgerStats:
     applied: int
     duplicates: int
     dead_lettered: int
-    retries: int  # failed attempts against the database/Redis/Kafka (each retried until it works)
+    retries: int  # failed attempts against the database or Kafka (retried until they work)
 
 
 class LedgerConsumer:
@@ -145,6 +145,8 @@ class LedgerConsumer:
         while not self._stopping.is_set():
             batches = await consumer.getmany(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch)
             if not batches:
+                if self._backlog is not None and self._backlog.pending:
+                    await self._backlog.write({})  # Redis may be back: no need to wait
                 continue
             records = [r for rs in batches.values() for r in rs]
             if not await self._handle(records, producer):

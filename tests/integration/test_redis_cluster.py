@@ -1,6 +1,6 @@
-"""The guard and the ledger's projection against a real 3-node Redis Cluster: the
-hash-tagged keys keep each user's two keys in one slot, so the guard's MGET and
-scripts and the projection's pipelines work across the cluster's nodes."""
+"""The guard, the ledger's projection and the API key store against a real 3-node
+Redis Cluster: the hash-tagged keys keep each user's two credit keys in one slot, so
+the guard's MGET and scripts and the projection's pipelines work across the nodes."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from proxy.config import EnvSettings, GuardConfig
 from proxy.contract.redis_keys import RedisKeys, decode_snapshot
 from proxy.ledger import cli as ledger_cli
 from proxy.ledger.api import build_api
+from proxy.ledger.apikeys import ApiKeyStore
 from proxy.ledger.book import Book, grant
 from proxy.ledger.projection import Projection
 from proxy.ledger.reads import Reader
@@ -128,3 +129,16 @@ def test_rebuild_projection_cli_on_the_cluster(
             assert decode_snapshot(client.get(keys.snapshot(u)) or b"") == funded[u]
     finally:
         client.close()
+
+
+async def test_api_keys_on_the_cluster(cluster_client: RedisCluster, cluster_prefix: str) -> None:
+    store = ApiKeyStore(cluster_client, prefix=cluster_prefix)
+    created = [await store.create(5) for _ in range(6)]
+    keys = RedisKeys(cluster_prefix)
+    nodes = {cluster_client.get_node_from_key(keys.apikey(c.sha256)).name for c in created}
+    assert len(nodes) > 1  # the lookups live on several nodes
+    assert {k.sha256 for k in await store.list(5)} == {c.sha256 for c in created}
+    assert await cluster_client.get(keys.apikey(created[0].sha256)) == b"5"
+    assert await store.revoke(api_key=created[0].api_key) == 5
+    assert await cluster_client.get(keys.apikey(created[0].sha256)) is None
+    assert len(await store.list(5)) == 5
