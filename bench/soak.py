@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
             "LLM_PROXY_OUTBOX_PATH": str(work / "outbox.sqlite3"),
             "LLM_PROXY_SINK_PATH": str(sink),
+            "LLM_PROXY_EMBEDDED_LEDGER": "off",  # the soak counts events in the file
             "LOG_LEVEL": "warning",
         }
         proxy_env.pop("KAFKA_BOOTSTRAP_SERVERS", None)

@@ -173,6 +173,8 @@ class Stack:
         env = self.base_env()
         env["LLM_PROXY_OUTBOX_PATH"] = str(self.workdir / f"outbox-{name}.sqlite3")
         env["LLM_PROXY_SINK_PATH"] = str(self.workdir / f"sink-{name}.jsonl")
+        # The JSON-lines sink, not the embedded ledger: runs stay comparable across revisions.
+        env["LLM_PROXY_EMBEDDED_LEDGER"] = "off"
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # serve --workers sets its own
         headers = {"Authorization": f"Bearer {SERVICE_KEY}"}
         if full:

@@ -19,20 +19,26 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
-from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import __version__
 from proxy.billing.rerate import RerateReport, parse_instant, read_events, rerate
 from proxy.config import EnvSettings, YamlConfig, load_config, parse_config
-from proxy.config.env import DEFAULT_REDIS_URL, LOG_LEVELS
+from proxy.config.env import LOG_LEVELS
 from proxy.errors import ConfigError, StartupError
 from proxy.ledger import cli as ledger_cli
-from proxy.ledger.store import CreditStore
+from proxy.ledger.book import Book, grant
+from proxy.ledger.cli_common import resolve, with_ledger
+from proxy.ledger.projection import RedisClient
 from proxy.logs import setup_logging
 from proxy.server.options import LOOP_CHOICES, ServeOptions
+
+if TYPE_CHECKING:
+    from proxy.server.lifecycle import EmbeddedLedgerFactory
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +60,25 @@ def cmd_serve(args: argparse.Namespace, settings: EnvSettings) -> int:
         workers=args.workers,
     )
     config = _load_config(options.config_path)
+    embedded = _embedded_ledger(settings)
     if options.workers > 1:
         from proxy.server.workers import run_workers
 
         # Workers get the grace period plus the outbox drain before being killed.
         grace = config.server.shutdown_grace_s + config.server.outbox_drain_s + 5
-        return run_workers(options, settings, stop_timeout_s=grace)
+        return run_workers(options, settings, stop_timeout_s=grace, embedded_ledger=embedded)
     from proxy.server.serve import serve_one
 
-    return serve_one(options, config, settings)
+    return serve_one(options, config, settings, embedded_ledger=embedded)
+
+
+def _embedded_ledger(settings: EnvSettings) -> EmbeddedLedgerFactory | None:
+    """Without Kafka, charge events go to the embedded ledger (unless turned off)."""
+    if settings.kafka_bootstrap or not settings.embedded_ledger:
+        return None
+    from proxy.ledger.embedded import open_embedded_ledger
+
+    return open_embedded_ledger
 
 
 def cmd_fake_upstream(args: argparse.Namespace, settings: EnvSettings) -> int:
@@ -112,7 +128,9 @@ def cmd_demo(args: argparse.Namespace, settings: EnvSettings) -> int:
         demo_yaml["providers"]["fake"]["base_url"] = f"http://127.0.0.1:{fake_port}/v1"
         config = parse_config(demo_yaml, str(demo_file), {})
         runner = web.AppRunner(
-            build_app(config, settings), access_log=None, handler_cancellation=True
+            build_app(config, settings, embedded_ledger=_embedded_ledger(settings)),
+            access_log=None,
+            handler_cancellation=True,
         )
         await runner.setup()
         try:
@@ -292,8 +310,6 @@ def _register_rerate(credits: ledger_cli.CreditsParsers) -> None:
 
 def cmd_rerate(args: argparse.Namespace, settings: EnvSettings) -> int:
     config = _load_config(settings.config_file(args.config))
-    if config is None:
-        return 2
     try:
         start, end = parse_instant(args.start), parse_instant(args.end)
     except ValueError as exc:
@@ -327,37 +343,40 @@ def cmd_rerate(args: argparse.Namespace, settings: EnvSettings) -> int:
     text = _rerate_text(report)
     if not args.apply:
         data["applied"] = None
-        ledger_cli.emit(args, data, text + "\ndry run: nothing changed (--apply refunds)")
+        ledger_cli.out(args, data, text + "\ndry run: nothing changed (--apply refunds)")
         return 0
-    resolved = ledger_cli.Resolved(
-        prefix=args.prefix if args.prefix is not None else config.guard.prefix,
-        topic=config.events.topic,
-        redis_url=args.redis_url or settings.redis_url or DEFAULT_REDIS_URL,
-        bootstrap=None,
-        idempotent_producer=settings.kafka_idempotent,
-    )
+    try:
+        resolved = resolve(args, settings)
+    except ConfigError as exc:
+        return ledger_cli.fail(str(exc))
 
-    async def refund(redis: Redis) -> int:
-        store = CreditStore(redis, prefix=resolved.prefix)
+    async def refund(engine: AsyncEngine, redis: RedisClient | None) -> int:
+        book = Book(engine)
         refunds = credits = 0
+        touched: dict[int, int] = {}
         for r in report.changed:
             if r.delta >= 0:
                 continue  # history is never re-priced upwards by a tool
-            change = await store.grant(
+            change = await grant(
+                book,
                 r.user_id,
                 -r.delta,
+                f"rerate:{r.event_id}",  # one refund per event, however often run
                 reason=f"rerate {r.event_id}: {r.old_credits} -> {r.new_credits} credits",
-                grant_id=f"rerate:{r.event_id}",  # one refund per event, however often run
             )
             if change.applied:
                 refunds, credits = refunds + 1, credits - r.delta
+                touched[r.user_id] = change.balance
+        projection = resolved.projection(redis)
+        if projection is not None and touched:
+            await projection.write(list(touched.items()))
         data["applied"] = {"refunds": refunds, "credits": credits}
-        ledger_cli.emit(
+        ledger_cli.out(
             args, data, text + f"\napplied: {refunds} refunds, {credits} credits refunded"
         )
         return 0
 
-    return ledger_cli.with_redis(resolved, refund)
+    return with_ledger(resolved, refund)
 
 
 def _rerate_text(report: RerateReport) -> str:

@@ -22,6 +22,10 @@ class StartupError(Exception):
     resolve); the CLI prints it as one line and exits 1."""
 
 
+class LedgerNotMigrated(Exception):
+    """The ledger database lacks the schema this code needs (`llm-proxy ledger migrate`)."""
+
+
 class ApiError(Exception):
     """An error answered to the client in OpenAI's shape.
 

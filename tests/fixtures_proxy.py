@@ -26,6 +26,7 @@ from proxy.contract.outcome import Outcome
 from proxy.contract.usage import Usage, UsageSource
 from proxy.devtools.fake_upstream import BEHAVIOUR, RECORDER, Behaviour, Recorder, build_fake_app
 from proxy.server.app import build_app
+from proxy.server.lifecycle import EmbeddedLedgerFactory
 from proxy.server.state import STATE, ProxyState
 from proxy.telemetry.observer import Observer
 
@@ -233,6 +234,7 @@ async def start_proxy(
         guard_prefix: str | None = None,
         settings_overrides: dict[str, Any] | None = None,
         observer: Observer | None = None,
+        embedded_ledger: EmbeddedLedgerFactory | None = None,
     ) -> ProxyHarness:
         fake_app = build_fake_app(behaviour)
         fake = TestServer(fake_app, host="127.0.0.1")
@@ -265,7 +267,13 @@ async def start_proxy(
             sink_path=str(tmp_path / f"events-{len(servers)}.jsonl"),
             **(settings_overrides or {}),
         )
-        proxy_app = build_app(config, settings, observer=observer, encodings=shared_encodings)
+        proxy_app = build_app(
+            config,
+            settings,
+            observer=observer,
+            encodings=shared_encodings,
+            embedded_ledger=embedded_ledger,
+        )
         server = TestServer(proxy_app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)

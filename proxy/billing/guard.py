@@ -104,7 +104,7 @@ class CreditBalanceGuard:
         self.cache = (
             GuardCache(
                 redis,
-                (self._keys.blocked(""), self._keys.snapshot("")),
+                (self._keys.credit_prefix,),
                 max_age_s=config.local_cache_max_age_s,
                 max_entries=config.local_cache_max_entries,
                 on_lookup=on_cache_lookup,

@@ -12,7 +12,9 @@ environments unchanged. Read once, at start-up, into a frozen `EnvSettings`.
 | `KAFKA_BOOTSTRAP_SERVERS` | charge events to Kafka | none (JSON-lines file) |
 | `LLM_PROXY_KAFKA_IDEMPOTENCE` | idempotent producer | true |
 | `LLM_PROXY_OUTBOX_PATH` | the outbox file | `data/outbox.sqlite3` |
-| `LLM_PROXY_SINK_PATH` | the JSON-lines sink without Kafka | `data/charge-events.jsonl` |
+| `LLM_PROXY_SINK_PATH` | JSON-lines sink (no Kafka, no embedded) | `data/charge-events.jsonl` |
+| `LEDGER_DATABASE_URL` | ledger database (`postgresql://…`) | `sqlite:///data/ledger.sqlite3` |
+| `LLM_PROXY_EMBEDDED_LEDGER` | without Kafka, apply charges to the embedded ledger | on |
 | `LLM_PROXY_METERING` | `off`: benchmark switch, streams unmetered (1 token) | on |
 | `LLM_PROXY_WORKERS` | `serve --workers` default | 1 |
 | `LLM_PROXY_WORKER` | set by `serve --workers` in each worker: its index | none |
@@ -34,6 +36,9 @@ DEFAULT_CONFIG_FILE = "model_aliases.yaml"
 DEFAULT_OUTBOX_PATH = "data/outbox.sqlite3"
 DEFAULT_SINK_PATH = "data/charge-events.jsonl"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"  # the admin CLI's fallback only
+DEFAULT_LEDGER_DATABASE_URL = "sqlite:///data/ledger.sqlite3"
+LEDGER_DATABASE_ENV = "LEDGER_DATABASE_URL"
+EMBEDDED_LEDGER_ENV = "LLM_PROXY_EMBEDDED_LEDGER"
 
 CONFIG_ENV = "LLM_PROXY_CONFIG"
 OUTBOX_PATH_ENV = "LLM_PROXY_OUTBOX_PATH"
@@ -84,6 +89,9 @@ class EnvSettings:
     credit_snapshot_url: str | None = None
     outbox_path: str = DEFAULT_OUTBOX_PATH
     sink_path: str = DEFAULT_SINK_PATH
+    ledger_database_url: str = DEFAULT_LEDGER_DATABASE_URL
+    # Without Kafka: apply charge events to the embedded ledger (off: JSON-lines file).
+    embedded_ledger: bool = True
     # Benchmark switch only (LLM_PROXY_METERING=off): streamed replies are relayed
     # without the meter and charged a nominal 1 token; bench/bench_metering.py
     # measures what metering costs against it.
@@ -110,6 +118,8 @@ class EnvSettings:
             credit_snapshot_url=opt("CREDIT_SNAPSHOT_URL"),
             outbox_path=opt(OUTBOX_PATH_ENV) or DEFAULT_OUTBOX_PATH,
             sink_path=opt(SINK_PATH_ENV) or DEFAULT_SINK_PATH,
+            ledger_database_url=opt(LEDGER_DATABASE_ENV) or DEFAULT_LEDGER_DATABASE_URL,
+            embedded_ledger=env_flag(env, EMBEDDED_LEDGER_ENV, True),
             metering=env_flag(env, "LLM_PROXY_METERING", True),
             config_path=opt(CONFIG_ENV),
             log_level=_log_level(opt("LOG_LEVEL")),

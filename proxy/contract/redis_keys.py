@@ -2,13 +2,13 @@
 snapshot codec. The one place that spells key names and the snapshot JSON.
 
 Keys (prefix default `llmproxy:`):
-- `credit:blocked:<uid>`   any value = blocked (the guard refuses the user)
-- `credit:snapshot:<uid>`  JSON `{"available_credit": int, "updated_at": iso8601}`
-- `credit:balance:<uid>`   the reference ledger's balance
-- `credit:ledger:<uid>`    the reference ledger's entry stream
-- `credit:applied:<id>`    the reference ledger's idempotency marker per event/grant
-- `apikey:<sha256 hex>`    user API key -> user id (decimal string)
-- `apikeys:user:<uid>`     hash sha256 hex -> created_at (index of a user's keys)
+- `credit:{<uid>}:blocked`   any value = blocked (the guard refuses the user)
+- `credit:{<uid>}:snapshot`  JSON `{"available_credit": int, "updated_at": iso8601}`
+- `apikey:<sha256 hex>`      user API key -> user id (decimal string)
+- `apikeys:user:<uid>`       hash sha256 hex -> created_at (index of a user's keys)
+
+The user id in braces is a Redis Cluster hash tag: one user's credit keys share a
+slot, so the scripts and MGETs that touch both stay valid on a cluster.
 """
 
 from __future__ import annotations
@@ -39,20 +39,16 @@ def key_sha256(api_key: str) -> str:
 class RedisKeys:
     prefix: str = DEFAULT_PREFIX
 
-    def blocked(self, user_id: int | str) -> str:
-        return f"{self.prefix}credit:blocked:{user_id}"
+    def blocked(self, user_id: int) -> str:
+        return f"{self.prefix}credit:{{{user_id}}}:blocked"
 
-    def snapshot(self, user_id: int | str) -> str:
-        return f"{self.prefix}credit:snapshot:{user_id}"
+    def snapshot(self, user_id: int) -> str:
+        return f"{self.prefix}credit:{{{user_id}}}:snapshot"
 
-    def balance(self, user_id: int) -> str:
-        return f"{self.prefix}credit:balance:{user_id}"
-
-    def ledger(self, user_id: int) -> str:
-        return f"{self.prefix}credit:ledger:{user_id}"
-
-    def applied(self, event_id: str) -> str:
-        return f"{self.prefix}credit:applied:{event_id}"
+    @property
+    def credit_prefix(self) -> str:
+        """What every user's credit keys start with (the guard cache tracks it)."""
+        return f"{self.prefix}credit:{{"
 
     def apikey(self, sha256_hex: str) -> str:
         return f"{self.prefix}apikey:{sha256_hex}"
@@ -100,14 +96,3 @@ def decode_snapshot(raw: bytes) -> int | None:
         value = max(min(value, _CREDIT_BOUND), -_CREDIT_BOUND)
         return int(value.to_integral_value(rounding=ROUND_CEILING))
     return None
-
-
-# The same JSON as `encode_snapshot`, for Lua scripts that change a balance and must
-# rewrite the snapshot in the same step: expects the local `bal` (the new balance)
-# and the timestamp in ARGV[3], and writes KEYS[3]. Built by hand because cjson
-# prints large integers in exponent notation; %d on a Lua 5.1 double is exact up to
-# 2^53, far beyond any credit balance.
-SNAPSHOT_LUA = """
-redis.call('SET', KEYS[3], '{"available_credit":' .. string.format('%d', bal)
-  .. ',"updated_at":"' .. ARGV[3] .. '"}')
-"""

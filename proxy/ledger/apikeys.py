@@ -4,6 +4,7 @@ Keys (proxy/contract/redis_keys.py): `apikey:<sha256 hex>` -> user id, what the 
 looks up; `apikeys:user:<uid>`, an index for `list` and for revoking all of a user's keys.
 
 The proxy caches lookups for ~30 s, so a revoked key may keep working that long.
+Every command touches one key, so the store works on a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from proxy.contract.payers import check_user_id
 from proxy.contract.redis_keys import DEFAULT_PREFIX, RedisKeys, key_sha256
@@ -42,7 +44,7 @@ class KeyInfo:
 
 
 class ApiKeyStore:
-    def __init__(self, redis: Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, redis: Redis | RedisCluster, *, prefix: str = DEFAULT_PREFIX) -> None:
         self._redis = redis
         self._keys = RedisKeys(prefix)
 
@@ -57,11 +59,13 @@ class ApiKeyStore:
         # 32 random bytes = 256 bits; url-safe so it survives headers and shells.
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
         sha = key_sha256(api_key)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.lookup_key(sha), str(user_id), nx=True)
-            pipe.hset(self.user_index_key(user_id), sha, utc_now_iso())
-            created, _ = await pipe.execute()
-        if not created:  # 2^-256 odds; refuse rather than re-point someone's key
+        index = self.user_index_key(user_id)
+        # Two keys in different cluster slots, so no MULTI: the index first, so that a
+        # crash in between never leaves a working key that `list` cannot show.
+        await self._redis.hset(index, sha, utc_now_iso())
+        if not await self._redis.set(self.lookup_key(sha), str(user_id), nx=True):
+            # 2^-256 odds; refuse rather than re-point someone's key
+            await self._redis.hdel(index, sha)
             raise RuntimeError("generated key collides with an existing one")
         return CreatedKey(api_key=api_key, sha256=sha, user_id=user_id)
 

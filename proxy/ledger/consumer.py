@@ -1,11 +1,13 @@
-"""The reference ledger: consume charge events from Kafka and apply them to Redis.
+"""The ledger's Kafka consumer: charge events into the database of record.
 
-Delivery is at-least-once (offsets are committed only after the events they cover
-were applied) and the apply step is idempotent (one Lua script checks and sets the
-`credit:applied:<event_id>` marker together with the debit), so a crash between
-applying and committing, a rebalance or a full replay of the topic never debits
-twice within the marker window (default 7 days). Messages that are not valid charge
-events go to a dead-letter topic with the reason and never stop the consumer.
+Delivery is at-least-once (offsets are committed only after the transaction that
+applied the records) and the effect exactly-once (the UNIQUE event_id: a crash
+between commit and offset commit, a rebalance, a second consumer or a replay of the
+whole topic re-applies nothing, with no time window). One transaction per polled
+batch. Records that are not valid charge events, or that the database refuses,
+go to a dead-letter topic with the reason and never hold up the records after
+them. After each transaction the Redis projection of the users touched is
+rewritten (proxy.ledger.projection); during a Redis outage it is deferred, not waited for.
 """
 
 from __future__ import annotations
@@ -19,56 +21,21 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.contract.charge_event import ChargeEvent
-from proxy.contract.payers import check_user_id
-from proxy.contract.redis_keys import DEFAULT_PREFIX, SNAPSHOT_LUA
-from proxy.contract.timestamps import utc_now_iso
 from proxy.delivery.kafka import create_topic, make_producer
-from proxy.ledger.store import (
-    DEFAULT_APPLIED_TTL_S,
-    DEFAULT_BLOCKED_TTL_S,
-    DEFAULT_STREAM_MAXLEN,
-    BalanceChange,
-    LedgerWriter,
-    check_limits,
-)
+from proxy.ledger.batches import Applied, apply_isolating
+from proxy.ledger.book import Book, check_event
+from proxy.ledger.database import is_transient, require_migrated
+from proxy.ledger.projection import Projection, ProjectionBacklog
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP_ID = "llm-proxy-ledger"
 MAX_REASON_CHARS = 1000
 MAX_RETRY_BACKOFF_S = 10.0
-
-# KEYS: balance, ledger, snapshot, blocked, applied
-# ARGV: credits, event_id, now, maxlen, applied_ttl, request_id, blocked_ttl
-# Returns {applied (1/0), balance}. The marker check and the debit are one script,
-# so no interleaving (another ledger instance after a rebalance) can debit twice.
-CHARGE_LUA = (
-    """
-if redis.call('EXISTS', KEYS[5]) == 1 then
-  return {0, tonumber(redis.call('GET', KEYS[1]) or '0')}
-end
-local bal = redis.call('DECRBY', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'kind', 'charge',
-  'amount', ARGV[1], 'balance_after', bal, 'event_id', ARGV[2],
-  'request_id', ARGV[6], 'at', ARGV[3])
-"""
-    + SNAPSHOT_LUA
-    + """
-if bal <= 0 then
-  if tonumber(ARGV[7]) > 0 then
-    redis.call('SET', KEYS[4], 'balance', 'EX', ARGV[7])
-  else
-    redis.call('SET', KEYS[4], 'balance')
-  end
-end
-redis.call('SET', KEYS[5], bal, 'EX', ARGV[5])
-return {1, bal}
-"""
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +44,9 @@ class LedgerSettings:
     bootstrap: str
     group_id: str = DEFAULT_GROUP_ID
     dlq_topic: str | None = None  # None = "<topic>.dlq"
-    prefix: str = DEFAULT_PREFIX
-    stream_maxlen: int = DEFAULT_STREAM_MAXLEN
-    applied_ttl_s: int = DEFAULT_APPLIED_TTL_S
-    blocked_ttl_s: int = DEFAULT_BLOCKED_TTL_S
     # aiokafka's default; tansu (the test broker) rejects idempotent producers.
     idempotent_producer: bool = True
-    max_batch: int = 500
+    max_batch: int = 1000
     poll_timeout_ms: int = 500
     retry_backoff_s: float = 0.5
     # Group membership timing (aiokafka's defaults). Tansu makes a (re)joining member
@@ -92,40 +55,9 @@ class LedgerSettings:
     session_timeout_ms: int = 10_000
     rebalance_timeout_ms: int | None = None
 
-    def __post_init__(self) -> None:
-        check_limits(self.stream_maxlen, self.applied_ttl_s, self.blocked_ttl_s)
-
     @property
     def dead_letter_topic(self) -> str:
         return self.dlq_topic or f"{self.topic}.dlq"
-
-
-class ChargeApplier(LedgerWriter):
-    """Applies one charge event to Redis, idempotently."""
-
-    SCRIPT = CHARGE_LUA
-
-    async def apply(self, event: ChargeEvent) -> BalanceChange:
-        k, uid = self.keys, event.user_id
-        res = await self._script(
-            keys=[
-                k.balance(uid),
-                k.ledger(uid),
-                k.snapshot(uid),
-                k.blocked(uid),
-                k.applied(event.event_id),
-            ],
-            args=[
-                event.credits,
-                event.event_id,
-                utc_now_iso(),
-                self._stream_maxlen,
-                self._applied_ttl_s,
-                event.request_id or "",
-                self._blocked_ttl_s,
-            ],
-        )
-        return BalanceChange(applied=bool(res[0]), balance=int(res[1]))
 
 
 # Called after a batch was applied and before its offsets are committed; tests use
@@ -138,29 +70,25 @@ class LedgerStats:
     applied: int
     duplicates: int
     dead_lettered: int
-    retries: int  # failed attempts against Redis/Kafka (each retried until it works)
+    retries: int  # failed attempts against the database or Kafka (retried until they work)
 
 
 class LedgerConsumer:
-    """The consumer loop: poll a batch, apply every record, dead-letter poison
-    records, then commit. `run()` returns after `stop()`; the batch in hand is
-    finished and committed first."""
+    """The consumer loop: poll a batch, dead-letter the poison records, apply the rest
+    in one transaction, project, then commit the offsets. `run()` returns after
+    `stop()`; the batch in hand is finished and committed first."""
 
     def __init__(
         self,
         settings: LedgerSettings,
-        redis: Redis,
+        book: Book,
+        projection: Projection | None = None,
         *,
         before_commit: BatchHook | None = None,
     ) -> None:
         self._settings = settings
-        self._applier = ChargeApplier(
-            redis,
-            prefix=settings.prefix,
-            stream_maxlen=settings.stream_maxlen,
-            applied_ttl_s=settings.applied_ttl_s,
-            blocked_ttl_s=settings.blocked_ttl_s,
-        )
+        self._book = book
+        self._backlog = None if projection is None else ProjectionBacklog(projection)
         self._before_commit = before_commit
         self._stopping = asyncio.Event()
         self._applied = 0
@@ -176,6 +104,8 @@ class LedgerConsumer:
         self._stopping.set()
 
     async def run(self) -> None:
+        """Raises LedgerNotMigrated before touching Kafka on an unmigrated database."""
+        await require_migrated(self._book.engine)
         s = self._settings
         consumer = AIOKafkaConsumer(
             s.topic,
@@ -215,59 +145,68 @@ class LedgerConsumer:
         while not self._stopping.is_set():
             batches = await consumer.getmany(timeout_ms=s.poll_timeout_ms, max_records=s.max_batch)
             if not batches:
+                if self._backlog is not None and self._backlog.pending:
+                    await self._backlog.write({})  # Redis may be back: no need to wait
                 continue
-            offsets: dict[TopicPartition, int] = {}
-            done: list[ConsumerRecord] = []
-            interrupted = False
-            for tp, records in batches.items():
-                for record in records:
-                    if not await self._handle(record, producer):
-                        # Stop requested while Redis/Kafka is down: this record and
-                        # the rest stay uncommitted and are redelivered next time.
-                        interrupted = True
-                        break
-                    offsets[tp] = record.offset + 1
-                    done.append(record)
-                if interrupted:
-                    break
-            if self._before_commit is not None:
-                await self._before_commit(done)
-            if offsets:
-                await self._commit(consumer, offsets)
-            if interrupted:
+            records = [r for rs in batches.values() for r in rs]
+            if not await self._handle(records, producer):
+                # Stop requested while the database/Redis/Kafka is down: nothing of
+                # this batch is committed; it is redelivered (and deduplicated).
                 return
+            if self._before_commit is not None:
+                await self._before_commit(records)
+            offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs}
+            await self._commit(consumer, offsets)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
             await consumer.commit(offsets)
         except KafkaError as exc:
             # Typically a rebalance took the partitions away. Whoever owns them now
-            # gets these records again, and the applied markers make that harmless.
+            # gets these records again, and the unique event ids make that harmless.
             log.warning("ledger: commit failed (%s); records will be redelivered", exc)
 
-    async def _handle(self, record: ConsumerRecord, producer: AIOKafkaProducer) -> bool:
-        """Apply or dead-letter one record, retrying infrastructure errors until it
+    async def _handle(self, records: Sequence[ConsumerRecord], producer: AIOKafkaProducer) -> bool:
+        """Apply or dead-letter every record, retrying infrastructure errors until it
         worked (True) or a stop was requested (False)."""
-        try:
-            event = ChargeEvent.from_json(record.value or b"")
-            # The schema allows any integer; a balance needs a billable user.
-            check_user_id(event.user_id)
-        except ValueError as exc:
-            reason = str(exc)
-            return await self._retry(lambda: self._dead_letter(record, reason, producer))
-        return await self._retry(lambda: self._apply(event))
+        good: list[tuple[ConsumerRecord, ChargeEvent]] = []
+        for record in records:
+            try:
+                event = ChargeEvent.from_json(record.value or b"")
+                check_event(event)
+            except ValueError as exc:
+                if not await self._dead_letter(record, str(exc), producer):
+                    return False
+                continue
+            good.append((record, event))
+        if not good:
+            return True
+        outcome: list[Applied] = []
 
-    async def _apply(self, event: ChargeEvent) -> None:
-        change = await self._applier.apply(event)
-        if change.applied:
-            self._applied += 1
-        else:
-            self._duplicates += 1
-            log.info("ledger: duplicate event %s skipped", event.event_id)
+        async def apply() -> None:
+            outcome.append(await apply_isolating(self._book, [e for _, e in good]))
+
+        if not await self._retry(apply):
+            return False
+        result = outcome[-1]
+        self._applied += result.applied
+        self._duplicates += result.duplicates
+        for record, event in good:
+            why = result.refused.get(event.event_id)
+            if why is not None and not await self._dead_letter(record, why, producer):
+                return False
+        await self._project(result)
+        return True
+
+    async def _project(self, result: Applied) -> None:
+        # A Redis outage must not stop the books: what could not be written waits
+        # for the next batch (the guard fails open meanwhile).
+        if self._backlog is not None:
+            await self._backlog.write(result.balances)
 
     async def _dead_letter(
         self, record: ConsumerRecord, reason: str, producer: AIOKafkaProducer
-    ) -> None:
+    ) -> bool:
         # The original bytes travel unchanged (they may not even be UTF-8); the why
         # and where-from go in headers so the DLQ can be inspected and replayed.
         headers = [
@@ -277,9 +216,14 @@ class LedgerConsumer:
             ("dlq_source_partition", str(record.partition).encode()),
             ("dlq_source_offset", str(record.offset).encode()),
         ]
-        await producer.send_and_wait(
-            self._settings.dead_letter_topic, record.value, key=record.key, headers=headers
-        )
+
+        async def send() -> None:
+            await producer.send_and_wait(
+                self._settings.dead_letter_topic, record.value, key=record.key, headers=headers
+            )
+
+        if not await self._retry(send):
+            return False
         self._dead_lettered += 1
         log.warning(
             "ledger: %s[%d]@%d dead-lettered: %s",
@@ -288,6 +232,7 @@ class LedgerConsumer:
             record.offset,
             reason[:200],
         )
+        return True
 
     async def _retry(self, op: Callable[[], Awaitable[None]]) -> bool:
         # Skipping a charge would lose money and stopping the consumer would stall
@@ -297,7 +242,9 @@ class LedgerConsumer:
             try:
                 await op()
                 return True
-            except (RedisError, KafkaError, OSError, TimeoutError) as exc:
+            except (SQLAlchemyError, RedisError, KafkaError, OSError, TimeoutError) as exc:
+                if isinstance(exc, SQLAlchemyError) and not is_transient(exc):
+                    raise  # a bug, not an outage: apply_isolating handled the data
                 # Messages of these errors carry no secrets (no prompt text, no keys).
                 log.warning("ledger: %s: %s; retrying", type(exc).__name__, exc)
                 self._retries += 1
@@ -308,9 +255,11 @@ class LedgerConsumer:
             backoff = min(backoff * 2, MAX_RETRY_BACKOFF_S)
 
 
-async def run_ledger(settings: LedgerSettings, redis: Redis) -> LedgerStats:
+async def run_ledger(
+    settings: LedgerSettings, book: Book, projection: Projection | None
+) -> LedgerStats:
     """Run until SIGTERM/SIGINT; used by `llm-proxy ledger`."""
-    consumer = LedgerConsumer(settings, redis)
+    consumer = LedgerConsumer(settings, book, projection)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, consumer.stop)

@@ -11,7 +11,7 @@ from proxy.billing.encodings import EncodingRegistry
 from proxy.config import EnvSettings, YamlConfig
 from proxy.errors import HTTP_CODES, ApiError, error_body, internal_error
 from proxy.server import handlers
-from proxy.server.lifecycle import start_state, stop_state
+from proxy.server.lifecycle import EmbeddedLedgerFactory, start_state, stop_state
 from proxy.server.state import STATE
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observer import Observer
@@ -51,9 +51,11 @@ def build_app(
     *,
     observer: Observer | None = None,
     encodings: EncodingRegistry | None = None,
+    embedded_ledger: EmbeddedLedgerFactory | None = None,
 ) -> web.Application:
     """`encodings`: a registry to share with other apps of this process (the loaded
-    encodings are read-only and ~80 MB each); by default the app loads its own."""
+    encodings are read-only and ~80 MB each); by default the app loads its own.
+    `embedded_ledger`: where charge events go without Kafka (proxy/server/lifecycle.py)."""
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
@@ -68,7 +70,7 @@ def build_app(
     app.router.add_get("/metrics", obs.metrics_endpoint)
 
     async def lifecycle(app: web.Application) -> Any:
-        state = await start_state(config, settings, obs, encodings)
+        state = await start_state(config, settings, obs, encodings, embedded_ledger)
         app[STATE] = state
         yield
         await stop_state(state)

@@ -1,14 +1,22 @@
-"""Start-up and shutdown of everything a proxy process owns, in order."""
+"""Start-up and shutdown of everything a proxy process owns, in order.
+
+Where charge events go: Kafka when KAFKA_BOOTSTRAP_SERVERS is set; else the
+embedded ledger when the entry point provides one (`EmbeddedLedgerFactory`: the
+server does not import the ledger, proxy.cli wires it in); else a JSON-lines file.
+Without Redis but with the embedded ledger, the guard asks the ledger's books."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
 
 from proxy.billing.auth import Authenticator
+from proxy.billing.books_guard import BalanceView, BooksGuard, Guard
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import CreditBalanceGuard
 from proxy.billing.snapshot_client import SnapshotClient
@@ -25,11 +33,30 @@ from proxy.upstream.pools import UpstreamPools
 log = logging.getLogger(__name__)
 
 
+class EmbeddedLedger(Protocol):
+    @property
+    def sink(self) -> Sink: ...
+
+    @property
+    def description(self) -> str: ...
+
+    async def fetch(self, user_id: int) -> BalanceView: ...
+
+    async def close(self) -> None: ...
+
+
+# (settings, Redis key prefix, Redis or None) -> an open embedded ledger
+EmbeddedLedgerFactory = Callable[
+    [EnvSettings, str, aioredis.Redis | None], Awaitable[EmbeddedLedger]
+]
+
+
 async def start_state(
     config: YamlConfig,
     settings: EnvSettings,
     observer: Observer,
     encodings: EncodingRegistry | None = None,
+    embedded_ledger: EmbeddedLedgerFactory | None = None,
 ) -> ProxyState:
     closers: list[Closer] = []
     try:
@@ -47,7 +74,11 @@ async def start_state(
             closers.append(redis.aclose)
         http = aiohttp.ClientSession()
         closers.append(http.close)
-        guard: CreditBalanceGuard | None = None
+        ledger: EmbeddedLedger | None = None
+        if embedded_ledger is not None and not settings.kafka_bootstrap:
+            ledger = await embedded_ledger(settings, config.guard.prefix, redis)
+            closers.append(ledger.close)
+        guard: Guard | None = None
         if redis is not None:
             provider = (
                 SnapshotClient(settings.credit_snapshot_url, config.guard.provider_timeout_s, http)
@@ -63,6 +94,8 @@ async def start_state(
             )
             guard.start()
             closers.append(guard.close)
+        elif ledger is not None:
+            guard = BooksGuard(ledger, config.guard)
         auth = Authenticator(config.auth, redis, config.guard.prefix)
         auth.log_startup(log)
 
@@ -77,6 +110,9 @@ async def start_state(
             hint = f"set {IDEMPOTENCE_ENV}=false" if settings.kafka_idempotent else None
             sink: Sink = KafkaSink(producer, config.events.topic, idempotence_hint=hint)
             where = f"kafka {settings.kafka_bootstrap} topic={config.events.topic}"
+        elif ledger is not None:
+            sink = ledger.sink
+            where = f"{ledger.description} {redact_url(settings.ledger_database_url)}"
         else:
             sink = JsonLinesSink(settings.sink_path)
             where = f"jsonl file {settings.sink_path} (no KAFKA_BOOTSTRAP_SERVERS)"
@@ -151,8 +187,10 @@ def _log_startup(state: ProxyState) -> None:
     guard = state.guard
     if guard is None:
         log.info("guard: off (no REDIS_URL)")
-    else:
+    elif isinstance(guard, CreditBalanceGuard):
         log.info("guard: redis, local cache %s", "on" if guard.cache is not None else "off")
+    else:
+        log.info("guard: the embedded ledger's balances (no REDIS_URL)")
     worker = state.settings.worker_index
     log.info(
         "charge events: outbox %s -> %s%s",

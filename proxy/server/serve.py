@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.config import EnvSettings, YamlConfig, load_config
 from proxy.errors import StartupError
 from proxy.server.app import build_app
+from proxy.server.lifecycle import EmbeddedLedgerFactory
 from proxy.server.options import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def serve_one(
     settings: EnvSettings | None = None,
     *,
     reuse_port: bool = False,
+    embedded_ledger: EmbeddedLedgerFactory | None = None,
 ) -> int:
     """One proxy process until SIGTERM/SIGINT; `reuse_port` when it is one of
     `--workers N` (proxy/server/workers.py). Raises ConfigError for a bad file."""
@@ -46,7 +48,7 @@ def serve_one(
     log.info("config %s loaded; event loop %s", options.config_path, loop_name)
     try:
         web.run_app(
-            build_app(config, settings),
+            build_app(config, settings, embedded_ledger=embedded_ledger),
             host=options.host,
             port=options.port,
             access_log=None,  # our own structured access log replaces aiohttp's

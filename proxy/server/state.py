@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from proxy.billing.auth import Authenticator
+from proxy.billing.books_guard import Guard
 from proxy.billing.encodings import EncodingRegistry
-from proxy.billing.guard import CreditBalanceGuard
 from proxy.config import EnvSettings, YamlConfig
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import OutboxPublisher
@@ -27,7 +27,7 @@ class ProxyState:
     settings: EnvSettings
     upstream: UpstreamPools
     auth: Authenticator
-    guard: CreditBalanceGuard | None
+    guard: Guard | None
     redis: aioredis.Redis | None
     encodings: EncodingRegistry
     outbox: Outbox

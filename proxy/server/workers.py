@@ -38,6 +38,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from proxy.config.env import (
     MULTIPROC_ENV,
@@ -48,6 +49,9 @@ from proxy.config.env import (
 )
 from proxy.logs import setup_logging
 from proxy.server.options import ServeOptions
+
+if TYPE_CHECKING:  # the worker imports the app only after its environment is set
+    from proxy.server.lifecycle import EmbeddedLedgerFactory
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,12 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _child(index: int, options: ServeOptions, env: dict[str, str]) -> None:
+def _child(
+    index: int,
+    options: ServeOptions,
+    env: dict[str, str],
+    embedded_ledger: EmbeddedLedgerFactory | None,
+) -> None:
     # Own session: a terminal's Ctrl-C reaches the supervisor only, which forwards
     # one SIGTERM, instead of every worker getting two signals.
     os.setsid()
@@ -115,7 +124,7 @@ def _child(index: int, options: ServeOptions, env: dict[str, str]) -> None:
     log.info("worker %d (pid %d) starting", index, os.getpid())
     from proxy.server.serve import serve_one  # imports prometheus_client: after the env
 
-    sys.exit(serve_one(options, reuse_port=True))
+    sys.exit(serve_one(options, reuse_port=True, embedded_ledger=embedded_ledger))
 
 
 class Supervisor:
@@ -203,7 +212,13 @@ def _mark_dead(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def run_workers(options: ServeOptions, settings: EnvSettings, *, stop_timeout_s: float) -> int:
+def run_workers(
+    options: ServeOptions,
+    settings: EnvSettings,
+    *,
+    stop_timeout_s: float,
+    embedded_ledger: EmbeddedLedgerFactory | None = None,
+) -> int:
     """Supervise `options.workers` worker processes until SIGTERM/SIGINT."""
     metrics_dir, own_metrics_dir = prepare_metrics_dir(settings.metrics_dir)
     for orphan in orphaned_outboxes(settings.outbox_path, options.workers):
@@ -217,7 +232,9 @@ def run_workers(options: ServeOptions, settings: EnvSettings, *, stop_timeout_s:
     def start(index: int) -> BaseProcess:
         child_env = {MULTIPROC_ENV: str(metrics_dir), **worker_env(settings, index)}
         proc = ctx.Process(
-            target=_child, args=(index, options, child_env), name=f"llm-proxy-w{index}"
+            target=_child,
+            args=(index, options, child_env, embedded_ledger),
+            name=f"llm-proxy-w{index}",
         )
         proc.start()
         return proc

@@ -139,8 +139,10 @@ def test_insufficient_credit_error_shape() -> None:
 
 
 def test_redis_key_names() -> None:
-    assert RedisKeys("llmproxy:").blocked(42) == "llmproxy:credit:blocked:42"
-    assert RedisKeys("llmproxy:").snapshot(42) == "llmproxy:credit:snapshot:42"
+    # The user id is a Redis Cluster hash tag: both keys of a user share a slot.
+    assert RedisKeys("llmproxy:").blocked(42) == "llmproxy:credit:{42}:blocked"
+    assert RedisKeys("llmproxy:").snapshot(42) == "llmproxy:credit:{42}:snapshot"
+    assert RedisKeys("llmproxy:").credit_prefix == "llmproxy:credit:{"
 
 
 def test_snapshot_codec_round_trip() -> None:

@@ -262,7 +262,7 @@ async def test_undecodable_key_does_not_end_the_subscription(  # type: ignore[no
     cached_guard, redis_client, redis_prefix
 ) -> None:
     guard, lookups = await warm_guard(cached_guard, redis_client, redis_prefix)
-    await redis_client.set(RedisKeys(redis_prefix).snapshot("").encode() + b"\xff\xfe", b"junk")
+    await redis_client.set(RedisKeys(redis_prefix).credit_prefix.encode() + b"\xff\xfe", b"junk")
     await asyncio.sleep(0.05)  # its invalidation arrives
     assert guard.cache is not None and guard.cache.live
     await cached(guard, lookups)  # still caching

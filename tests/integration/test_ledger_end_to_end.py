@@ -1,14 +1,20 @@
-"""The whole loop: grant → charged requests → ledger → guard blocks → grant → served
-(real redis-server, real broker, the reference ledger; issue 8 acceptance)."""
+"""The whole loop: grant → charged requests → Kafka → ledger (database of record) →
+Redis projection → guard blocks → grant → served (real redis-server, real broker,
+real SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from proxy.contract.charge_event import ChargeEvent
+from proxy.ledger.book import Book, grant
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
-from proxy.ledger.store import CreditStore
+from proxy.ledger.projection import Projection
+from proxy.ledger.reads import Reader
 from tests.fixtures_kafka import consume_messages
 from tests.fixtures_proxy import StartProxy
 
@@ -27,10 +33,11 @@ async def wait_applied(consumer: LedgerConsumer, n: int, timeout: float = 20) ->
 async def test_grant_charge_block_grant_serve(
     start_proxy: StartProxy,
     redis_server,
-    redis_client,
+    redis_client: Redis,
     redis_prefix: str,
     kafka_broker,
     kafka_topic: str,
+    ledger_engine: AsyncEngine,
 ) -> None:
     h = await start_proxy(
         redis_url=redis_server.url,
@@ -38,22 +45,28 @@ async def test_grant_charge_block_grant_serve(
         kafka_bootstrap=kafka_broker.bootstrap,
         topic=kafka_topic,
     )
-    credits = CreditStore(redis_client, prefix=redis_prefix)
+    book, reader = Book(ledger_engine), Reader(ledger_engine)
+    projection = Projection(redis_client, redis_prefix)
+
+    async def top_up(amount: int, key: str) -> None:
+        change = await grant(book, USER, amount, key)
+        await projection.write([(USER, change.balance)])  # what `credits grant` does
+
     consumer = LedgerConsumer(
         LedgerSettings(
             topic=kafka_topic,
             bootstrap=kafka_broker.bootstrap,
             group_id=f"ledger-{kafka_topic}",
-            prefix=redis_prefix,
             idempotent_producer=kafka_broker.supports_idempotence,
             session_timeout_ms=3000,
             rebalance_timeout_ms=500,
         ),
-        redis_client,
+        book,
+        projection,
     )
     task = asyncio.create_task(consumer.run())
     try:
-        await credits.grant(USER, 1000, reason="welcome")
+        await top_up(1000, "welcome")
         served = 0
         for _ in range(20):
             status, body, _ = await h.chat(REQ, h.headers(user_id=USER))
@@ -69,18 +82,21 @@ async def test_grant_charge_block_grant_serve(
         msgs = await consume_messages(kafka_broker.bootstrap, kafka_topic, served, timeout=20)
         spent = sum(ChargeEvent.from_json(m.value).credits for m in msgs)
         assert len(msgs) == served
-        balance = await credits.balance(USER)
+        balance = (await reader.account(USER)).balance
         assert balance == 1000 - spent <= 0
         upstream_calls = len(h.recorder.requests)
         status, _, _ = await h.chat(REQ, h.headers(user_id=USER))
         assert status == 402 and len(h.recorder.requests) == upstream_calls
 
-        await credits.grant(USER, 5000, reason="top-up")
+        await top_up(5000, "top-up")
         status, _, _ = await h.chat(REQ, h.headers(user_id=USER))
         assert status == 200  # served again at once: the grant cleared the block
         await wait_applied(consumer, served + 1)
-        shown = await credits.show(USER)
-        assert shown.balance == await credits.balance(USER) < 1000 - spent + 5000
+        account = await reader.account(USER)
+        assert account.balance < 1000 - spent + 5000
+        usage = await reader.usage(USER, "24h")
+        assert usage["requests"] == served + 1
+        assert usage["credits"] == account.lifetime_charged == 6000 - account.balance
     finally:
         consumer.stop()
         with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,121 @@
+"""The ledger's tables (SQLAlchemy Core, one definition for PostgreSQL and SQLite) and
+the versioned migrations that create them.
+
+- `accounts`: one row per user; `balance` is the authority, the row is the lock that
+  serialises every change of one user.
+- `entries`: immutable history. `amount` is signed (a charge is negative), so
+  `balance_after` of an entry = `balance_after` of the previous one + `amount`, and
+  a user's balance = the sum of their amounts. `event_id` is UNIQUE: charges carry
+  the charge event's id, grants `grant:<key>`, adjustments `adjust:<key>`.
+- `usage_hourly`: consumption per user, UTC hour (of the event), alias and scene;
+  updated in the transaction that inserts the entries, read by `credits usage`.
+- `dead_letters`: events the embedded ledger could not apply (with Kafka the
+  dead-letter topic holds them), once per distinct payload.
+- `ledger_schema`: the applied migration version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Connection,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+
+# SQLite only auto-assigns row ids to a column declared exactly INTEGER PRIMARY KEY
+# (which is 64-bit there anyway).
+_ID = BigInteger().with_variant(Integer(), "sqlite")
+_TS = DateTime(timezone=True)
+
+metadata = MetaData()
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("user_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("balance", BigInteger, nullable=False),
+    Column("lifetime_charged", BigInteger, nullable=False),
+    Column("lifetime_granted", BigInteger, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+)
+
+entries = Table(
+    "entries",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("user_id", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("event_id", Text, nullable=False, unique=True),
+    Column("request_id", Text),
+    Column("alias", Text),
+    Column("scene", Text),
+    Column("reason", Text),
+    Column("prompt_tokens", BigInteger, nullable=False, default=0),
+    Column("completion_tokens", BigInteger, nullable=False, default=0),
+    Column("cached_tokens", BigInteger, nullable=False, default=0),
+    Column("reasoning_tokens", BigInteger, nullable=False, default=0),
+    Column("occurred_at", _TS, nullable=False),
+    Column("applied_at", _TS, nullable=False),
+    CheckConstraint(
+        "kind IN ('charge', 'grant', 'adjustment', 'refund')", name="entries_kind_check"
+    ),
+    # `credits ledger` pages a user's history newest first.
+    Index("entries_user_id_id", "user_id", "id"),
+)
+
+usage_hourly = Table(
+    "usage_hourly",
+    metadata,
+    Column("user_id", BigInteger, nullable=False),
+    Column("hour", _TS, nullable=False),
+    Column("alias", Text, nullable=False),
+    Column("scene", Text, nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt", BigInteger, nullable=False),
+    Column("completion", BigInteger, nullable=False),
+    Column("cached", BigInteger, nullable=False),
+    Column("reasoning", BigInteger, nullable=False),
+    PrimaryKeyConstraint("user_id", "hour", "alias", "scene"),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("digest", Text, nullable=False, unique=True),  # sha256 of the payload
+    Column("payload", LargeBinary, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", _TS, nullable=False),
+)
+
+ledger_schema = Table(
+    "ledger_schema",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[accounts, entries, usage_hourly, dead_letters])
+
+
+# Append-only: each step runs once, in order, in its own transaction with the
+# version bump. Never edit a released step; add the next one.
+MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_v1,)
+SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -1,0 +1,156 @@
+"""`llm-proxy ledger migrate`, `credits grant|adjust|show|ledger|usage` in-process, against
+real SQLite and PostgreSQL (and redis-server for the projection a grant writes)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+import proxy
+from proxy.config import EnvSettings
+from proxy.ledger import cli as ledger_cli
+from tests.fixtures_redis import RedisServer
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llm-proxy")
+    ledger_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args, EnvSettings.from_env({})))
+
+
+class Cli:
+    def __init__(self, url: str, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
+        self.url, self.capsys, self.extra = url, capsys, extra
+
+    def __call__(self, *argv: str) -> tuple[int, object, str]:
+        code = run_cli([*argv, "--database-url", self.url, "--prefix", "t:", *self.extra])
+        got = self.capsys.readouterr()
+        data = orjson.loads(got.out) if "--json" in argv and got.out else None
+        return code, data, got.err
+
+
+@pytest.fixture
+def cli(ledger_url: str, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(ledger_url, capsys, [])
+
+
+def test_unmigrated_database_is_one_line_and_exit_2(cli: Cli) -> None:
+    code, _, err = cli("credits", "show", "1")
+    assert code == 2 and "llm-proxy ledger migrate" in err and err.count("\n") == 1
+    assert cli("ledger", "migrate", "--json")[:2] == (0, {"from": 0, "to": 1})
+    assert cli("ledger", "migrate", "--json")[:2] == (0, {"from": 1, "to": 1})
+
+
+def test_grant_adjust_show_ledger_usage(cli: Cli) -> None:
+    cli("ledger", "migrate")
+    assert cli("credits", "grant", "77", "50", "--id", "p1", "--reason", "hi", "--json")[:2] == (
+        0,
+        {"user_id": 77, "applied": True, "balance": 50},
+    )
+    code, again, _ = cli("credits", "grant", "77", "50", "--id", "p1", "--json")
+    assert code == 0 and again == {"user_id": 77, "applied": False, "balance": 50}
+
+    code, _, err = cli("credits", "adjust", "77", "-60", "--id", "a1", "--reason", "x")
+    assert code == 2 and "below 0" in err
+    code, adj, _ = cli(
+        "credits",
+        "adjust",
+        "77",
+        "-60",
+        "--id",
+        "a1",
+        "--reason",
+        "x",
+        "--allow-negative",
+        "--json",
+    )
+    assert code == 0 and adj == {"user_id": 77, "applied": True, "balance": -10}
+
+    code, shown, _ = cli("credits", "show", "77", "--json")
+    assert code == 0 and isinstance(shown, dict)
+    assert (shown["balance"], shown["is_blocked"], shown["lifetime_granted"]) == (-10, True, 50)
+    assert [e["kind"] for e in shown["entries"]] == ["adjustment", "grant"]
+    assert shown["entries"][1]["reason"] == "hi"
+
+    code, page, _ = cli("credits", "ledger", "77", "--limit", "1", "--json")
+    assert code == 0 and isinstance(page, dict) and len(page["entries"]) == 1
+    code, rest, _ = cli("credits", "ledger", "77", "--cursor", page["next_cursor"], "--json")
+    assert isinstance(rest, dict)
+    assert [e["kind"] for e in rest["entries"]] == ["grant"] and rest["next_cursor"] is None
+
+    code, usage, _ = cli("credits", "usage", "77", "--period", "7d", "--json")
+    assert code == 0 and usage == {
+        "user_id": 77,
+        "period": "7d",
+        "credits": 0,
+        "requests": 0,
+        "tokens": {"prompt": 0, "completion": 0, "cached": 0, "reasoning": 0, "total": 0},
+        "by_alias": {},
+        "by_scene": {},
+    }
+    code, _, _ = cli("credits", "show", "77")
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["credits", "grant", "1", "0", "--id", "k"],
+        ["credits", "grant", "0", "5", "--id", "k"],
+        ["credits", "grant", "1", "5"],  # no idempotency key
+        ["credits", "adjust", "1", "0", "--id", "k", "--reason", "r"],
+        ["credits", "adjust", "1", "5", "--id", "k"],  # no reason
+        ["credits", "usage", "1", "--period", "1y"],
+        ["credits", "ledger", "1", "--limit", "0"],
+        ["keys", "create", "--user", "-3"],
+    ],
+)
+def test_bad_arguments_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(argv)
+
+
+def test_a_bad_cursor_is_one_line(cli: Cli) -> None:
+    cli("ledger", "migrate")
+    code, _, err = cli("credits", "ledger", "1", "--cursor", "abc")
+    assert code == 2 and "cursor" in err
+
+
+def test_grant_writes_the_projection_and_the_prefix_comes_from_the_config(
+    ledger_url: str, redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = (Path(proxy.__file__).parent / "devtools" / "demo_aliases.yaml").read_text()
+    config = tmp_path / "aliases.yaml"
+    prefix = f"cli-{tmp_path.name}:"
+    config.write_text(f"{demo}\nguard:\n  prefix: '{prefix}'\n")
+    common = [
+        "--database-url",
+        ledger_url,
+        "--redis-url",
+        redis_server.url,
+        "--config",
+        str(config),
+    ]
+    assert run_cli(["ledger", "migrate", *common]) == 0
+    assert run_cli(["credits", "grant", "61", "9", "--id", "g", *common]) == 0
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        snapshot = orjson.loads(client.get(f"{prefix}credit:{{61}}:snapshot") or b"{}")
+        assert snapshot["available_credit"] == 9
+        assert client.get(f"{prefix}credit:{{61}}:blocked") is None
+    finally:
+        client.delete(f"{prefix}credit:{{61}}:snapshot")
+        client.close()
+    capsys.readouterr()
+
+
+def test_a_bad_config_file_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "broken.yaml"
+    config.write_text("guard: [1, 2]\n")
+    assert run_cli(["credits", "show", "1", "--config", str(config)]) == 2
+    assert "broken.yaml" in capsys.readouterr().err
