@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.billing.metering import usage_from_report
+from proxy.billing.usage_report import normalise as usage_from_report
 from proxy.contract.usage import Usage
 
 

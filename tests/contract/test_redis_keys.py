@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from proxy.contract.redis_keys import (
     DEFAULT_PREFIX,
-    SNAPSHOT_LUA,
     RedisKeys,
     decode_snapshot,
     encode_snapshot,
@@ -26,19 +25,17 @@ ISO_MS_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 def test_default_key_names() -> None:
     k = RedisKeys()
     assert k.prefix == DEFAULT_PREFIX == "llmproxy:"
-    assert k.blocked(7) == "llmproxy:credit:blocked:7"
-    assert k.snapshot(7) == "llmproxy:credit:snapshot:7"
-    assert k.balance(7) == "llmproxy:credit:balance:7"
-    assert k.ledger(7) == "llmproxy:credit:ledger:7"
-    assert k.applied("evt-1") == "llmproxy:credit:applied:evt-1"
+    # The user id is a hash tag: one user's keys share a Redis Cluster slot.
+    assert k.blocked(7) == "llmproxy:credit:{7}:blocked"
+    assert k.snapshot(7) == "llmproxy:credit:{7}:snapshot"
+    assert k.blocked(7).startswith(k.credit_prefix)
     assert k.apikey("ab" * 32) == f"llmproxy:apikey:{'ab' * 32}"
     assert k.apikeys_of(7) == "llmproxy:apikeys:user:7"
 
 
 def test_prefix_is_used_as_given() -> None:
     k = RedisKeys("tenant-a:")
-    assert k.blocked("42") == "tenant-a:credit:blocked:42"
-    assert k.snapshot(42) == k.snapshot("42")
+    assert k.blocked(42) == "tenant-a:credit:{42}:blocked"
 
 
 def test_key_sha256_is_the_hashlib_hex_digest() -> None:
@@ -91,10 +88,3 @@ def test_decode_snapshot_of_anything_else_is_none(raw: bytes) -> None:
 def test_decode_snapshot_ignores_updated_at() -> None:
     assert decode_snapshot(b'{"available_credit": -5}') == -5
     assert decode_snapshot(b'{"available_credit": 5, "updated_at": 3, "x": 1}') == 5
-
-
-def test_snapshot_lua_writes_keys3_from_bal_and_argv3() -> None:
-    # The script fragment's contract with the scripts that include it.
-    assert "KEYS[3]" in SNAPSHOT_LUA and "ARGV[3]" in SNAPSHOT_LUA
-    assert re.search(r"\bbal\b", SNAPSHOT_LUA)
-    assert "cjson" not in SNAPSHOT_LUA

@@ -14,7 +14,7 @@ from proxy.cli import build_parser
 from proxy.config import EnvSettings, parse_price_rules
 from proxy.contract.charge_event import ChargeEvent
 from proxy.contract.outcome import Outcome
-from proxy.contract.redis_keys import RedisKeys
+from proxy.contract.redis_keys import RedisKeys, decode_snapshot
 from proxy.contract.usage import Usage, UsageSource
 from tests.fixtures_redis import RedisServer
 
@@ -84,7 +84,8 @@ def rerate(files: tuple[Path, Path], redis: RedisServer, prefix: str, *extra: st
     events, config = files
     argv = ["credits", "rerate", "--config", str(config), "--events", str(events)]
     argv += ["--from", "2026-11-01", "--to", "2027-02-01T00:00:00Z", "--json"]
-    argv += ["--redis-url", redis.url, "--prefix", prefix, *extra]
+    argv += ["--redis-url", redis.url, "--prefix", prefix]
+    argv += ["--database-url", f"sqlite:///{events.parent / 'ledger.sqlite3'}", *extra]
     return argv  # type: ignore[return-value]
 
 
@@ -135,13 +136,22 @@ def test_rerate_apply_refunds_overcharges_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = rerate(files, redis_server, redis_prefix, "--apply")  # type: ignore[arg-type]
+    database = argv[argv.index("--database-url") + 1]
+    assert main(["ledger", "migrate", "--database-url", database]) == 0
+    capsys.readouterr()
     assert run(argv, capsys)["applied"] == {"refunds": 3, "credits": 9}
+    # The refunds are in the books and projected for the guard.
     client = Redis.from_url(redis_server.url)
     keys = RedisKeys(redis_prefix)
-    assert (int(client.get(keys.balance(7))), int(client.get(keys.balance(8)))) == (3, 6)
-    # Running it again refunds nothing more: one refund per event id.
+
+    def credit(user: int) -> int | None:
+        raw = client.get(keys.snapshot(user))
+        return decode_snapshot(raw) if raw is not None else None
+
+    assert (credit(7), credit(8)) == (3, 6)
+    # Running it again refunds nothing more: one refund per event id, forever.
     assert run(argv, capsys)["applied"] == {"refunds": 0, "credits": 0}
-    assert int(client.get(keys.balance(8))) == 6
+    assert credit(8) == 6
 
 
 def test_rerate_window_and_bad_arguments(
