@@ -23,11 +23,11 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.contract.charge_event import ChargeEvent, new_event_id
+from proxy.contract.charge_event import MAX_CREDITS, ChargeEvent, new_event_id
 from proxy.contract.redis_keys import RedisKeys, decode_snapshot
 from proxy.delivery.kafka import make_producer
 from proxy.errors import LedgerNotMigrated
-from proxy.ledger.book import MAX_AMOUNT, Book, grant
+from proxy.ledger.book import MAX_AMOUNT, Book, adjust, grant
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
 from proxy.ledger.database import open_engine
 from proxy.ledger.projection import Projection
@@ -257,7 +257,9 @@ async def test_poison_events_are_dead_lettered_and_the_next_events_apply(
     reasons = [(m.header("dlq_reason") or b"").decode() for m in dead]
     assert "not valid JSON" in reasons[0]
     assert "credits" in reasons[1] and "user id" in reasons[2]
-    assert "64 bits" in reasons[3] and "NUL" in reasons[4]
+    # Over the contract's bound (proxy.contract.charge_event.MAX_CREDITS): the reader
+    # refuses it before the books are asked.
+    assert "credits" in reasons[3] and "NUL" in reasons[4]
     assert [m.header("event_id") for m in dead] == [str(i).encode() for i in range(5)]
     assert [m.header("dlq_source_topic") for m in dead] == [kafka_topic.encode()] * 5
 
@@ -269,14 +271,17 @@ async def test_an_event_the_database_refuses_is_dead_lettered_alone(
     book: Book,
     reader: Reader,
 ) -> None:
-    # Valid events; the balance would leave 64 bits at the second one only.
-    events = [charge_event(302, MAX_AMOUNT - 1), charge_event(302, 5), charge_event(302, 1)]
+    # Valid events (each within the contract's credit bound); an operator correction
+    # left the account near the 64-bit floor, so only the second one would leave it.
+    start = -(MAX_AMOUNT - MAX_CREDITS)
+    await adjust(book, 302, start, "near-floor", "test: near the floor", allow_negative=True)
+    events = [charge_event(302, 5), charge_event(302, MAX_CREDITS), charge_event(302, 1)]
     await send_events(producer, kafka_topic, events)
     cfg = settings(kafka_broker, kafka_topic)
     consumer = LedgerConsumer(cfg, book)
     await run_until(consumer, processed(consumer, 3), "three events")
     assert (consumer.stats.applied, consumer.stats.dead_lettered) == (2, 1)
-    assert (await reader.account(302)).balance == -MAX_AMOUNT
+    assert (await reader.account(302)).balance == start - 6
     dead = await consume_messages(kafka_broker.bootstrap, cfg.dead_letter_topic, 1, WAIT_S)
     assert [m.value for m in dead] == [events[1].to_json()]
 
