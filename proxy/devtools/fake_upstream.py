@@ -185,7 +185,7 @@ async def _stream(
         await resp.prepare(request)
     except ConnectionResetError:
         rec.closed_early += 1  # the proxy hung up before the head
-        return resp
+        raise
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     base = {"id": ident, "object": "chat.completion.chunk", "created": 1700000000, "model": model}
     pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
@@ -219,11 +219,9 @@ async def _stream(
             await asyncio.sleep(b.delay_before_usage)
         await resp.write(b"".join(rest[1:]))
         await resp.write_eof()
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ConnectionResetError):
         rec.closed_early += 1
         raise
-    except ConnectionResetError:
-        rec.closed_early += 1  # the proxy hung up (abort policy): normal, not an error
     finally:
         rec.open_connections -= 1
     return resp

@@ -103,23 +103,13 @@ async def relay_json(
             parts.append(data)
         body = b"".join(parts)
     except BaseException as exc:
-        failure = classify(exc, wd, ex.chat.alias.provider.name, Phase.BODY)
-        if failure is None:
-            raise
-        ex.finish(failure.outcome, failure.status, failure.kind)
-        if failure.error is None:  # the client left while we read: the prompt was used
-            ex.client_disconnected = True
-            ex.metered = ex.estimate_prompt_only()  # before any await: never nothing
-            policy = ex.chat.alias.disconnect
-            if policy.action is OnDisconnect.DRAIN:
-                drained = await _drain_body(up, parts, wd, policy)
-                if drained is not None:
-                    ex.metered = meter_json(drained, ex.chat.body, ex.encoding, ex.request_bytes)
-                    await _refine(ex, None, drained)
-                    raise
-            await _refine(ex, Reply())
-            raise
-        raise failure.error from None
+        try:
+            await _json_failed(exc, up, ex, wd, parts)
+        finally:
+            # As up.read() would: a half-read connection is closed, never reused (a
+            # fully drained one is back in the pool already; closing it is a no-op).
+            up.close()
+        raise  # _json_failed raises the caller's error, or nothing for a client that left
     finally:
         wd.cancel()
     ex.mark_first_byte()
@@ -133,6 +123,31 @@ async def relay_json(
         # What settle() charges: the same usage, rule, version and tier.
         headers["X-Credits-Charged"] = str(quote(ex.metered.usage))
     return web.Response(status=up.status, body=body, headers=headers)
+
+
+async def _json_failed(
+    exc: BaseException, up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog, parts: list[bytes]
+) -> None:
+    """Reading a non-streamed body failed: classify; a client that left is charged
+    (its prompt, or under `drain` the body read to its end). Raises the caller's
+    error; returns (for the caller to re-raise `exc`) when the client left."""
+    assert ex.chat is not None and ex.encoding is not None
+    failure = classify(exc, wd, ex.chat.alias.provider.name, Phase.BODY)
+    if failure is None:
+        return
+    ex.finish(failure.outcome, failure.status, failure.kind)
+    if failure.error is not None:
+        raise failure.error from None
+    ex.client_disconnected = True
+    ex.metered = ex.estimate_prompt_only()  # before any await: never nothing
+    policy = ex.chat.alias.disconnect
+    if policy.action is OnDisconnect.DRAIN:
+        drained = await _drain_body(up, parts, wd, policy)
+        if drained is not None:
+            ex.metered = meter_json(drained, ex.chat.body, ex.encoding, ex.request_bytes)
+            await _refine(ex, None, drained)
+            return
+    await _refine(ex, Reply())
 
 
 async def relay_stream(
