@@ -11,7 +11,6 @@ Run: python -m bench.bench_variants [--quick]
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,28 +40,11 @@ def run(stack: Stack, seconds: float, rounds: int) -> dict[str, Any]:
     stack.loop = "asyncio"
     variants["asyncio + hiredis"] = stack.proxy("v-asyncio", full=True)
     stack.loop = "uvloop"
-    cpu: dict[str, list[float]] = {k: [] for k in variants}
-    rps: dict[str, list[float]] = {k: [] for k in variants}
     try:
-        for t in variants.values():
-            scenarios.max_throughput(t, 1)  # warm-up
-        for _ in range(rounds):
-            for name, t in variants.items():
-                r = scenarios.max_throughput(t, seconds)
-                if r["cpu_ms_per_req"] is not None:
-                    cpu[name].append(r["cpu_ms_per_req"])
-                rps[name].append(r["rps"])
+        return scenarios.interleaved_max(variants, seconds, rounds)
     finally:
         for t in variants.values():
             stack.stop(t.proc)  # type: ignore[arg-type]
-    return {
-        name: {
-            "cpu_ms_per_req": statistics.median(cpu[name]) if cpu[name] else None,
-            "rps": statistics.median(rps[name]),
-            "rounds_cpu": cpu[name],
-        }
-        for name in variants
-    }
 
 
 def main() -> None:

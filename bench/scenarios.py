@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import statistics
 from typing import Any
 
 import orjson
@@ -163,3 +164,26 @@ def streams(
         cpu_us_per_chunk=_per(cpu.seconds, events, 1e6),
     )
     return out
+
+
+def interleaved_max(targets: dict[str, Target], seconds: float, rounds: int) -> dict[str, Any]:
+    """Max-throughput runs of several targets in alternating rounds (after one warm-up
+    each), so the machine's drift is shared; the median round counts."""
+    cpu: dict[str, list[float]] = {k: [] for k in targets}
+    rps: dict[str, list[float]] = {k: [] for k in targets}
+    for t in targets.values():
+        max_throughput(t, 1)  # warm-up
+    for _ in range(rounds):
+        for name, t in targets.items():
+            r = max_throughput(t, seconds)
+            if r["cpu_ms_per_req"] is not None:
+                cpu[name].append(r["cpu_ms_per_req"])
+            rps[name].append(r["rps"])
+    return {
+        name: {
+            "cpu_ms_per_req": round(statistics.median(cpu[name]), 4) if cpu[name] else None,
+            "rps": round(statistics.median(rps[name])),
+            "rounds_cpu": cpu[name],
+        }
+        for name in targets
+    }

@@ -165,6 +165,7 @@ class Stack:
         cores: str | None = PROXY_CORE,
         extra_env: dict[str, str] | None = None,
         source: Path | None = None,
+        config: Path | None = None,
     ) -> Target:
         """`full`: Redis guard + paid alias (metering, pricing, outbox with a JSON-lines
         sink). Otherwise the relay only: no Redis, a free alias, no payer. `source`: a
@@ -185,7 +186,7 @@ class Stack:
         env.update(extra_env or {})
         argv = python(
             "-m", "proxy", "--log-level", self.log_level, "serve",
-            "--config", str(self.config_path), "--port", str(port), "--loop", self.loop,
+            "--config", str(config or self.config_path), "--port", str(port), "--loop", self.loop,
         )  # fmt: skip
         if workers != 1:
             argv += ["--workers", str(workers)]
