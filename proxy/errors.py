@@ -162,32 +162,29 @@ def credentials_missing(provider: str, variable: str) -> ApiError:
     )
 
 
-def upstream_unavailable(provider: str, what: str) -> ApiError:
+def _upstream(status: int, provider: str, what: str, code: str) -> ApiError:
+    """Every upstream error names the provider and says what happened."""
     return ApiError(
-        502,
-        f"upstream provider {provider!r} is unavailable ({what})",
-        type="upstream_error",
-        code="upstream_unavailable",
+        status, f"upstream provider {provider!r} {what}", type="upstream_error", code=code
     )
+
+
+def upstream_unavailable(provider: str, what: str) -> ApiError:
+    return _upstream(502, provider, f"is unavailable ({what})", "upstream_unavailable")
 
 
 def upstream_timeout(provider: str, what: str) -> ApiError:
-    return ApiError(
-        504,
-        f"upstream provider {provider!r} timed out ({what})",
-        type="upstream_error",
-        code="upstream_timeout",
-    )
+    return _upstream(504, provider, f"timed out ({what})", "upstream_timeout")
 
 
 def upstream_auth_failed(provider: str) -> ApiError:
     """The provider refused *our* key (its 401/403): not the caller's fault, and
     its wording (which may quote our key or account) is not relayed."""
-    return ApiError(
+    return _upstream(
         502,
-        f"upstream provider {provider!r} could not be used; the proxy's operators are notified",
-        type="upstream_error",
-        code="upstream_auth_failed",
+        provider,
+        "could not be used; the proxy's operators are notified",
+        "upstream_auth_failed",
     )
 
 
@@ -249,9 +246,7 @@ def internal_error() -> ApiError:
 def upstream_read_failed(provider: str, what: str, *, streaming: bool) -> ApiError:
     """The connection broke while the body was read (502, or an SSE error event)."""
     if streaming:
-        message = f"upstream provider {provider!r} failed mid-stream ({what})"
-        code = "upstream_stream_error"
-    else:
-        message = f"upstream provider {provider!r} failed while sending the response ({what})"
-        code = "upstream_unavailable"
-    return ApiError(502, message, type="upstream_error", code=code)
+        return _upstream(502, provider, f"failed mid-stream ({what})", "upstream_stream_error")
+    return _upstream(
+        502, provider, f"failed while sending the response ({what})", "upstream_unavailable"
+    )
