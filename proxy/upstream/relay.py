@@ -136,10 +136,12 @@ async def _json_failed(
     if failure is None:
         return
     ex.finish(failure.outcome, failure.status, failure.kind)
+    # The head said 2xx: the provider took the request and bills its prompt, whether
+    # the body then broke, stalled or the client left. Set before any await.
+    ex.metered = ex.estimate_prompt_only()
     if failure.error is not None:
         raise failure.error from None
     ex.client_disconnected = True
-    ex.metered = ex.estimate_prompt_only()  # before any await: never nothing
     policy = ex.chat.alias.disconnect
     if policy.action is OnDisconnect.DRAIN:
         drained = await _drain_body(up, parts, wd, policy)

@@ -223,6 +223,12 @@ async def test_json_body_that_stalls_after_the_head_is_504(rig: Rig) -> None:
     assert orjson.loads(raw)["error"]["code"] == "upstream_timeout"
     ex = await rig.exchange()
     assert ended(ex) == (Outcome.TIMEOUT, 504, ErrorKind.TIMEOUT)
+    assert_prompt_charged(ex)  # a 2xx head: the provider took (and bills) the prompt
+
+
+def assert_prompt_charged(ex: Exchange) -> None:
+    assert ex.metered is not None and ex.metered.source is UsageSource.ESTIMATED
+    assert ex.metered.usage.prompt_tokens > 0 and ex.metered.usage.completion_tokens == 0
 
 
 async def test_json_body_cut_by_the_upstream_is_502(rig: Rig) -> None:
@@ -241,6 +247,7 @@ async def test_json_body_cut_by_the_upstream_is_502(rig: Rig) -> None:
     assert orjson.loads(raw)["error"]["code"] == "upstream_unavailable"
     ex = await rig.exchange()
     assert ended(ex) == (Outcome.UPSTREAM_ERROR, 502, ErrorKind.MID_STREAM)
+    assert_prompt_charged(ex)
 
 
 async def test_the_client_leaving_while_the_body_is_read_charges_the_prompt(rig: Rig) -> None:
