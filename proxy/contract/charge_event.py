@@ -17,6 +17,11 @@ and the usage parts `cache_write`, `audio_prompt`, `audio_completion`. The reade
 version 1 events (still in an outbox during a rolling upgrade), exactly in their
 own shape, and reads them as what they meant: none of the new parts, no dated
 price version, started `latency_ms` before `occurred_at`.
+
+Version 3 added `endpoint` (which API the call used: chat.completions, responses,
+embeddings, completions) and `attempts` (upstream attempts the request made, the
+served one included; failed attempts before the first byte are never charged).
+Version 1 and 2 events read as one chat.completions attempt.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from proxy.contract.timestamps import format_timestamp
 from proxy.contract.usage import Usage, UsageSource
 
 __all__ = [
+    "DEFAULT_ENDPOINT",
+    "ENDPOINTS",
     "EVENT_TYPE",
     "FIELDS",
     "SCHEMA_VERSION",
@@ -58,8 +65,12 @@ __all__ = [
 ]
 
 EVENT_TYPE: Final = "credit.charge.requested"
-SCHEMA_VERSION: Final = 2
-_READABLE_VERSIONS: Final = (1, 2)
+SCHEMA_VERSION: Final = 3
+_READABLE_VERSIONS: Final = (1, 2, 3)
+# The APIs a charge can come from (`endpoint`); older events are all chat completions.
+ENDPOINTS: Final = ("chat.completions", "responses", "embeddings", "completions")
+DEFAULT_ENDPOINT: Final = "chat.completions"
+MAX_ATTEMPTS: Final = 1000
 # Bounds every value of an event keeps, so that it serialises (orjson: 64-bit ints)
 # and any ledger can add it up without overflow (Lua numbers are doubles: exact to
 # 2**53; a sum of 9,000 maximal charges still is). Metering caps what it accepts at
@@ -69,6 +80,7 @@ MAX_CREDITS: Final = 10**12
 
 _EVENT_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
+_ENDPOINT_SET: Final = frozenset(ENDPOINTS)
 _USAGE_SOURCES: Final = frozenset(s.value for s in UsageSource)
 _USAGE_KEYS_V1: Final = ("prompt", "completion", "cached", "reasoning", "total")
 _USAGE_KEYS: Final = (
@@ -107,10 +119,14 @@ FIELDS: Final = (
     "latency_ms",
     "ttft_ms",
     "client_disconnected",
+    "endpoint",
+    "attempts",
 )
+_V3_ONLY: Final = frozenset({"endpoint", "attempts"})
 _V2_ONLY: Final = frozenset({"started_at", "service_tier", "price_version", "client_disconnected"})
-FIELDS_V1: Final = tuple(f for f in FIELDS if f not in _V2_ONLY)
-_FIELD_SETS: Final = {1: frozenset(FIELDS_V1), 2: frozenset(FIELDS)}
+FIELDS_V2: Final = tuple(f for f in FIELDS if f not in _V3_ONLY)
+FIELDS_V1: Final = tuple(f for f in FIELDS_V2 if f not in _V2_ONLY)
+_FIELD_SETS: Final = {1: frozenset(FIELDS_V1), 2: frozenset(FIELDS_V2), 3: frozenset(FIELDS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +157,8 @@ class ChargeEvent:
     # The caller went away before the response ended (the disconnect policy decided
     # what was still read and charged; see proxy.upstream.relay).
     client_disconnected: bool = False
+    endpoint: str = DEFAULT_ENDPOINT  # one of ENDPOINTS
+    attempts: int = 1  # upstream attempts made, the one that answered included
     # Constants of this schema version; not settable, so no event can lie about them.
     event_type: str = field(default=EVENT_TYPE, init=False)
     schema_version: int = field(default=SCHEMA_VERSION, init=False)
@@ -168,6 +186,8 @@ class ChargeEvent:
         service_tier: str | None = None,
         price_version: str | None = None,
         client_disconnected: bool = False,
+        endpoint: str = DEFAULT_ENDPOINT,
+        attempts: int = 1,
         now_ns: int | None = None,
     ) -> ChargeEvent:
         """Build the event for a finished request, minting `event_id` and `occurred_at`.
@@ -201,6 +221,8 @@ class ChargeEvent:
             latency_ms=latency_ms,
             ttft_ms=ttft_ms,
             client_disconnected=client_disconnected,
+            endpoint=endpoint,
+            attempts=attempts,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,6 +260,8 @@ class ChargeEvent:
             "latency_ms": self.latency_ms,
             "ttft_ms": self.ttft_ms,
             "client_disconnected": self.client_disconnected,
+            "endpoint": self.endpoint,
+            "attempts": self.attempts,
         }
 
     def to_json(self) -> bytes:
@@ -265,7 +289,7 @@ class ChargeEvent:
         version = obj.get("schema_version")
         if type(version) is not int or version not in _READABLE_VERSIONS:
             raise InvalidChargeEvent(
-                "schema_version", f"unsupported version {version!r} (this reader: 1, 2)"
+                "schema_version", f"unsupported version {version!r} (this reader: 1, 2, 3)"
             )
         fields = _FIELD_SETS[version]
         for key in obj:
@@ -307,6 +331,12 @@ class ChargeEvent:
             latency_ms=latency_ms,
             ttft_ms=read_opt_duration(obj, "ttft_ms"),
             client_disconnected=False if version == 1 else read_bool(obj, "client_disconnected"),
+            endpoint=DEFAULT_ENDPOINT
+            if version < 3
+            else read_choice(obj, "endpoint", _ENDPOINT_SET),
+            attempts=1
+            if version < 3
+            else read_int(obj, "attempts", minimum=1, maximum=MAX_ATTEMPTS),
         )
 
 

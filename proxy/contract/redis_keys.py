@@ -4,6 +4,11 @@ snapshot codec. The one place that spells key names and the snapshot JSON.
 Keys (prefix default `llmproxy:`):
 - `credit:{<uid>}:blocked`   any value = blocked (the guard refuses the user)
 - `credit:{<uid>}:snapshot`  JSON `{"available_credit": int, "updated_at": iso8601}`
+- `credit:{<uid>}:holds`     hash request id -> `"<credits>:<expires_at_ms>"`: credit
+                             reserved by requests in flight or settled but not yet
+                             applied by the ledger (which deletes the field in the
+                             same script that rewrites the snapshot). A hold past its
+                             expiry (Unix ms, Redis clock) counts for nothing.
 - `apikey:<sha256 hex>`      user API key -> user id (decimal string)
 - `apikeys:user:<uid>`       hash sha256 hex -> created_at (index of a user's keys)
 
@@ -14,6 +19,7 @@ slot, so the scripts and MGETs that touch both stay valid on a cluster.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
@@ -44,6 +50,9 @@ class RedisKeys:
 
     def snapshot(self, user_id: int) -> str:
         return f"{self.prefix}credit:{{{user_id}}}:snapshot"
+
+    def holds(self, user_id: int) -> str:
+        return f"{self.prefix}credit:{{{user_id}}}:holds"
 
     @property
     def credit_prefix(self) -> str:
@@ -96,3 +105,26 @@ def decode_snapshot(raw: bytes) -> int | None:
         value = max(min(value, _CREDIT_BOUND), -_CREDIT_BOUND)
         return int(value.to_integral_value(rounding=ROUND_CEILING))
     return None
+
+
+def encode_hold(credits: int, expires_at_ms: int) -> bytes:
+    return f"{credits}:{expires_at_ms}".encode()
+
+
+def decode_hold(raw: bytes | str) -> tuple[int, int] | None:
+    """(credits, expires_at_ms) of a hold field, or None when it is not one."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    credits, sep, expires = text.partition(":")
+    if not sep or not credits.isdigit() or not expires.isdigit():
+        return None
+    return int(credits), int(expires)
+
+
+def live_held(values: Iterable[bytes | str], now_ms: int) -> int:
+    """Credit held by the holds that have not expired at `now_ms`."""
+    total = 0
+    for raw in values:
+        hold = decode_hold(raw)
+        if hold is not None and hold[1] > now_ms:
+            total += hold[0]
+    return total

@@ -60,7 +60,8 @@ def valid_dict() -> dict[str, Any]:
 def test_create_fills_identity_and_charge() -> None:
     event = make_event(now_ns=NOW_NS)
     assert event.event_type == EVENT_TYPE == "credit.charge.requested"
-    assert event.schema_version == SCHEMA_VERSION == 2
+    assert event.schema_version == SCHEMA_VERSION == 3
+    assert (event.endpoint, event.attempts) == ("chat.completions", 1)
     assert event.client_disconnected is False
     assert event.occurred_at == "2024-05-01T12:00:00.123Z"
     assert re.fullmatch(r"[0-9a-f]{32}", event.event_id)
@@ -81,7 +82,7 @@ def test_to_json_has_stable_keys_and_values() -> None:
     assert data == {
         "event_id": event.event_id,
         "event_type": "credit.charge.requested",
-        "schema_version": 2,
+        "schema_version": 3,
         "occurred_at": "2024-05-01T12:00:00.123Z",
         "started_at": "2024-05-01T11:59:58.889Z",  # occurred_at - latency_ms (1234.5)
         "request_id": "req_abc123",
@@ -111,6 +112,8 @@ def test_to_json_has_stable_keys_and_values() -> None:
         "latency_ms": 1234.5,
         "ttft_ms": 210.25,
         "client_disconnected": False,
+        "endpoint": "chat.completions",
+        "attempts": 1,
     }
     assert list(data["usage"]) == [
         "prompt",
@@ -219,7 +222,11 @@ def _drop(path: str) -> dict[str, Any]:
         (b"null", "$", "must be a JSON object, got null"),
         (_set("event_type", "credit.refund.requested"), "event_type", "must be"),
         (_drop("event_type"), "event_type", "must be"),
-        (_set("schema_version", 3), "schema_version", "unsupported version 3"),
+        (_set("schema_version", 4), "schema_version", "unsupported version 4"),
+        (_set("schema_version", 2), "endpoint", "unknown field"),  # v2 has its own shape
+        (_set("endpoint", "images"), "endpoint", "must be one of"),
+        (_set("attempts", 0), "attempts", "must be >= 1"),
+        (_set("attempts", True), "attempts", "must be an integer"),
         (_set("schema_version", 1), "started_at", "unknown field"),  # v1 has its own shape
         (_set("schema_version", "1"), "schema_version", "unsupported version '1'"),
         (_set("schema_version", True), "schema_version", "unsupported version True"),
@@ -302,11 +309,33 @@ def v1_dict() -> dict[str, Any]:
     data = valid_dict()
     for key in ("started_at", "service_tier", "price_version", "client_disconnected"):
         del data[key]
+    for key in ("endpoint", "attempts"):
+        del data[key]
     for key in ("cache_write", "audio_prompt", "audio_completion"):
         del data["usage"][key]
     data["schema_version"] = 1
     data["occurred_at"] = "2024-05-01T12:00:00.123Z"
     return data
+
+
+def v2_dict() -> dict[str, Any]:
+    """What a version-2 proxy emitted: no endpoint, no attempts."""
+    data = valid_dict()
+    del data["endpoint"], data["attempts"]
+    data["schema_version"] = 2
+    return data
+
+
+def test_version_2_events_read_as_one_chat_completions_attempt() -> None:
+    event = ChargeEvent.from_json(orjson.dumps(v2_dict()))
+    assert (event.endpoint, event.attempts) == ("chat.completions", 1)
+    assert (event.credits, event.user_id) == (1, 42)
+
+
+def test_version_3_fields_round_trip() -> None:
+    event = make_event(endpoint="embeddings", attempts=3)
+    back = ChargeEvent.from_json(event.to_json())
+    assert (back.endpoint, back.attempts) == ("embeddings", 3)
 
 
 def test_version_1_events_are_still_read_as_they_meant() -> None:

@@ -13,10 +13,13 @@ from hypothesis import strategies as st
 from proxy.contract.redis_keys import (
     DEFAULT_PREFIX,
     RedisKeys,
+    decode_hold,
     decode_snapshot,
+    encode_hold,
     encode_snapshot,
     key_digest,
     key_sha256,
+    live_held,
 )
 
 ISO_MS_Z = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
@@ -88,3 +91,16 @@ def test_decode_snapshot_of_anything_else_is_none(raw: bytes) -> None:
 def test_decode_snapshot_ignores_updated_at() -> None:
     assert decode_snapshot(b'{"available_credit": -5}') == -5
     assert decode_snapshot(b'{"available_credit": 5, "updated_at": 3, "x": 1}') == 5
+
+
+def test_hold_codec_round_trips_and_rejects_garbage() -> None:
+    assert decode_hold(encode_hold(1500, 1_700_000_000_000)) == (1500, 1_700_000_000_000)
+    for bad in (b"", b"12", b"-1:5", b"1:x", b"a:b", b"1.5:3"):
+        assert decode_hold(bad) is None
+
+
+def test_live_held_counts_only_unexpired_readable_holds() -> None:
+    values = [encode_hold(100, 2_000), encode_hold(50, 1_000), b"junk", encode_hold(7, 1_001)]
+    assert live_held(values, now_ms=1_000) == 107
+    assert live_held(values, now_ms=2_000) == 0
+    assert RedisKeys("p:").holds(9) == "p:credit:{9}:holds"
