@@ -102,6 +102,40 @@ def model_not_found(model: str) -> ApiError:
     )
 
 
+def unsupported_endpoint(alias: str, endpoint: str, served: list[str]) -> ApiError:
+    """The alias does not serve this API (its `endpoints`, see GET /v1/models)."""
+    return ApiError(
+        400,
+        f"model '{alias[:200]}' does not serve /v1/{endpoint.replace('.', '/')} "
+        f"(it serves: {', '.join(served) or 'nothing'})",
+        code="unsupported_endpoint",
+        param="model",
+    )
+
+
+def responses_unsupported(alias: str, provider: str) -> ApiError:
+    """The alias's provider only speaks chat completions (`responses: false`)."""
+    return ApiError(
+        400,
+        f"model '{alias[:200]}' is served by provider {provider!r}, which does not speak "
+        "the Responses API (responses: false); call /v1/chat/completions instead "
+        "(the proxy does not translate between the two APIs)",
+        code="unsupported_endpoint",
+        param="model",
+    )
+
+
+def response_alias_required() -> ApiError:
+    """GET/DELETE /v1/responses/{id}: no alias named, and no single provider to ask."""
+    return ApiError(
+        400,
+        "name the model alias that created this response: ?model=<alias> "
+        "or the header X-Model-Alias (several providers serve the Responses API)",
+        code="missing_required_parameter",
+        param="model",
+    )
+
+
 # -- who pays ---------------------------------------------------------------------
 
 

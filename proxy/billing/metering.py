@@ -22,7 +22,7 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import tiktoken
@@ -32,6 +32,9 @@ from proxy.billing.tokens import count_chat_prompt, count_completion
 from proxy.billing.usage_report import UsageReport, choices_of, find_report
 from proxy.contract.charge_event import MAX_TOKENS
 from proxy.contract.usage import Usage, UsageSource
+
+if TYPE_CHECKING:
+    from proxy.billing.wire_formats import WireFormat
 
 # Request + reply characters counted on the event loop; measured worst cases at
 # this size (runs of whitespace, one 64K-letter word) take ~25 ms, plain text ~3 ms.
@@ -86,17 +89,20 @@ def estimate(
     size: int | None = None,
     flags: frozenset[MeterFlag] = frozenset(),
     inline: bool = True,
+    fmt: WireFormat | None = None,
 ) -> Metered:
     """The estimate of a request; `size` is the request body's length in bytes.
+    `fmt`: the endpoint's wire format (proxy.billing.wire_formats; None: chat).
 
     With `inline`, inputs over INLINE_COUNT_CHARS are bounded instead of counted.
     """
     total = (request_size(request_body) if size is None else size) + reply.chars
     counter = TokenCounter(enc if not inline or total <= INLINE_COUNT_CHARS else None)
+    count_prompt = count_chat_prompt if fmt is None else fmt.count_prompt
     # Capped like reported counts (only a body far over server.max_body_bytes could
     # reach MAX_TOKENS), so that every event stays within the contract's bounds.
     usage = Usage(
-        prompt_tokens=min(count_chat_prompt(counter, request_body), MAX_TOKENS),
+        prompt_tokens=min(count_prompt(counter, request_body), MAX_TOKENS),
         completion_tokens=min(count_completion(counter, reply.text, reply.tool_calls), MAX_TOKENS),
     )
     if counter.bounded:
@@ -107,7 +113,11 @@ def estimate(
 
 
 async def estimate_off_loop(
-    metered: Metered, request_body: Mapping[str, Any], reply: Reply, enc: tiktoken.Encoding
+    metered: Metered,
+    request_body: Mapping[str, Any],
+    reply: Reply,
+    enc: tiktoken.Encoding,
+    fmt: WireFormat | None = None,
 ) -> Metered:
     """Refine a BOUNDED estimate by counting in a worker thread (tiktoken releases
     the GIL while it encodes). The caller keeps `metered` if this is cancelled."""
@@ -115,7 +125,7 @@ async def estimate_off_loop(
         return metered
     flags = metered.flags - {MeterFlag.BOUNDED}
     exact = await asyncio.to_thread(
-        estimate, request_body, reply, enc, size=0, flags=flags, inline=False
+        estimate, request_body, reply, enc, size=0, flags=flags, inline=False, fmt=fmt
     )
     # A count is never allowed to exceed the bound it refines (it cannot, but a
     # charge must not grow because a thread said so).
@@ -138,7 +148,11 @@ def rejected(report: UsageReport | None) -> frozenset[MeterFlag]:
 
 
 def meter_json(
-    body: bytes, request_body: Mapping[str, Any], enc: tiktoken.Encoding, size: int | None = None
+    body: bytes,
+    request_body: Mapping[str, Any],
+    enc: tiktoken.Encoding,
+    size: int | None = None,
+    fmt: WireFormat | None = None,
 ) -> Metered:
     """Usage of a non-streaming response body; estimated when the body has none."""
     try:
@@ -146,21 +160,24 @@ def meter_json(
     except orjson.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict):
-        return estimate(request_body, Reply(), enc, size=size)
-    report = find_report(obj)
-    reply = message_reply(obj)
+        return estimate(request_body, Reply(), enc, size=size, fmt=fmt)
+    report = find_report(obj) if fmt is None else fmt.find_report(obj)
+    reply = message_reply(obj) if fmt is None else fmt.json_reply(obj)
     accepted = accept_report(report, reply.floor)
     if accepted is not None:
         return accepted
-    return estimate(request_body, reply, enc, size=size, flags=rejected(report))
+    return estimate(request_body, reply, enc, size=size, flags=rejected(report), fmt=fmt)
 
 
 def estimate_prompt_only(
-    request_body: Mapping[str, Any], enc: tiktoken.Encoding, size: int | None = None
+    request_body: Mapping[str, Any],
+    enc: tiktoken.Encoding,
+    size: int | None = None,
+    fmt: WireFormat | None = None,
 ) -> Metered:
     """Nothing was relayed (e.g. upstream died before the first chunk after we
     started the response): only the prompt was consumed."""
-    return estimate(request_body, Reply(), enc, size=size)
+    return estimate(request_body, Reply(), enc, size=size, fmt=fmt)
 
 
 def with_flags(metered: Metered, *flags: MeterFlag) -> Metered:

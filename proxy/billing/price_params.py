@@ -25,27 +25,27 @@ from proxy.errors import unsupported_parameter
 _PERMISSION_OF = {field: name for name, fields in PRICE_PARAMS.items() for field in fields}
 
 
-def check_price_params(body: Mapping[str, Any], alias: Alias, started_ms: int) -> str | None:
-    """Refuse what `alias` does not price; return the service tier to price (or None)."""
+def check_price_params(
+    body: Mapping[str, Any],
+    alias: Alias,
+    started_ms: int,
+    neutral: frozenset[str] = NEUTRAL_PARAMS,
+    api: str = "chat.completions",
+) -> str | None:
+    """Refuse what `alias` does not price; return the service tier to price (or None).
+    `neutral`: the endpoint's fields priced from usage (proxy.config.request_params)."""
     for field, value in body.items():
-        if field in NEUTRAL_PARAMS or value is None:
+        if field in neutral or value is None:
             continue
         permission = _PERMISSION_OF.get(field, field)
         if _is_plain(field, value):
             continue
-        if permission in alias.allow_params:
-            rule = alias.price_rule
-            if rule is None or rule.in_force(started_ms).prices(permission):
-                continue
-            raise unsupported_parameter(
-                field,
-                f"'{field[:100]}' ({_why(permission)}) is not priced for model "
-                f"'{alias.name}' at this time",
-            )
+        if _allowed(alias, started_ms, field, permission):
+            continue
         what = (
             f"changes the provider's price ({_why(permission)})"
             if permission in PRICE_PARAMS
-            else "is not a known chat.completions field and may change the model or price"
+            else f"is not a known {api} field and may change the model or price"
         )
         raise unsupported_parameter(
             field, f"'{field}' {what}, and model '{alias.name}' does not accept it"
@@ -65,6 +65,39 @@ def check_price_params(body: Mapping[str, Any], alias: Alias, started_ms: int) -
                 f"(priced: {offered})",
             )
     return tier
+
+
+def check_builtin_tools(body: Mapping[str, Any], alias: Alias, started_ms: int) -> None:
+    """The Responses API's built-in tools carry per-call fees: each type must be
+    allowed (`allow_params: [web_search_options]` for `web_search*`, priced by
+    `request_fee`; the tool's type name for the others, vouched by the operator)."""
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        kind = tool.get("type") if isinstance(tool, Mapping) else None
+        if not isinstance(kind, str) or kind in ("function", "custom"):
+            continue
+        permission = WEB_SEARCH if kind.startswith("web_search") else kind
+        if _allowed(alias, started_ms, "tools", permission):
+            continue
+        raise unsupported_parameter(
+            "tools",
+            f"built-in tool {kind[:60]!r} has a per-call price, and model "
+            f"'{alias.name}' does not accept it",
+        )
+
+
+def _allowed(alias: Alias, started_ms: int, field: str, permission: str) -> bool:
+    """True when `alias` allows `permission` and prices it now; False when it does
+    not allow it (the caller refuses); a 400 when it allows but does not price it now."""
+    if permission not in alias.allow_params:
+        return False
+    rule = alias.price_rule
+    if rule is None or rule.in_force(started_ms).prices(permission):
+        return True
+    raise unsupported_parameter(
+        field,
+        f"'{field[:100]}' ({_why(permission)}) is not priced for model '{alias.name}' at this time",
+    )
 
 
 def _is_plain(field: str, value: Any) -> bool:

@@ -14,6 +14,7 @@ import tiktoken
 from proxy.billing.guard import GuardDecision
 from proxy.billing.metering import Metered, estimate_prompt_only
 from proxy.billing.payer import BillingContext
+from proxy.billing.wire_formats import CHAT, WireFormat
 from proxy.config.model import Alias
 from proxy.contract.outcome import Outcome
 
@@ -29,7 +30,9 @@ class ErrorKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    """A chat.completions body validated against the configured aliases."""
+    """A request body validated against the configured aliases: chat.completions
+    (whence the name) or any other endpoint, which `format` names (its metering
+    pieces, proxy.billing.wire_formats)."""
 
     alias: Alias
     body: dict[str, Any]  # the caller's body, as parsed (used for prompt counting)
@@ -40,6 +43,12 @@ class ChatRequest:
     # The request's service_tier, checked against the alias's price rule
     # (proxy.billing.price_params); None when absent.
     service_tier: str | None = None
+    format: WireFormat = CHAT
+
+    @property
+    def endpoint(self) -> str:
+        """The charge event's `endpoint` (proxy.contract.charge_event.ENDPOINTS)."""
+        return self.format.endpoint
 
 
 class Exchange:
@@ -95,7 +104,9 @@ class Exchange:
 
     def estimate_prompt_only(self) -> Metered:
         assert self.chat is not None and self.encoding is not None
-        return estimate_prompt_only(self.chat.body, self.encoding, self.request_bytes)
+        return estimate_prompt_only(
+            self.chat.body, self.encoding, self.request_bytes, self.chat.format
+        )
 
     def latency_ms(self, now: float) -> float:
         return round((now - self.started) * 1000, 3)

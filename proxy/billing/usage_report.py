@@ -49,6 +49,59 @@ CACHED: Final[tuple[Path, ...]] = (
 )
 REASONING: Final[tuple[Path, ...]] = (("completion_tokens_details", "reasoning_tokens"),)
 
+
+@dataclass(frozen=True, slots=True)
+class UsageFields:
+    """Where one wire format keeps its report and each count in it (a row per API:
+    chat.completions and legacy completions share OpenAI's chat names; the
+    Responses API says input/output; embeddings report a prompt only)."""
+
+    locations: tuple[tuple[str, Path], ...]
+    prompt: tuple[Path, ...]
+    completion: tuple[Path, ...]
+    total: tuple[Path, ...]
+    cached: tuple[Path, ...]
+    reasoning: tuple[Path, ...]
+    prompt_details: str  # the object holding cache-write/audio parts (usage_parts)
+    completion_details: str
+    # Embeddings: a report has no completion at all (0, never derived from a total).
+    prompt_only: bool = False
+
+
+CHAT_USAGE: Final = UsageFields(
+    LOCATIONS,
+    PROMPT,
+    COMPLETION,
+    TOTAL,
+    CACHED,
+    REASONING,
+    "prompt_tokens_details",
+    "completion_tokens_details",
+)
+# The Responses API: the body's `usage`, or the `response` object of the terminal
+# stream events (`response.completed`, `.incomplete`, `.failed`).
+RESPONSES_USAGE: Final = UsageFields(
+    (("openai", ("usage",)), ("responses_event", ("response", "usage"))),
+    (("input_tokens",),),
+    (("output_tokens",),),
+    TOTAL,
+    (("input_tokens_details", "cached_tokens"),),
+    (("output_tokens_details", "reasoning_tokens"),),
+    "input_tokens_details",
+    "output_tokens_details",
+)
+EMBEDDINGS_USAGE: Final = UsageFields(
+    (("openai", ("usage",)),),
+    PROMPT,
+    (),
+    (),
+    (),
+    (),
+    "prompt_tokens_details",
+    "completion_tokens_details",
+    prompt_only=True,
+)
+
 _ABSENT: Final = object()
 
 
@@ -81,13 +134,13 @@ def choices_of(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return []
 
 
-def find_report(obj: Mapping[str, Any]) -> UsageReport | None:
+def find_report(obj: Mapping[str, Any], fields: UsageFields = CHAT_USAGE) -> UsageReport | None:
     """The usage report of a decoded chunk or body; None when it has none at all."""
-    for where, path in LOCATIONS:
+    for where, path in fields.locations:
         raw = _at_location(obj, path)
         if raw is _ABSENT or raw is None:
             continue
-        return UsageReport(normalise(raw), where)
+        return UsageReport(normalise(raw, fields), where)
     return None
 
 
@@ -95,20 +148,22 @@ def has_report(obj: Mapping[str, Any]) -> bool:
     return find_report(obj) is not None
 
 
-def normalise(raw: Any) -> Usage | None:
+def normalise(raw: Any, fields: UsageFields = CHAT_USAGE) -> Usage | None:
     """One report object → Usage, or None when it is implausible."""
     if not isinstance(raw, Mapping):
         return None
     try:
-        prompt = _first(raw, PROMPT)
-        completion = _first(raw, COMPLETION)
-        total = _first(raw, TOTAL)
-        cached = _first(raw, CACHED)
-        reasoning = _first(raw, REASONING)
+        prompt = _first(raw, fields.prompt)
+        completion = _first(raw, fields.completion)
+        total = _first(raw, fields.total)
+        cached = _first(raw, fields.cached)
+        reasoning = _first(raw, fields.reasoning)
     except _Implausible:
         return None
     if prompt is None or prompt == 0:
-        return None  # every chat request has a prompt: a report without one is wrong
+        return None  # every request has a prompt (an input): a report without one is wrong
+    if fields.prompt_only:
+        completion = 0
     if completion is None:
         if total is None or total < prompt:
             return None
@@ -128,7 +183,7 @@ def normalise(raw: Any) -> Usage | None:
     )
     # Cache writes and audio: priced parts of the same report (proxy.billing.usage_parts).
     return with_priced_parts(
-        usage, raw, raw.get("prompt_tokens_details"), raw.get("completion_tokens_details")
+        usage, raw, raw.get(fields.prompt_details), raw.get(fields.completion_details)
     )
 
 

@@ -17,6 +17,8 @@ from proxy.config.env import read_var
 from proxy.config.model import (
     ANY_SCENE,
     DEFAULT_ENCODING,
+    DEFAULT_ENDPOINTS,
+    ENDPOINT_NAMES,
     SCENE_RE,
     SUPPORTED_ENCODINGS,
     Alias,
@@ -98,7 +100,15 @@ def _provider(name: str, raw: Any, path: str, lookup: Callable[[str], str | None
     m = Section(
         raw,
         path,
-        ("base_url", "api_key_env", "stream_usage", "timeouts", "max_connections", *_DISCONNECT),
+        (
+            "base_url",
+            "api_key_env",
+            "stream_usage",
+            "responses",
+            "timeouts",
+            "max_connections",
+            *_DISCONNECT,
+        ),
         required=True,
     )
     base_url = m.text("base_url", required=True)
@@ -121,6 +131,7 @@ def _provider(name: str, raw: Any, path: str, lookup: Callable[[str], str | None
         ),
         max_connections=m.count("max_connections", 256),
         disconnect=_disconnect(m, DisconnectPolicy()),
+        responses=m.flag("responses", True),
     )
 
 
@@ -161,6 +172,7 @@ def _alias(
             "tokenizer",
             "allow_params",
             "cost_in_band",
+            "endpoints",
             *_DISCONNECT,
         ),
         required=True,
@@ -199,7 +211,25 @@ def _alias(
         allow_params=allow,
         cost_in_band=m.flag("cost_in_band", False),
         disconnect=_disconnect(m, provider.disconnect),
+        endpoints=_endpoints(m),
     )
+
+
+def _endpoints(m: Section) -> frozenset[str]:
+    """`endpoints: [chat, responses, embeddings, completions]` (default `[chat]`)."""
+    if m.get("endpoints") is None:
+        return DEFAULT_ENDPOINTS
+    names: set[str] = set()
+    for i, name in enumerate(m.items_list("endpoints")):
+        if name not in ENDPOINT_NAMES:
+            raise ConfigError(
+                f"{m.where('endpoints')}[{i}]: unknown endpoint {name!r} "
+                f"(known: {', '.join(ENDPOINT_NAMES)})"
+            )
+        names.add(ENDPOINT_NAMES[name])
+    if not names:
+        raise ConfigError(f"{m.where('endpoints')}: name at least one endpoint")
+    return frozenset(names)
 
 
 def _allow_params(m: Section, rule: PriceRule | None) -> frozenset[str]:

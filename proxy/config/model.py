@@ -23,6 +23,15 @@ SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
 FREE_RULE_ID = "free"
 ANY_SCENE = "*"
 SCENE_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}")
+# An alias's `endpoints` (config names) → the API each names, as the charge event
+# spells it (proxy.contract.charge_event.ENDPOINTS).
+ENDPOINT_NAMES = {
+    "chat": "chat.completions",
+    "responses": "responses",
+    "embeddings": "embeddings",
+    "completions": "completions",
+}
+DEFAULT_ENDPOINTS = frozenset({"chat.completions"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +70,17 @@ class Provider:
     timeouts: Timeouts = Timeouts()
     max_connections: int = 256  # keep-alive pool bound for this provider
     disconnect: DisconnectPolicy = DisconnectPolicy()
+    # The provider speaks the Responses API (and stores responses, so GET/DELETE by
+    # id work); `responses: false` for one that only speaks chat completions.
+    responses: bool = True
 
     @property
     def chat_url(self) -> str:
         return f"{self.base_url}/chat/completions"
+
+    def url(self, path: str) -> str:
+        """`path` (e.g. "/embeddings") under the provider's base URL."""
+        return f"{self.base_url}{path}"
 
     @property
     def key_missing(self) -> bool:
@@ -178,6 +194,15 @@ class Alias:
     cost_in_band: bool = False
     # The provider's policy with this alias's overrides applied (proxy.config.load).
     disconnect: DisconnectPolicy = DisconnectPolicy()
+    # The APIs this alias serves (ENDPOINT_NAMES values); others answer 400.
+    endpoints: frozenset[str] = DEFAULT_ENDPOINTS
+
+    def serves(self, endpoint: str) -> bool:
+        """Whether a call of `endpoint` may use this alias (the Responses API also
+        needs a provider that speaks it)."""
+        if endpoint == "responses" and not self.provider.responses:
+            return False
+        return endpoint in self.endpoints
 
     @property
     def price_rule_id(self) -> str:

@@ -65,3 +65,64 @@ PRICE_PARAMS: Final = {
     AUDIO: ("audio", "modalities"),
     WEB_SEARCH: ("web_search_options",),
 }
+
+# The same rule for the other endpoints: each one's documented fields that are
+# priced from its usage report. Not in these lists: the Responses API's
+# `background` (the reply is a queued response without usage: the call would be
+# charged its prompt only) and built-in tools (`web_search`, `file_search`, ...:
+# per-call fees), which an alias must allow like any price-changing field
+# (proxy.billing.price_params.check_builtin_tools).
+RESPONSES_NEUTRAL_PARAMS: Final = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "stream",
+        "stream_options",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "temperature",
+        "top_p",
+        "top_logprobs",
+        "max_output_tokens",
+        "max_tool_calls",
+        "metadata",
+        "previous_response_id",
+        "conversation",
+        "reasoning",
+        "store",
+        "text",
+        "truncation",
+        "user",
+        "include",
+        "prompt",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+EMBEDDINGS_NEUTRAL_PARAMS: Final = frozenset(
+    {"model", "input", "dimensions", "encoding_format", "user"}
+)
+COMPLETIONS_NEUTRAL_PARAMS: Final = frozenset(
+    {
+        "model",
+        "prompt",
+        "suffix",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "best_of",
+        "echo",
+        "logprobs",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "seed",
+    }
+)

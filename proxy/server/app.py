@@ -60,6 +60,9 @@ def build_app(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/responses", handlers.responses)
+    app.router.add_post("/v1/embeddings", handlers.embeddings)
+    app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)

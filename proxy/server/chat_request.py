@@ -10,11 +10,13 @@ from aiohttp import web
 
 from proxy.billing.price_params import check_price_params
 from proxy.billing.record import ChatRequest
-from proxy.config.model import Alias
+from proxy.config.model import ENDPOINT_NAMES, Alias
 from proxy.errors import (
     invalid_request,
     model_not_found,
     request_too_large,
+    responses_unsupported,
+    unsupported_endpoint,
     unsupported_media_type,
 )
 
@@ -73,11 +75,8 @@ def body_user(body: Mapping[str, Any]) -> str | None:
     return user
 
 
-def parse_chat_request(
-    body: dict[str, Any], aliases: Mapping[str, Alias], *, started_ms: int
-) -> ChatRequest:
-    """Validate a decoded body against the configured aliases; `started_ms` (unix ms)
-    picks the price version that price-changing fields are checked against."""
+def lookup_alias(body: Mapping[str, Any], aliases: Mapping[str, Alias], endpoint: str) -> Alias:
+    """The body's `model` as an alias that serves `endpoint` (every endpoint's first step)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise invalid_request(
@@ -88,6 +87,34 @@ def parse_chat_request(
     alias = aliases.get(model)
     if alias is None:
         raise model_not_found(model)
+    check_serves(alias, endpoint)
+    return alias
+
+
+def check_serves(alias: Alias, endpoint: str) -> None:
+    if alias.serves(endpoint):
+        return
+    if endpoint == "responses" and "responses" in alias.endpoints:
+        raise responses_unsupported(alias.name, alias.provider.name)
+    served = [e for e in ENDPOINT_NAMES if alias.serves(ENDPOINT_NAMES[e])]
+    raise unsupported_endpoint(alias.name, endpoint, served)
+
+
+def parse_stream(body: Mapping[str, Any]) -> bool:
+    stream = body.get("stream", False)
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise invalid_request("'stream' must be a boolean", param="stream", code="invalid_type")
+    return stream
+
+
+def parse_chat_request(
+    body: dict[str, Any], aliases: Mapping[str, Alias], *, started_ms: int
+) -> ChatRequest:
+    """Validate a decoded body against the configured aliases; `started_ms` (unix ms)
+    picks the price version that price-changing fields are checked against."""
+    alias = lookup_alias(body, aliases, "chat.completions")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid_request(
@@ -102,11 +129,7 @@ def parse_chat_request(
                 param=f"messages[{i}]",
                 code="invalid_type",
             )
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise invalid_request("'stream' must be a boolean", param="stream", code="invalid_type")
+    stream = parse_stream(body)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid_request(

@@ -1,6 +1,11 @@
 """HTTP endpoints. Thin: parse, run the steps in order, answer.
 
 request → billing context → alias → guard → upstream → relay/meter → settle
+
+One pipeline for every billed endpoint (chat.completions, responses, embeddings,
+completions): what differs per endpoint is its `Endpoint` (proxy.server.endpoints:
+the body's parser and the upstream path) and the wire format the parsed request
+carries (proxy.billing.wire_formats: counting, usage and reply readers).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -16,9 +22,17 @@ from aiohttp import web
 from proxy.billing.guard import GuardDecision
 from proxy.billing.record import Exchange
 from proxy.billing.settlement import Settlement, quote, settle
+from proxy.config.model import ENDPOINT_NAMES
 from proxy.contract.outcome import Outcome
 from proxy.errors import ApiError, credentials_missing, insufficient_credit
-from proxy.server.chat_request import body_user, decode_body, parse_chat_request, read_body
+from proxy.server.chat_request import body_user, decode_body, read_body
+from proxy.server.endpoints import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    Endpoint,
+)
 from proxy.server.readiness import readiness
 from proxy.server.state import STATE, ProxyState
 from proxy.upstream.failures import Phase, classify
@@ -29,12 +43,20 @@ from proxy.upstream.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def billed(endpoint: Endpoint) -> Handler:
+    """The aiohttp handler of one billed endpoint: `serve` for it."""
+    return functools.partial(serve, endpoint=endpoint)
+
+
+async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = request.app[STATE]
     state.observer.request_started()
     ex = Exchange(time.perf_counter())
     try:
-        return await _chat_completions(request, state, ex)
+        return await _pipeline(request, state, ex, endpoint)
     except ApiError as err:
         if ex.outcome is None:
             ex.finish(Outcome.REJECTED, err.status)
@@ -66,8 +88,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             )
 
 
-async def _chat_completions(
-    request: web.Request, state: ProxyState, ex: Exchange
+async def _pipeline(
+    request: web.Request, state: ProxyState, ex: Exchange, endpoint: Endpoint
 ) -> web.StreamResponse:
     raw = await read_body(request, state.config.server.max_body_bytes)
     ex.request_bytes = len(raw)
@@ -78,7 +100,7 @@ async def _chat_completions(
         request.headers, user if isinstance(user, str) else None
     )
     body_user(body)  # its type is checked once the caller is known
-    ex.chat = chat = parse_chat_request(body, state.config.aliases, started_ms=ex.started_ms)
+    ex.chat = chat = endpoint.parse_body(body, state.config.aliases, started_ms=ex.started_ms)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
     decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
@@ -93,7 +115,7 @@ async def _chat_completions(
     ex.upstream_started = time.perf_counter()
     wd = Watchdog(provider.timeouts)
     try:
-        up = await state.upstream.post(provider, payload, ctx.request_id)
+        up = await state.upstream.post(provider, payload, ctx.request_id, endpoint.path)
     except BaseException as exc:
         wd.cancel()
         failure = classify(exc, wd, provider.name, Phase.HEAD)
@@ -107,12 +129,22 @@ async def _chat_completions(
     if up.status >= 400:
         return await relay_error_status(up, ex, wd)
     # Cost in band is opt-in per alias (else the reply is byte-faithful).
-    cost = functools.partial(quote, ex) if chat.alias.cost_in_band else None
+    cost = (
+        functools.partial(quote, ex)
+        if chat.alias.cost_in_band and chat.format.cost_in_band
+        else None
+    )
     if chat.stream and up.content_type == "text/event-stream":
         return await relay_stream(
             request, up, ex, wd, strip=strip, metering=state.settings.metering, quote=cost
         )
     return await relay_json(up, ex, wd, quote=cost)
+
+
+chat_completions = billed(CHAT_COMPLETIONS)
+responses = billed(RESPONSES)
+embeddings = billed(EMBEDDINGS)
+completions = billed(COMPLETIONS)
 
 
 def _settle(
@@ -155,7 +187,14 @@ async def list_models(request: web.Request) -> web.Response:
     await state.auth.authenticate(request.headers)  # the alias list is for callers only
     created = int(state.started_at)
     data = [
-        {"id": name, "object": "model", "created": created, "owned_by": alias.provider.name}
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": alias.provider.name,
+            # Which APIs the alias answers (its `endpoints`), in config names.
+            "endpoints": [e for e, api in ENDPOINT_NAMES.items() if alias.serves(api)],
+        }
         for name, alias in state.config.aliases.items()
         if not alias.provider.key_missing  # it could only answer 503
     ]

@@ -71,12 +71,13 @@ class UpstreamPools:
         return headers
 
     async def post(
-        self, provider: Provider, body: bytes, request_id: str
+        self, provider: Provider, body: bytes, request_id: str, path: str = "/chat/completions"
     ) -> aiohttp.ClientResponse:
-        """Send the request; returns once the response head arrived. Failures raise
-        aiohttp's/the OS's exceptions; proxy.upstream.failures classifies them."""
+        """Send the request to `path` under the provider's base URL; returns once the
+        response head arrived. Failures raise aiohttp's/the OS's exceptions;
+        proxy.upstream.failures classifies them."""
         return await self.sessions[provider.name].post(
-            provider.chat_url, data=body, headers=self.headers_for(provider, request_id)
+            provider.url(path), data=body, headers=self.headers_for(provider, request_id)
         )
 
 
@@ -100,7 +101,12 @@ def upstream_body(chat: ChatRequest) -> tuple[bytes, bool]:
     out = dict(chat.body)
     out["model"] = chat.alias.model
     strip = False
-    if chat.stream and chat.alias.provider.stream_usage and not chat.usage_requested:
+    if (
+        chat.stream
+        and chat.format.stream_usage_option
+        and chat.alias.provider.stream_usage
+        and not chat.usage_requested
+    ):
         options = out.get("stream_options")
         out["stream_options"] = {
             **(options if isinstance(options, dict) else {}),

@@ -20,7 +20,6 @@ from proxy.billing.metering import (
     MeterFlag,
     Reply,
     estimate_off_loop,
-    message_reply,
     meter_json,
 )
 from proxy.billing.record import Exchange
@@ -113,7 +112,7 @@ async def relay_json(
     finally:
         wd.cancel()
     ex.mark_first_byte()
-    ex.metered = meter_json(body, ex.chat.body, ex.encoding, ex.request_bytes)
+    ex.metered = meter_json(body, ex.chat.body, ex.encoding, ex.request_bytes, ex.chat.format)
     ex.finish(Outcome.COMPLETED, up.status)
     await _refine(ex, None, body)
     headers = relay_headers(up.headers)
@@ -146,7 +145,9 @@ async def _json_failed(
     if policy.action is OnDisconnect.DRAIN:
         drained = await _drain_body(up, parts, wd, policy)
         if drained is not None:
-            ex.metered = meter_json(drained, ex.chat.body, ex.encoding, ex.request_bytes)
+            ex.metered = meter_json(
+                drained, ex.chat.body, ex.encoding, ex.request_bytes, ex.chat.format
+            )
             await _refine(ex, None, drained)
             return
     await _refine(ex, Reply())
@@ -170,7 +171,7 @@ async def relay_stream(
     headers["X-Request-Id"] = ex.request_id
     headers.setdefault("Cache-Control", "no-cache")
     out = web.StreamResponse(status=up.status, headers=headers)
-    meter = StreamMeter(strip_usage=strip) if metering else None
+    meter = StreamMeter(strip_usage=strip, fmt=ex.chat.format) if metering else None
     stamp = StreamCostStamp(quote) if quote is not None and not strip else None
     released = False
     try:
@@ -238,9 +239,11 @@ async def _refine(ex: Exchange, reply: Reply | None, body: bytes | None = None) 
             obj = orjson.loads(body or b"")
         except orjson.JSONDecodeError:
             obj = None
-        reply = message_reply(obj) if isinstance(obj, dict) else Reply()
+        reply = ex.chat.format.json_reply(obj) if isinstance(obj, dict) else Reply()
     try:
-        ex.metered = await estimate_off_loop(metered, ex.chat.body, reply, ex.encoding)
+        ex.metered = await estimate_off_loop(
+            metered, ex.chat.body, reply, ex.encoding, ex.chat.format
+        )
     except RuntimeError:  # the executor is shut down (process stopping): keep the bound
         return
 

@@ -114,6 +114,14 @@ class EventFramer:
         return self._buf
 
 
+def has_event_end(data: bytes, start: int = 0, end: int | None = None) -> bool:
+    """True when `data[start:end]` holds the blank line that ends an event."""
+    stop = len(data) if end is None else end
+    if data.find(b"\n\n", start, stop) >= 0:
+        return True
+    return b"\r" in data and _EVENT_END.search(data, start, stop) is not None
+
+
 def has_usage_object(event: bytes) -> bool:
     """True when the event carries `"usage": {...}` (not `"usage": null`)."""
     pos = event.find(USAGE_KEY)
@@ -179,10 +187,11 @@ def without_usage(event: bytes, obj: dict[str, Any]) -> bytes:
     return eol.join(lines) + eol + eol
 
 
-def relayed_text(body: bytes) -> bool:
+def relayed_text(body: bytes, keys: tuple[bytes, ...] = _TEXT_KEYS) -> bool:
     """True when `body` carries a non-empty text or argument fragment (a byte scan;
-    escaped keys are not seen, so this can only say yes too rarely)."""
-    for key in _TEXT_KEYS:
+    escaped keys are not seen, so this can only say yes too rarely). `keys`: the
+    fragments that start text in the endpoint's events (proxy.billing.wire_formats)."""
+    for key in keys:
         pos = body.find(key)
         while pos >= 0:
             end = pos + len(key)

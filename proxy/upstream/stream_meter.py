@@ -15,9 +15,9 @@ from proxy.billing.metering import (
     accept_report,
     estimate,
     rejected,
-    stream_reply,
 )
-from proxy.billing.usage_report import UsageReport, find_report
+from proxy.billing.usage_report import UsageReport
+from proxy.billing.wire_formats import CHAT, WireFormat
 from proxy.contract.usage import Usage
 from proxy.upstream import sse
 
@@ -34,12 +34,16 @@ class StreamMeter:
     the usage event is found after the stream ends by scanning its tail.
 
     `drain(data)` takes a read after the client left: kept for metering only.
+
+    `fmt` is the endpoint's wire format: where its usage report is and how its
+    events carry text (proxy.billing.wire_formats).
     """
 
     __slots__ = (
         "_chunks",
         "_close",
         "_drain_framer",
+        "_fmt",
         "_framer",
         "_null_tail",
         "_report",
@@ -47,8 +51,9 @@ class StreamMeter:
         "strip_usage",
     )
 
-    def __init__(self, strip_usage: bool) -> None:
+    def __init__(self, strip_usage: bool, fmt: WireFormat = CHAT) -> None:
         self.strip_usage = strip_usage
+        self._fmt = fmt
         self._framer = sse.EventFramer() if strip_usage else None
         self._chunks: list[bytes] = []  # what the client was sent (references, no copies)
         self._report: UsageReport | None = None
@@ -125,7 +130,7 @@ class StreamMeter:
         obj = sse.decode_event(event)
         if obj is None:
             return event
-        report = find_report(obj)
+        report = self._fmt.find_report(obj)
         if report is not None:
             self._keep(report)
         if "usage" not in obj:
@@ -160,8 +165,12 @@ class StreamMeter:
     def report(self) -> UsageReport | None:
         if self._report is None and self._framer is None and self._chunks:
             # (After a drain in pass-through mode `_report` may be set already.)
-            self._report = _report_in_tail(self._chunks)
+            self._report = _report_in_tail(self._chunks, self._fmt)
         return self._report
+
+    @property
+    def fmt(self) -> WireFormat:
+        return self._fmt
 
     def upstream_usage(self) -> Usage | None:
         """The plausible usage report's counts, if one was seen."""
@@ -169,13 +178,15 @@ class StreamMeter:
         return report.usage if report is not None else None
 
 
-def _report_in_tail(chunks: list[bytes]) -> UsageReport | None:
+def _report_in_tail(chunks: list[bytes], fmt: WireFormat = CHAT) -> UsageReport | None:
     """Find the usage event near the end of a pass-through stream.
 
-    It is the last data event before `[DONE]`, so scanning backwards over the
-    last few reads is enough; only events that name `"usage"` are JSON-decoded.
-    (A report under an escaped key is found by the estimate path, which decodes
-    every event.)
+    It is the last data event before `[DONE]` (chat) or the last event
+    (`response.completed`, which repeats the whole output and may span many reads),
+    so scanning backwards over the last reads until one holds the end of the event
+    before it is enough; only events that name `"usage"` are JSON-decoded. (A
+    report under an escaped key is found by the estimate path, which decodes every
+    event.)
     """
     parts: list[bytes] = []
     size = 0
@@ -183,8 +194,12 @@ def _report_in_tail(chunks: list[bytes]) -> UsageReport | None:
     for chunk in reversed(chunks):
         parts.append(chunk)
         size += len(chunk)
-        seen = seen or sse.USAGE_KEY in chunk
-        if seen and size > 4096:
+        if not seen:
+            pos = chunk.rfind(sse.USAGE_KEY)
+            seen = pos >= 0
+            if seen and size > 4096 and sse.has_event_end(chunk, 0, pos):
+                break
+        elif size > 4096 and sse.has_event_end(chunk):
             break
     tail = b"".join(reversed(parts))
     if sse.USAGE_KEY not in tail:
@@ -192,7 +207,7 @@ def _report_in_tail(chunks: list[bytes]) -> UsageReport | None:
     for event in reversed(sse.EventFramer().feed(tail, whole=True)):
         if sse.USAGE_KEY in event:
             obj = sse.decode_event(event)
-            report = find_report(obj) if obj is not None else None
+            report = fmt.find_report(obj) if obj is not None else None
             if report is not None:
                 return report
     return None
@@ -206,6 +221,7 @@ def meter_stream(
 ) -> Metered:
     """The stream's usage: the report when plausible, else the estimate (which may be
     a BOUNDED one, for the caller to refine off the loop)."""
+    fmt = meter.fmt
     report = meter.report()
     if report is not None and report.usage is not None:
         # Plausible for what was relayed: a report of no completion at all while text
@@ -218,21 +234,21 @@ def meter_stream(
     if report is None:
         # Keys written with escapes hide from the byte scans; decoding finds them.
         for obj in reversed(objects):
-            found = find_report(obj)
+            found = fmt.find_report(obj)
             if found is not None:
                 report = found
                 break
-    reply = stream_reply(objects)
+    reply = fmt.stream_reply(objects)
     accepted = accept_report(report, reply.floor)
     if accepted is not None:
         return accepted
-    return estimate(request_body, reply, enc, size=size, flags=rejected(report))
+    return estimate(request_body, reply, enc, size=size, flags=rejected(report), fmt=fmt)
 
 
 def estimate_reply(meter: StreamMeter) -> Reply:
     """What the client received, decoded (for an off-loop refinement)."""
-    return stream_reply(sse.iter_event_objects(meter.relayed()))
+    return meter.fmt.stream_reply(sse.iter_event_objects(meter.relayed()))
 
 
 def _text_relayed(meter: StreamMeter) -> bool:
-    return sse.relayed_text(meter.relayed())
+    return sse.relayed_text(meter.relayed(), meter.fmt.text_keys)
