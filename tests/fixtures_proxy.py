@@ -222,6 +222,7 @@ async def start_proxy(
         extra_yaml: str = "",
         extra_rules: str = "",
         extra_aliases: str = "",
+        extra_providers: str = "",
         auth_yaml: str | None = None,
         stream_usage: bool = True,
         first_byte: float = 5,
@@ -251,6 +252,8 @@ async def start_proxy(
         # Extra rules go under price_rules:, extra aliases under aliases: (the last
         # section of BASE_YAML); each line indented by two spaces.
         text = text.replace("\naliases:\n", "\n" + extra_rules + "aliases:\n", 1) + extra_aliases
+        # Extra providers go under providers: (before price_rules:), two-space indented.
+        text = text.replace("\nprice_rules:\n", "\n" + extra_providers + "price_rules:\n", 1)
         text += auth_yaml if auth_yaml is not None else service_key_yaml()
         if guard_prefix is not None:
             text += f'\nguard:\n  prefix: "{guard_prefix}"\n'

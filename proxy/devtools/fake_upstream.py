@@ -254,4 +254,7 @@ def build_fake_app(behaviour: Behaviour | None = None) -> web.Application:
     app[ENCODINGS] = EncodingRegistry()
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_get("/v1/models", models)
+    from proxy.devtools.fake_endpoints import add_routes  # it builds on this module
+
+    add_routes(app)
     return app

@@ -10,7 +10,7 @@ from aiohttp import web
 from proxy.billing.encodings import EncodingRegistry
 from proxy.config import EnvSettings, YamlConfig
 from proxy.errors import HTTP_CODES, ApiError, error_body, internal_error
-from proxy.server import handlers
+from proxy.server import handlers, stored_responses
 from proxy.server.lifecycle import EmbeddedLedgerFactory, start_state, stop_state
 from proxy.server.state import STATE
 from proxy.telemetry.metrics import ProxyMetrics
@@ -63,6 +63,7 @@ def build_app(
     app.router.add_post("/v1/responses", handlers.responses)
     app.router.add_post("/v1/embeddings", handlers.embeddings)
     app.router.add_post("/v1/completions", handlers.completions)
+    stored_responses.add_routes(app)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
