@@ -22,6 +22,7 @@ def charge_event(
     prompt: int = 3,
     completion: int = 4,
     unix_ms: int | None = None,
+    endpoint: str = "chat.completions",
 ) -> ChargeEvent:
     ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
     return ChargeEvent(
@@ -45,6 +46,7 @@ def charge_event(
         outcome=Outcome.COMPLETED,
         latency_ms=1.0,
         ttft_ms=0.5,
+        endpoint=endpoint,
     )
 
 

@@ -50,6 +50,7 @@ class Posting:
     completion: int = 0
     cached: int = 0
     reasoning: int = 0
+    endpoint: str | None = None  # a charge's API (ChargeEvent.endpoint)
 
     @classmethod
     def charge(cls, e: ChargeEvent) -> Posting:
@@ -67,6 +68,7 @@ class Posting:
             completion=u.completion_tokens,
             cached=u.cached_tokens,
             reasoning=u.reasoning_tokens,
+            endpoint=e.endpoint,
         )
 
 
@@ -333,4 +335,5 @@ def _entry_row(p: Posting, balance_after: int, now: datetime) -> dict[str, Any]:
         "reasoning_tokens": p.reasoning,
         "occurred_at": p.occurred_at,
         "applied_at": now,
+        "endpoint": p.endpoint,
     }

@@ -169,7 +169,7 @@ def _cmd_usage(args: argparse.Namespace, r: Resolved) -> int:
             f"(prompt {t['prompt']}, completion {t['completion']}, cached {t['cached']}, "
             f"reasoning {t['reasoning']})"
         ]
-        for title in ("by_alias", "by_scene"):
+        for title in ("by_alias", "by_scene", "by_endpoint"):
             for name, part in sorted(usage[title].items()):
                 lines.append(
                     f"  {title[3:]} {name}: {part['credits']} credits, {part['requests']} requests"

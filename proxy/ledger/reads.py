@@ -1,5 +1,6 @@
 """The read side of the ledger: an account, its paged history, consumption by period
-(from the hourly rollups, never from the entries), and every balance (projection)."""
+(from the hourly rollups; the breakdown by endpoint from the charge entries, which
+carry it), and every balance (projection)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Final
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
+from proxy.contract.charge_event import DEFAULT_ENDPOINT
 from proxy.contract.payers import check_user_id
 from proxy.ledger.schema import accounts, entries, usage_hourly
 
@@ -68,6 +71,7 @@ class Entry:
     tokens: tuple[int, int, int, int]  # prompt, completion, cached, reasoning
     occurred_at: str | None
     applied_at: str | None
+    endpoint: str | None = None  # a charge's API; None for grants and adjustments
 
     def as_dict(self) -> dict[str, Any]:
         p, c, cached, reasoning = self.tokens
@@ -84,6 +88,7 @@ class Entry:
             "tokens": {"prompt": p, "completion": c, "cached": cached, "reasoning": reasoning},
             "occurred_at": self.occurred_at,
             "applied_at": self.applied_at,
+            "endpoint": self.endpoint,
         }
 
 
@@ -145,8 +150,9 @@ class Reader:
         return Page(page, str(page[-1].id) if more else None)
 
     async def usage(self, user_id: int, period: str, now: datetime | None = None) -> dict[str, Any]:
-        """Totals and the breakdown by alias and by scene over `period` (PERIODS):
-        the hours whose start lies within the period before `now`, this one included."""
+        """Totals and the breakdown by alias, by scene and by endpoint over `period`
+        (PERIODS): the hours whose start lies within the period before `now`, this
+        one included (by endpoint: the charges of those hours)."""
         check_user_id(user_id)
         if period not in PERIODS:
             raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
@@ -161,9 +167,23 @@ class Reader:
             func.sum(u.reasoning),
         ]
         where = [u.user_id == user_id]
+        e = entries.c
+        charges: list[ColumnElement[bool]] = [e.user_id == user_id, e.kind == "charge"]
         if span is not None:
             since = (now or datetime.now(UTC)) - span
             where.append(u.hour > since)
+            # The same hours as the rollups: those starting after `since`.
+            first = since.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+            charges.append(e.occurred_at >= first)
+        endpoint = func.coalesce(e.endpoint, DEFAULT_ENDPOINT)
+        by_charge = [
+            -func.sum(e.amount),
+            func.count(),
+            func.sum(e.prompt_tokens),
+            func.sum(e.completion_tokens),
+            func.sum(e.cached_tokens),
+            func.sum(e.reasoning_tokens),
+        ]
         async with self._engine.connect() as conn:
             total = (await conn.execute(select(*sums).where(*where))).one()
             by_alias = (
@@ -172,12 +192,16 @@ class Reader:
             by_scene = (
                 await conn.execute(select(u.scene, *sums).where(*where).group_by(u.scene))
             ).all()
+            by_endpoint = (
+                await conn.execute(select(endpoint, *by_charge).where(*charges).group_by(endpoint))
+            ).all()
         return {
             "user_id": user_id,
             "period": period,
             **_totals(total),
             "by_alias": {r[0]: _totals(r[1:]) for r in by_alias},
             "by_scene": {r[0]: _totals(r[1:]) for r in by_scene},
+            "by_endpoint": {r[0]: _totals(r[1:]) for r in by_endpoint},
         }
 
     async def balances(self, page: int = 1000) -> AsyncIterator[list[tuple[int, int]]]:
@@ -213,4 +237,5 @@ def _entry(r: Any) -> Entry:
         tokens=(r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens),
         occurred_at=_iso(r.occurred_at),
         applied_at=_iso(r.applied_at),
+        endpoint=r.endpoint,
     )

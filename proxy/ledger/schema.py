@@ -7,6 +7,8 @@ the versioned migrations that create them.
   `balance_after` of an entry = `balance_after` of the previous one + `amount`, and
   a user's balance = the sum of their amounts. `event_id` is UNIQUE: charges carry
   the charge event's id, grants `grant:<key>`, adjustments `adjust:<key>`.
+  `endpoint` (migration 2) is the API a charge was for (chat.completions, responses,
+  embeddings, completions); NULL for other kinds and for charges recorded before it.
 - `usage_hourly`: consumption per user, UTC hour (of the event), alias and scene;
   updated in the transaction that inserts the entries, read by `credits usage`.
 - `dead_letters`: events the embedded ledger could not apply (with Kafka the
@@ -32,6 +34,8 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    inspect,
+    text,
 )
 
 # SQLite only auto-assigns row ids to a column declared exactly INTEGER PRIMARY KEY
@@ -69,6 +73,7 @@ entries = Table(
     Column("cached_tokens", BigInteger, nullable=False, default=0),
     Column("reasoning_tokens", BigInteger, nullable=False, default=0),
     Column("occurred_at", _TS, nullable=False),
+    Column("endpoint", Text),  # added by migration 2 (_v2_entries_endpoint)
     Column("applied_at", _TS, nullable=False),
     CheckConstraint(
         "kind IN ('charge', 'grant', 'adjustment', 'refund')", name="entries_kind_check"
@@ -115,7 +120,14 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[accounts, entries, usage_hourly, dead_letters])
 
 
+def _v2_entries_endpoint(conn: Connection) -> None:
+    """entries.endpoint (the charge's API). A database created by _v1 from the
+    current table definitions has it already."""
+    if "endpoint" not in {c["name"] for c in inspect(conn).get_columns("entries")}:
+        conn.execute(text("ALTER TABLE entries ADD COLUMN endpoint TEXT"))
+
+
 # Append-only: each step runs once, in order, in its own transaction with the
 # version bump. Never edit a released step; add the next one.
-MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_v1,)
+MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_v1, _v2_entries_endpoint)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
