@@ -35,13 +35,14 @@ from proxy.devtools.fake_upstream import (
     WORDS,
     Behaviour,
 )
+from proxy.devtools.provider_formats import dumps  # writes fault values orjson will not
 
 STORED = web.AppKey("stored_responses", dict)
 Usage = dict[str, Any]
 
 
 def _seed(body: dict[str, Any]) -> bytes:
-    return hashlib.sha256(orjson.dumps(body.get("input", body.get("prompt")))).digest()
+    return hashlib.sha256(dumps(body.get("input", body.get("prompt")))).digest()
 
 
 def _words(body: dict[str, Any], n: int) -> list[str]:
@@ -67,7 +68,7 @@ async def _begin(request: web.Request) -> tuple[dict[str, Any], Behaviour, web.R
     if b.first_byte_delay:
         await asyncio.sleep(b.first_byte_delay)
     if b.status != 200:
-        err = b.error_body or orjson.dumps(
+        err = b.error_body or dumps(
             {"error": {"message": "fake failure", "type": "server_error", "param": None}}
         )
         return body, b, web.Response(status=b.status, body=err, content_type="application/json")
@@ -77,7 +78,7 @@ async def _begin(request: web.Request) -> tuple[dict[str, Any], Behaviour, web.R
 def _json(obj: Any, b: Behaviour) -> web.Response:
     if b.invalid_json:
         return web.Response(body=b"{not json", content_type="application/json")
-    return web.Response(body=orjson.dumps(obj), content_type="application/json")
+    return web.Response(body=dumps(obj), content_type="application/json")
 
 
 async def _stream(
@@ -127,7 +128,7 @@ def _override(b: Behaviour, counted: Usage) -> Any:
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
-    return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+    return b"event: " + obj["type"].encode() + b"\ndata: " + dumps(obj) + b"\n\n"
 
 
 def _responses_usage(app: web.Application, b: Behaviour, body: dict[str, Any], out: str) -> Any:
@@ -274,9 +275,7 @@ def _not_found(request: web.Request) -> web.Response:
         "param": None,
         "code": None,
     }
-    return web.Response(
-        status=404, body=orjson.dumps({"error": err}), content_type="application/json"
-    )
+    return web.Response(status=404, body=dumps({"error": err}), content_type="application/json")
 
 
 async def responses_get(request: web.Request) -> web.Response:
@@ -376,13 +375,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     def chunk(text: str, finish: str | None) -> bytes:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
-        return b"data: " + orjson.dumps({**base, "choices": [choice], **null}) + b"\n\n"
+        return b"data: " + dumps({**base, "choices": [choice], **null}) + b"\n\n"
 
     def tail() -> list[bytes]:
         out = [chunk("", "stop")]
         if include and b.honour_stream_usage:
             usage = _completions_usage(app, b, body, "".join(pieces))
-            out.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+            out.append(b"data: " + dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         return [*out, b"data: [DONE]\n\n"]
 
     return await _stream(request, b, [], [chunk(p, None) for p in pieces], tail)

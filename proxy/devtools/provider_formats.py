@@ -98,7 +98,7 @@ def stream_events(
         sep = b"\r\r"
     out = [preamble] if preamble else []
     for obj in objs + tail:
-        raw = _dumps(obj)
+        raw = dumps(obj)
         if fmt == "escaped":
             raw = raw.replace(b'"usage"', _ESCAPED_KEY)
         out.append(b"data: " + raw + sep)
@@ -115,11 +115,11 @@ def json_body(fmt: str, reply: dict[str, Any], usage: Any) -> bytes:
         body["x_groq"] = {"id": "req_fake"}
     if fmt == "choices_object":
         body["choices"] = body["choices"][0]
-    raw = _dumps(body)
+    raw = dumps(body)
     return raw.replace(b'"usage"', _ESCAPED_KEY) if fmt == "escaped" else raw
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps(obj: Any) -> bytes:
     # Faults send values orjson will not write (integers over 64 bits, NaN): send
     # them the way a Python upstream would.
     try:

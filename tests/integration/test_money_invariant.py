@@ -131,12 +131,16 @@ def random_behaviour(rng: random.Random, base: Behaviour) -> Behaviour:
 
 
 async def run_case(
-    h: ProxyHarness, rng: random.Random, rid: str, body: dict[str, Any]
+    h: ProxyHarness,
+    rng: random.Random,
+    rid: str,
+    body: dict[str, Any],
+    path: str = "/v1/chat/completions",
 ) -> tuple[int, bytes]:
     """Send one request and leave at a random point; returns (status, bytes received)."""
     leave = rng.random()
     headers = {**h.headers(), "X-Request-Id": rid, "Content-Type": "application/json"}
-    url = f"{h.url}/v1/chat/completions"
+    url = f"{h.url}{path}"
     async with aiohttp.ClientSession() as session:
         if leave < 0.1:  # may leave before the response head
             task = asyncio.ensure_future(_read(session, url, body, headers))
@@ -147,7 +151,7 @@ async def run_case(
             except asyncio.CancelledError:
                 return -1, b""
         async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
-            if leave < 0.45 and resp.status == 200 and body["stream"]:
+            if leave < 0.45 and resp.status == 200 and body.get("stream"):
                 received = b""
                 for _ in range(rng.randint(0, 6)):
                     try:
