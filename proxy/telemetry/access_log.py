@@ -30,6 +30,7 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
         "scene": ctx.scene if ctx else None,
         "principal": ctx.principal if ctx else None,
         "alias": chat.alias.name if chat else None,
+        "endpoint": chat.endpoint if chat else None,
         "provider": chat.alias.provider.name if chat else None,
         "stream": chat.stream if chat else None,
         "status": ex.status,

@@ -313,3 +313,48 @@ def test_bad_disconnect_policies_name_the_key(
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, DISCONNECT.replace(old, new)), env={})
     assert str(info.value).endswith(message)
+
+
+ENDPOINTS = """
+providers:
+  openai: {base_url: https://api.openai.com/v1}
+  chatonly: {base_url: https://chat.example/v1, responses: false}
+price_rules:
+  r: {input: 1, output: 2}
+aliases:
+  all: {provider: openai, model: m, price_rule: r,
+        endpoints: [chat, responses, embeddings, completions]}
+  vectors: {provider: openai, model: e, price_rule: r, endpoints: [embeddings]}
+  plain: {provider: openai, model: m, price_rule: r}
+  old: {provider: chatonly, model: m, price_rule: r, endpoints: [chat, responses]}
+"""
+
+
+def test_alias_endpoints_and_provider_responses(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ENDPOINTS), env={})
+    a = config.aliases
+    assert a["all"].endpoints == {"chat.completions", "responses", "embeddings", "completions"}
+    assert a["vectors"].endpoints == {"embeddings"}
+    assert a["plain"].endpoints == {"chat.completions"}  # the default
+    assert config.providers["openai"].responses and not config.providers["chatonly"].responses
+    assert a["all"].serves("responses") and not a["old"].serves("responses")
+    assert a["old"].serves("chat.completions") and not a["vectors"].serves("chat.completions")
+
+
+@pytest.mark.parametrize(
+    ("new", "message"),
+    [
+        ("endpoints: [embeddings]", None),
+        ("endpoints: [embedding]", "aliases.vectors.endpoints[0]: unknown endpoint 'embedding'"),
+        ("endpoints: []", "aliases.vectors.endpoints: name at least one endpoint"),
+        ("endpoints: chat", "aliases.vectors.endpoints: must be a list"),
+    ],
+)
+def test_bad_endpoints_name_the_key(tmp_path: Path, new: str, message: str | None) -> None:
+    text = ENDPOINTS.replace("endpoints: [embeddings]", new)
+    if message is None:
+        load_config(write(tmp_path, text), env={})
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={})
+    assert message in str(info.value)

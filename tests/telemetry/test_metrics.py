@@ -293,6 +293,7 @@ def test_access_line_fields(config: YamlConfig) -> None:
         "scene": "chat",
         "principal": "anonymous",
         "alias": "smart",
+        "endpoint": "chat.completions",
         "provider": "fake",
         "stream": True,
         "status": 200,
