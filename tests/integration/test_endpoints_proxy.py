@@ -371,3 +371,47 @@ async def test_models_list_the_endpoints_of_each_alias(start_proxy: StartProxy) 
     assert data["multi"] == ["chat", "responses", "embeddings", "completions"]
     assert data["embed"] == ["embeddings"]
     assert data["oldchat"] == ["chat"]  # its provider does not speak the Responses API
+
+
+DRAIN_ALIAS = """  drainy: {provider: fake, model: fake-drain, price_rule: std,
+            endpoints: [responses, completions], on_client_disconnect: drain,
+            drain_timeout_s: 5}
+"""
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/completions"])
+async def test_drain_policy_reads_the_usage_after_the_client_left(
+    start_proxy: StartProxy, path: str
+) -> None:
+    h = await start_proxy(
+        extra_providers=PROVIDERS,
+        extra_aliases=ALIASES + DRAIN_ALIAS,
+        behaviour=Behaviour(chunks=30, chunk_delay=0.01),
+    )
+    body = {**(RESPONSE_REQ if path == "/v1/responses" else COMPLETION_REQ), "stream": True}
+    body["model"] = "drainy"
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(f"{h.url}{path}", headers=h.headers(), json=body)
+        await resp.content.readany()
+        resp.close()
+    (event,) = await settled(h)
+    assert event["outcome"] == "client_aborted" and event["client_disconnected"] is True
+    assert event["usage_source"] == "upstream"  # drained until the report came
+    assert event["endpoint"] == path.removeprefix("/v1/")
+
+
+async def test_responses_stall_and_broken_body(start_proxy: StartProxy) -> None:
+    h = await start(start_proxy, behaviour=Behaviour(stall_after=3), idle=0.3)
+    status, got, _ = await post(h, "/v1/responses", {**RESPONSE_REQ, "stream": True})
+    assert status == 200 and b"event: error" in got and b"upstream_timeout" in got
+    (event,) = await settled(h)
+    assert event["outcome"] == "timeout" and event["usage_source"] == "estimated"
+    h.behaviour.stall_after = None
+    h.behaviour.invalid_json = True
+    async with h.session.post(
+        f"{h.url}/v1/responses", json=RESPONSE_REQ, headers=h.headers()
+    ) as resp:
+        assert resp.status == 200 and await resp.read() == b"{not json"  # relayed as received
+    _, second = await settled(h, 2)
+    assert second["usage_source"] == "estimated"
+    assert second["usage"]["prompt"] == count_responses_input(counter(), RESPONSE_REQ)
