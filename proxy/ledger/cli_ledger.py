@@ -14,6 +14,7 @@ from proxy.ledger.book import Book
 from proxy.ledger.cli_common import Resolved, command, fail, out, positive_int, with_ledger
 from proxy.ledger.consumer import DEFAULT_GROUP_ID, LedgerSettings, run_ledger
 from proxy.ledger.database import migrate
+from proxy.ledger.metrics import LedgerMetrics
 from proxy.ledger.projection import RedisClient
 from proxy.ledger.reads import Reader
 
@@ -33,7 +34,8 @@ def register_ledger(
         "--listen",
         metavar="HOST:PORT",
         type=_host_port,
-        help="also serve GET /users/{id}/credit-snapshot (the guard's CREDIT_SNAPSHOT_URL)",
+        help="also serve GET /users/{id}/credit-snapshot (the guard's CREDIT_SNAPSHOT_URL), "
+        "/healthz and the consumer's Prometheus /metrics (default: not served)",
     )
     p.set_defaults(func=command(_cmd_consume))
     lsub = p.add_subparsers(dest="ledger_command")
@@ -72,15 +74,17 @@ def _cmd_consume(args: argparse.Namespace, r: Resolved) -> int:
 
     async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         runner: web.AppRunner | None = None
+        metrics = LedgerMetrics()
         if args.listen is not None:
-            runner = web.AppRunner(build_api(engine), access_log=None)
+            runner = web.AppRunner(build_api(engine, metrics), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, *args.listen).start()
             print(
-                f"ledger: snapshot API on http://{args.listen[0]}:{args.listen[1]}", file=sys.stderr
+                f"ledger: snapshot API and /metrics on http://{args.listen[0]}:{args.listen[1]}",
+                file=sys.stderr,
             )
         try:
-            stats = await run_ledger(settings, Book(engine), r.projection(redis))
+            stats = await run_ledger(settings, Book(engine), r.projection(redis), metrics)
         finally:
             if runner is not None:
                 await runner.cleanup()

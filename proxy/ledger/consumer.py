@@ -29,6 +29,7 @@ from proxy.delivery.kafka import create_topic, make_producer
 from proxy.ledger.batches import Applied, apply_isolating
 from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import is_transient, require_migrated
+from proxy.ledger.metrics import LedgerMetrics
 from proxy.ledger.projection import Projection, ProjectionBacklog
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ class LedgerConsumer:
         projection: Projection | None = None,
         *,
         before_commit: BatchHook | None = None,
+        metrics: LedgerMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._book = book
         self._backlog = None if projection is None else ProjectionBacklog(projection)
         self._before_commit = before_commit
@@ -147,6 +150,7 @@ class LedgerConsumer:
             if not batches:
                 if self._backlog is not None and self._backlog.pending:
                     await self._backlog.write({})  # Redis may be back: no need to wait
+                await self._measure(consumer)
                 continue
             records = [r for rs in batches.values() for r in rs]
             if not await self._handle(records, producer):
@@ -157,6 +161,26 @@ class LedgerConsumer:
                 await self._before_commit(records)
             offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs}
             await self._commit(consumer, offsets)
+            if self._metrics is not None:
+                # The record timestamp: when the proxy's outbox published the charge.
+                self._metrics.batch_applied(max(r.timestamp for r in records))
+            await self._measure(consumer)
+
+    async def _measure(self, consumer: AIOKafkaConsumer) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        if self._backlog is not None:
+            m.projection_backlog.set(self._backlog.pending)
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:  # no fetch answered for it yet
+                continue
+            try:
+                position = await consumer.position(tp)
+            except KafkaError:
+                continue
+            m.lag.labels(str(tp.partition)).set(max(0, highwater - position))
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -191,6 +215,9 @@ class LedgerConsumer:
         result = outcome[-1]
         self._applied += result.applied
         self._duplicates += result.duplicates
+        if self._metrics is not None:
+            self._metrics.events.labels("applied").inc(result.applied)
+            self._metrics.events.labels("duplicate").inc(result.duplicates)
         for record, event in good:
             why = result.refused.get(event.event_id)
             if why is not None and not await self._dead_letter(record, why, producer):
@@ -225,6 +252,8 @@ class LedgerConsumer:
         if not await self._retry(send):
             return False
         self._dead_lettered += 1
+        if self._metrics is not None:
+            self._metrics.events.labels("dead_lettered").inc()
         log.warning(
             "ledger: %s[%d]@%d dead-lettered: %s",
             record.topic,
@@ -248,6 +277,8 @@ class LedgerConsumer:
                 # Messages of these errors carry no secrets (no prompt text, no keys).
                 log.warning("ledger: %s: %s; retrying", type(exc).__name__, exc)
                 self._retries += 1
+                if self._metrics is not None:
+                    self._metrics.retries.inc()
             if self._stopping.is_set():
                 return False
             with contextlib.suppress(TimeoutError):
@@ -256,10 +287,13 @@ class LedgerConsumer:
 
 
 async def run_ledger(
-    settings: LedgerSettings, book: Book, projection: Projection | None
+    settings: LedgerSettings,
+    book: Book,
+    projection: Projection | None,
+    metrics: LedgerMetrics | None = None,
 ) -> LedgerStats:
     """Run until SIGTERM/SIGINT; used by `llm-proxy ledger`."""
-    consumer = LedgerConsumer(settings, book, projection)
+    consumer = LedgerConsumer(settings, book, projection, metrics=metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, consumer.stop)
