@@ -38,7 +38,7 @@ def register_ledger(
         "/healthz and the consumer's Prometheus /metrics (default: not served)",
     )
     p.set_defaults(func=command(_cmd_consume))
-    lsub = p.add_subparsers(dest="ledger_command")
+    lsub = p.add_subparsers(dest="ledger_command", metavar="COMMAND")
     m = lsub.add_parser("migrate", parents=[common], help="create or upgrade the schema")
     m.set_defaults(func=command(_cmd_migrate))
     rb = lsub.add_parser(
