@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -33,6 +34,8 @@ from proxy.ledger.metrics import LedgerMetrics
 from proxy.ledger.projection import Projection, ProjectionBacklog
 
 log = logging.getLogger(__name__)
+
+_Client = TypeVar("_Client", AIOKafkaConsumer, AIOKafkaProducer)
 
 DEFAULT_GROUP_ID = "llm-proxy-ledger"
 MAX_REASON_CHARS = 1000
@@ -110,7 +113,28 @@ class LedgerConsumer:
         """Raises LedgerNotMigrated before touching Kafka on an unmigrated database."""
         await require_migrated(self._book.engine)
         s = self._settings
-        consumer = AIOKafkaConsumer(
+        # Kafka may not be up yet (compose starts everything at once): waited for,
+        # like any later outage, instead of exiting.
+        producer = await self._started(
+            lambda: make_producer(s.bootstrap, idempotent=s.idempotent_producer)
+        )
+        if producer is None:
+            return
+        try:
+            await self._ensure_dead_letter_topic()
+            consumer = await self._started(self._new_consumer)
+            if consumer is None:
+                return
+            try:
+                await self._loop(consumer, producer)
+            finally:
+                await consumer.stop()
+        finally:
+            await producer.stop()
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self._settings
+        return AIOKafkaConsumer(
             s.topic,
             bootstrap_servers=s.bootstrap,
             group_id=s.group_id,
@@ -121,17 +145,27 @@ class LedgerConsumer:
             heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
             rebalance_timeout_ms=s.rebalance_timeout_ms,
         )
-        producer = make_producer(s.bootstrap, idempotent=s.idempotent_producer)
-        await self._ensure_dead_letter_topic()
-        await producer.start()
-        try:
-            await consumer.start()
+
+    async def _started(self, make: Callable[[], _Client]) -> _Client | None:
+        """A started Kafka client, retrying until the broker answers; None: stopped first.
+
+        A client whose start failed is closed and a fresh one made: aiokafka clients
+        are not restartable."""
+        clients: list[_Client] = []
+
+        async def start() -> None:
+            client = make()
             try:
-                await self._loop(consumer, producer)
-            finally:
-                await consumer.stop()
-        finally:
-            await producer.stop()
+                await client.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+                raise
+            clients.append(client)
+
+        if not await self._retry(start, what=f"Kafka at {self._settings.bootstrap}"):
+            return None
+        return clients[0]
 
     async def _ensure_dead_letter_topic(self) -> None:
         # Brokers often have topic auto-creation off; a missing DLQ would stall the
@@ -263,7 +297,7 @@ class LedgerConsumer:
         )
         return True
 
-    async def _retry(self, op: Callable[[], Awaitable[None]]) -> bool:
+    async def _retry(self, op: Callable[[], Awaitable[None]], what: str = "") -> bool:
         # Skipping a charge would lose money and stopping the consumer would stall
         # billing, so infrastructure errors are retried until they clear.
         backoff = self._settings.retry_backoff_s
@@ -275,7 +309,10 @@ class LedgerConsumer:
                 if isinstance(exc, SQLAlchemyError) and not is_transient(exc):
                     raise  # a bug, not an outage: apply_isolating handled the data
                 # Messages of these errors carry no secrets (no prompt text, no keys).
-                log.warning("ledger: %s: %s; retrying", type(exc).__name__, exc)
+                where = f"{what}: " if what else ""
+                log.warning(
+                    "ledger: %s%s: %s; retrying in %.1f s", where, type(exc).__name__, exc, backoff
+                )
                 self._retries += 1
                 if self._metrics is not None:
                     self._metrics.retries.inc()

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.contract.charge_event import MAX_CREDITS, ChargeEvent, new_event_id
 from proxy.contract.redis_keys import RedisKeys, decode_snapshot
-from proxy.delivery.kafka import make_producer
+from proxy.delivery.kafka import create_topic, make_producer
 from proxy.errors import LedgerNotMigrated
 from proxy.ledger.book import MAX_AMOUNT, Book, adjust, grant
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
@@ -405,6 +405,51 @@ async def test_sigterm_stops_the_ledger_process_gracefully(
     # It committed before leaving: the same group has nothing left to apply.
     ends = await end_offsets(kafka_broker.bootstrap, kafka_topic)
     assert await committed(kafka_broker.bootstrap, kafka_topic, group) == ends
+
+
+async def test_a_ledger_started_before_kafka_waits_for_it(
+    ledger_engine: AsyncEngine, ledger_url: str, reader: Reader
+) -> None:
+    """Compose starts everything at once: the consumer retries Kafka at start-up, as it
+    does any later outage, instead of exiting with a traceback."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("needs a broker this test starts itself")
+    broker = KafkaBroker()  # its port is chosen, the broker not started yet
+    topic = f"late-{uuid.uuid4().hex[:8]}"
+    proc = await ledger_process(broker, topic, f"ledger-{topic}", ledger_url)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + WAIT_S
+        seen = b""
+        while b"retrying" not in seen:
+            assert time.monotonic() < deadline, seen.decode()
+            line = await asyncio.wait_for(proc.stderr.readline(), WAIT_S)
+            assert line, f"the ledger exited instead of waiting: {seen.decode()}"
+            seen += line
+        assert b"Traceback" not in seen
+        assert f"Kafka at {broker.bootstrap}".encode() in seen
+        broker.start()
+        await create_topic(broker.bootstrap, topic, partitions=3, replication_factor=1)
+        p = make_producer(broker.bootstrap, idempotent=broker.supports_idempotence)
+        await p.start()
+        try:
+            events = random_charges(5, [451], seed=9)
+            await send_events(p, topic, events)
+        finally:
+            await p.stop()
+        while await entry_count(ledger_engine) < 5:
+            assert proc.returncode is None, "ledger process exited"
+            assert time.monotonic() < deadline, "the ledger never applied the events"
+            await asyncio.sleep(0.1)
+        assert (await reader.account(451)).balance == -sum(e.credits for e in events)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), WAIT_S)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        broker.close()
 
 
 async def test_kill_9_mid_stream_loses_and_duplicates_nothing(
