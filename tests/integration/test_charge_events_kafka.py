@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.contract.charge_event import ChargeEvent
+from proxy.contract.charge_event import SCHEMA_VERSION, ChargeEvent
 from proxy.contract.redis_keys import key_sha256 as hash_key
 from proxy.delivery.kafka import create_topic
 from proxy.devtools.fake_upstream import Behaviour, build_fake_app
@@ -285,7 +285,7 @@ async def test_priced_tier_and_version_reach_the_topic_in_schema_2(
     assert status == 200
     events = await read_until(kafka_broker.bootstrap, kafka_topic, {"tiered-1"})
     (event,) = [e for e in events.values() if e["request_id"] == "tiered-1"]
-    assert event["schema_version"] == 2
+    assert event["schema_version"] == SCHEMA_VERSION  # 2 introduced these; 3 kept them
     assert (event["price_rule"], event["price_version"]) == ("dated", "2020-01-01T00:00:00Z")
     assert event["service_tier"] == "priority"
     u = reply["usage"]
