@@ -312,12 +312,13 @@ async def test_access_log_lines_and_no_secrets(
     by_id = {line["request_id"]: line for line in lines}
     ok = by_id["req-nonstream"]
     assert set(ok) == {
-        *("time", "request_id", "user_id", "scene", "principal", "alias", "provider"),
+        *("time", "request_id", "user_id", "scene", "principal", "alias", "endpoint", "provider"),
         *("stream", "status", "outcome", "error_kind", "guard", "tokens", "usage_source"),
         *("credits", "charged", "latency_ms", "ttft_ms", "metering_flags", "client_disconnected"),
     }
     assert ok["time"].endswith("Z")
     assert ok["user_id"] == 7 and ok["alias"] == "smart" and ok["provider"] == "fake"
+    assert ok["endpoint"] == "chat.completions"
     assert ok["status"] == 200 and ok["outcome"] == "completed" and ok["stream"] is False
     assert ok["guard"] == "allow" and ok["usage_source"] == "upstream" and ok["charged"] is True
     assert ok["tokens"]["prompt"] > 0 and ok["tokens"]["completion"] > 0
