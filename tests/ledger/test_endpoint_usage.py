@@ -3,6 +3,7 @@ entries carry it (migration 2) and the usage breakdown groups by it."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import inspect, text
@@ -72,3 +73,28 @@ async def test_migration_2_adds_the_column_to_a_version_1_database(tmp_path) -> 
         assert usage["by_endpoint"] == {"embeddings": usage["by_endpoint"]["embeddings"]}
     finally:
         await engine.dispose()
+
+
+def test_credits_usage_prints_the_endpoint_breakdown(ledger_url: str, capsys) -> None:
+    from tests.ledger.test_cli import run_cli
+
+    async def charge() -> None:
+        engine = open_engine(ledger_url)
+        try:
+            await Book(engine).apply_charges(
+                [
+                    charge_event(5, 7, endpoint="responses"),
+                    charge_event(5, 2, endpoint="embeddings"),
+                ]
+            )
+        finally:
+            await engine.dispose()
+
+    url = ["--database-url", ledger_url]
+    assert run_cli(["ledger", "migrate", *url]) == 0
+    asyncio.run(charge())
+    capsys.readouterr()
+    assert run_cli(["credits", "usage", "5", "--period", "24h", *url]) == 0
+    text = capsys.readouterr().out
+    assert "endpoint responses: 7 credits, 1 requests" in text
+    assert "endpoint embeddings: 2 credits, 1 requests" in text
