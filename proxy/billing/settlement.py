@@ -56,6 +56,7 @@ def settle(ex: Exchange, now: float) -> Settlement:
         latency_ms=ex.latency_ms(now),
         ttft_ms=ex.ttft_ms(),
         client_disconnected=ex.client_disconnected,
+        attempts=ex.attempts,
     )
     return Settlement(charge, event)
 

@@ -17,14 +17,11 @@ from proxy.billing.guard import GuardDecision
 from proxy.billing.record import Exchange
 from proxy.billing.settlement import Settlement, quote, settle
 from proxy.contract.outcome import Outcome
-from proxy.errors import ApiError, credentials_missing, insufficient_credit
+from proxy.errors import ApiError, insufficient_credit
 from proxy.server.chat_request import body_user, decode_body, parse_chat_request, read_body
 from proxy.server.readiness import readiness
 from proxy.server.state import STATE, ProxyState
-from proxy.upstream.failures import Phase, classify
-from proxy.upstream.pools import upstream_body
 from proxy.upstream.relay import relay_error_status, relay_json, relay_stream
-from proxy.upstream.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +50,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # lose it; then the request waits (shielded) for its batch to be on disk.
         now = time.perf_counter()
         committed, settlement = _settle(state, ex, now)
+        ex.release()  # the request's slots (upstream target, rate limits), before any await
         recorded = time.perf_counter()
         try:
             if committed is not None:
@@ -86,23 +84,9 @@ async def _chat_completions(
     if decision is GuardDecision.BLOCK:
         raise insufficient_credit()
 
-    provider = chat.alias.provider
-    if provider.key_missing:
-        raise credentials_missing(provider.name, provider.api_key_env or "")
-    payload, strip = upstream_body(chat)
-    ex.upstream_started = time.perf_counter()
-    wd = Watchdog(provider.timeouts)
-    try:
-        up = await state.upstream.post(provider, payload, ctx.request_id)
-    except BaseException as exc:
-        wd.cancel()
-        failure = classify(exc, wd, provider.name, Phase.HEAD)
-        if failure is None:
-            raise
-        ex.finish(failure.outcome, failure.status, failure.kind)
-        if failure.error is None:
-            raise  # the client left
-        raise failure.error from None
+    # Targets, retries, fallbacks, cooldowns (proxy.upstream.router): `ex.chat` is
+    # then the serving target's view of the alias, `ex.attempts` the attempts made.
+    up, wd, strip = await state.router.send(ex)
 
     if up.status >= 400:
         return await relay_error_status(up, ex, wd)

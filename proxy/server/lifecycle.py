@@ -29,6 +29,7 @@ from proxy.logs import redact_url
 from proxy.server.state import Closer, ProxyState, close_all
 from proxy.telemetry.observer import Observer, log_metrics_mode
 from proxy.upstream.pools import UpstreamPools
+from proxy.upstream.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,12 @@ async def start_state(
     try:
         upstream = UpstreamPools.create(config.providers)
         closers.append(upstream.close)
+        router = Router(
+            upstream,
+            config.aliases,
+            on_attempt=observer.metrics.upstream_attempt,
+            on_cooldown=observer.metrics.target_cooldown,
+        )
         redis: aioredis.Redis | None = None
         if settings.redis_url:
             redis = aioredis.Redis.from_url(
@@ -132,6 +139,7 @@ async def start_state(
         config=config,
         settings=settings,
         upstream=upstream,
+        router=router,
         auth=auth,
         guard=guard,
         redis=redis,

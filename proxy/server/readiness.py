@@ -41,6 +41,14 @@ async def readiness(state: ProxyState) -> dict[str, Any]:
             "or set REDIS_URL for user keys",
         }
     )
+    targets = state.router.report()
+    cooling = sorted(k for k, t in targets.items() if t["state"] != "ok")
+    # A target in cooldown is skipped while others answer: degraded, never unready.
+    checks["routing"] = {
+        "status": "degraded" if cooling else "ok",
+        "cooling": cooling,
+        "targets": targets,
+    }
     if state.redis is None:
         checks["redis"] = {"status": "disabled"}
     else:

@@ -17,6 +17,7 @@ from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import OutboxPublisher
 from proxy.telemetry.observer import Observer
 from proxy.upstream.pools import UpstreamPools
+from proxy.upstream.router import Router
 
 Closer = Callable[[], Awaitable[object]]
 
@@ -26,6 +27,7 @@ class ProxyState:
     config: YamlConfig
     settings: EnvSettings
     upstream: UpstreamPools
+    router: Router
     auth: Authenticator
     guard: Guard | None
     redis: aioredis.Redis | None

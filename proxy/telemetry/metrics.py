@@ -28,10 +28,12 @@ from proxy.billing.guard import GuardDecision
 from proxy.billing.metering import MeterFlag
 from proxy.billing.record import ErrorKind
 from proxy.contract.usage import UsageSource
+from proxy.upstream.router import ATTEMPT_RESULTS
 
 if TYPE_CHECKING:
     from proxy.billing.record import Exchange
     from proxy.billing.settlement import Settlement
+    from proxy.config.model import Target
 
 
 # LLM calls span milliseconds (cached or tiny replies) to many minutes (long reasoning
@@ -204,6 +206,22 @@ class ProxyMetrics:
             ("provider", "kind"),
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "llm_proxy_upstream_attempts_total",
+            "Upstream attempts by provider and result: ok (a head that was relayed), "
+            "connect, timeout, 429, 5xx (failed; retried when allowed), busy (the target "
+            "was at max_concurrency: skipped).",
+            ("provider", "result"),
+            registry=r,
+        )
+        self.target_cooling = Gauge(
+            "llm_proxy_upstream_target_cooldown",
+            "1 while a target (provider/model) is in cooldown or waits for its probe.",
+            ("provider", "model"),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._attempts: dict[tuple[str, str], Any] = {}
         # Children created up front so that rate() sees a 0 before the first event.
         self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
         self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
@@ -217,6 +235,8 @@ class ProxyMetrics:
         for provider in providers:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(provider, kind)
+            for result in ATTEMPT_RESULTS:
+                self.upstream_attempt_child(provider, result)
         self._requests: dict[tuple[str, bool, int, str], Any] = {}
         self._series: dict[tuple[str, bool], _AliasSeries] = {}
 
@@ -298,6 +318,19 @@ class ProxyMetrics:
 
     def charge_commit_failed(self) -> None:
         self._enqueue_failed.inc()
+
+    def upstream_attempt(self, provider: str, result: str) -> None:
+        child = self._attempts.get((provider, result))
+        if child is None:
+            child = self.upstream_attempt_child(provider, result)
+        child.inc()
+
+    def upstream_attempt_child(self, provider: str, result: str) -> Any:
+        child = self._attempts[(provider, result)] = self.upstream_attempts.labels(provider, result)
+        return child
+
+    def target_cooldown(self, target: Target, cooling: bool) -> None:
+        self.target_cooling.labels(target.provider.name, target.model).set(1 if cooling else 0)
 
     def guard_cache_lookup(self, hit: bool) -> None:
         (self._cache_hit if hit else self._cache_miss).inc()

@@ -294,6 +294,8 @@ def test_access_line_fields(config: YamlConfig) -> None:
         "principal": "anonymous",
         "alias": "smart",
         "provider": "fake",
+        "target": "fake/m1",
+        "attempts": 1,
         "stream": True,
         "status": 200,
         "outcome": "completed",
