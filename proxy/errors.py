@@ -278,3 +278,14 @@ def rate_limited(what: str, retry_after_s: int) -> ApiError:
         code="rate_limit_exceeded",
         headers={"Retry-After": str(retry_after_s)},
     )
+
+
+def rate_limit_unavailable() -> ApiError:
+    """The rate limiter could not decide in time and `limits.fail_open` is false."""
+    return ApiError(
+        503,
+        "rate limits cannot be checked right now; retry shortly",
+        type="server_error",
+        code="rate_limit_unavailable",
+        headers={"Retry-After": "1"},
+    )

@@ -19,6 +19,7 @@ from proxy.billing.settlement import Settlement, quote, settle
 from proxy.contract.outcome import Outcome
 from proxy.errors import ApiError, insufficient_credit
 from proxy.server.chat_request import body_user, decode_body, parse_chat_request, read_body
+from proxy.server.limits_step import check_limits
 from proxy.server.readiness import readiness
 from proxy.server.state import STATE, ProxyState
 from proxy.upstream.relay import relay_error_status, relay_json, relay_stream
@@ -83,6 +84,7 @@ async def _chat_completions(
     ex.guard_decision = decision
     if decision is GuardDecision.BLOCK:
         raise insufficient_credit()
+    await check_limits(request, state, ex)  # per-user/key rate limits (server/limits_step.py)
 
     # Targets, retries, fallbacks, cooldowns (proxy.upstream.router): `ex.chat` is
     # then the serving target's view of the alias, `ex.attempts` the attempts made.

@@ -19,12 +19,14 @@ from proxy.billing.auth import Authenticator
 from proxy.billing.books_guard import BalanceView, BooksGuard, Guard
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import CreditBalanceGuard
+from proxy.billing.limits import RateLimiter
 from proxy.billing.snapshot_client import SnapshotClient
 from proxy.config import EnvSettings, Provider, YamlConfig
 from proxy.config.env import IDEMPOTENCE_ENV
 from proxy.delivery.kafka import KafkaSink, make_producer
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import JsonLinesSink, OutboxPublisher, Sink
+from proxy.errors import StartupError
 from proxy.logs import redact_url
 from proxy.server.state import Closer, ProxyState, close_all
 from proxy.telemetry.observer import Observer, log_metrics_mode
@@ -103,6 +105,17 @@ async def start_state(
             closers.append(guard.close)
         elif ledger is not None:
             guard = BooksGuard(ledger, config.guard)
+        limiter: RateLimiter | None = None
+        if config.limits.enabled:
+            if redis is None:
+                raise StartupError("limits: needs REDIS_URL (the limits are shared in Redis)")
+            limiter = RateLimiter(
+                redis,
+                config.limits,
+                config.guard.prefix,
+                on_decision=observer.metrics.rate_limit_decision,
+            )
+            closers.append(limiter.close)
         auth = Authenticator(config.auth, redis, config.guard.prefix)
         auth.log_startup(log)
 
@@ -142,6 +155,7 @@ async def start_state(
         router=router,
         auth=auth,
         guard=guard,
+        limiter=limiter,
         redis=redis,
         encodings=encodings,
         outbox=outbox,

@@ -12,6 +12,7 @@ from aiohttp import web
 from proxy.billing.auth import Authenticator
 from proxy.billing.books_guard import Guard
 from proxy.billing.encodings import EncodingRegistry
+from proxy.billing.limits import RateLimiter
 from proxy.config import EnvSettings, YamlConfig
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import OutboxPublisher
@@ -30,6 +31,7 @@ class ProxyState:
     router: Router
     auth: Authenticator
     guard: Guard | None
+    limiter: RateLimiter | None
     redis: aioredis.Redis | None
     encodings: EncodingRegistry
     outbox: Outbox

@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy.billing.guard import GuardDecision
+from proxy.billing.limits import DECISIONS as RATE_LIMIT_DECISIONS
 from proxy.billing.metering import MeterFlag
 from proxy.billing.record import ErrorKind
 from proxy.contract.usage import UsageSource
@@ -222,6 +223,14 @@ class ProxyMetrics:
             multiprocess_mode="livemax",
         )
         self._attempts: dict[tuple[str, str], Any] = {}
+        self.rate_limits = Counter(
+            "llm_proxy_rate_limit_decisions_total",
+            "Rate-limit checks by result: allow, limited (429), fail_open (Redis "
+            "unreachable or slow: admitted), fail_closed (the same, refused: 503).",
+            ("result",),
+            registry=r,
+        )
+        self._rate_limits = {res: self.rate_limits.labels(res) for res in RATE_LIMIT_DECISIONS}
         # Children created up front so that rate() sees a 0 before the first event.
         self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
         self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
@@ -318,6 +327,9 @@ class ProxyMetrics:
 
     def charge_commit_failed(self) -> None:
         self._enqueue_failed.inc()
+
+    def rate_limit_decision(self, result: str) -> None:
+        self._rate_limits[result].inc()
 
     def upstream_attempt(self, provider: str, result: str) -> None:
         child = self._attempts.get((provider, result))
