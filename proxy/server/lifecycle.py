@@ -186,12 +186,20 @@ def _log_startup(state: ProxyState) -> None:
         )
     for name, a in c.aliases.items():
         log.info(
-            "alias %s -> %s/%s price_rule=%s tokenizer=%s",
+            "alias %s -> %s price_rule=%s tokenizer=%s%s",
             name,
-            a.provider.name,
-            a.model,
+            ", ".join(f"{t.key} (priority {t.priority}, weight {t.weight:g})" for t in a.targets)
+            or f"{a.provider.name}/{a.model}",
             a.price_rule_id,
             a.tokenizer,
+            f" fallbacks={','.join(a.fallbacks)}" if a.fallbacks else "",
+        )
+    if c.limits.enabled:
+        log.info(
+            "rate limits: user %s, key %s, fail %s",
+            c.limits.user,
+            c.limits.key,
+            "open" if c.limits.fail_open else "closed",
         )
     for name, a in c.aliases.items():
         if a.provider.key_missing:

@@ -69,10 +69,11 @@ def status_class(status: int) -> str:
 class _AliasSeries:
     """The children of one (alias, stream) pair, resolved once."""
 
-    __slots__ = ("credits", "duration", "errors", "tokens", "ttfb")
+    __slots__ = ("credits", "duration", "errors", "provider", "tokens", "ttfb")
 
     def __init__(self, m: ProxyMetrics, alias: str, provider: str, stream: bool) -> None:
         s = "true" if stream else "false"
+        self.provider = provider  # the alias's primary; another target's errors are looked up
         self.duration = m.request_duration.labels(alias, s)
         self.ttfb = m.upstream_ttfb.labels(alias, s)
         self.credits = m.credits.labels(alias)
@@ -281,12 +282,14 @@ class ProxyMetrics:
                 series.ttfb.observe(ex.first_byte_at - upstream_started)
         kind = ex.error_kind
         if kind is not None and chat is not None:
-            error = series.errors.get(kind)
-            if error is None:  # not pre-created: still counted
-                error = series.errors[kind] = self.upstream_errors.labels(
-                    chat.alias.provider.name, kind
-                )
-            error.inc()
+            provider = chat.alias.provider.name
+            if provider != series.provider:  # served (or failed) by another target
+                self.upstream_errors.labels(provider, kind).inc()
+            else:
+                error = series.errors.get(kind)
+                if error is None:  # not pre-created: still counted
+                    error = series.errors[kind] = self.upstream_errors.labels(provider, kind)
+                error.inc()
         decision = ex.guard_decision
         if decision is not None:
             guard = self._guard.get(decision)

@@ -137,9 +137,12 @@ class Router:
         if len(out) > 1:
             now = monotonic()
             policy = alias.routing
-            ready = [c for c in out if self._breakers[c[1].key].available(now, policy)]
-            if len(ready) < len(out):
-                out = ready + [c for c in out if c not in ready]
+            ready: list[tuple[Alias, Target]] = []
+            cooling: list[tuple[Alias, Target]] = []
+            for c in out:
+                (ready if self._breakers[c[1].key].available(now, policy) else cooling).append(c)
+            if cooling:
+                out = ready + cooling
         return out
 
     # -- sending ------------------------------------------------------------------------
@@ -256,7 +259,8 @@ class Router:
         else:
             breaker.success()
             result = "ok"
-        ex.cleanups.append(release)
+        if release is not _noop:
+            ex.cleanups.append(release)
         return _Attempt(result, up, wd, strip)
 
     # -- reporting --------------------------------------------------------------------
