@@ -181,7 +181,7 @@ class RoutingPolicy:
     backoff_base_ms: float = 100.0  # before retrying a target already tried
     backoff_max_ms: float = 2000.0
     deadline_s: float | None = None  # no attempt starts later than this after arrival
-    allowed_fails: int = 3  # failures within window_s that put a target in cooldown
+    allowed_fails: int = 3  # failures within window_s that start a cooldown (0: never)
     window_s: float = 30.0
     cooldown_s: float = 30.0
     max_wait_ms: float = 0.0  # wait for a slot of a target at max_concurrency

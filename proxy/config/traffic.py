@@ -49,7 +49,7 @@ def parse_routing(raw: Any, path: str, base: RoutingPolicy) -> RoutingPolicy:
         backoff_base_ms=m.number("backoff_base_ms", base.backoff_base_ms),
         backoff_max_ms=m.number("backoff_max_ms", base.backoff_max_ms),
         deadline_s=deadline,
-        allowed_fails=m.count("allowed_fails", base.allowed_fails),
+        allowed_fails=m.count("allowed_fails", base.allowed_fails, positive=False),
         window_s=m.number("window_s", base.window_s, positive=True),
         cooldown_s=m.number("cooldown_s", base.cooldown_s),
         max_wait_ms=m.number("max_wait_ms", base.max_wait_ms),
