@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest
@@ -232,6 +232,8 @@ class RateLimiter:
         self._budget_s = config.budget_ms / 1000
         self._fail_log = ThrottledLog(log, config.fail_log_interval_s)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._redis = redis
+        self._finishing: list[tuple[list[str], list[Any]]] = []  # this tick's, not yet sent
         self._defaults = _wire(config.user) + _wire(config.key)
 
     @property
@@ -241,7 +243,7 @@ class RateLimiter:
     @property
     def pending(self) -> int:
         """Finish scripts not yet done (tests wait for 0)."""
-        return len(self._tasks)
+        return len(self._tasks) + len(self._finishing)
 
     def keys_for(self, ctx: BillingContext) -> tuple[str, ...]:
         uid = ctx.user_id
@@ -313,19 +315,31 @@ class RateLimiter:
         if not delta and not admission.holds_slot:
             return
         k = admission.keys
-        args = [delta, *admission.tpm_caps, request_id]
-        task = asyncio.get_running_loop().create_task(
-            self._finish_script([k[2], k[5], k[3], k[6]], args)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._finishing.append(([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id]))
+        if len(self._finishing) == 1:  # the first of this tick: one flush for all of them
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _finish_script(self, keys: list[str], args: list[Any]) -> None:
+    async def _flush(self) -> None:
+        """This tick's finish scripts in one pipeline (not a transaction: each script is
+        atomic on its own; bench/bench_routing.py). A script Redis lost (restart) is
+        sent again on its own, which loads it."""
+        await asyncio.sleep(0)  # let the requests ending in this tick join
+        batch, self._finishing = self._finishing, []
         try:
             async with asyncio.timeout(max(1.0, self._budget_s * 10)):
-                await self._finish(keys=keys, args=args)
+                pipe = self._redis.pipeline(transaction=False)
+                for keys, args in batch:
+                    pipe.evalsha(self._finish.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+                for (keys, args), result in zip(batch, results, strict=True):
+                    if isinstance(result, NoScriptError):
+                        await self._finish(keys=keys, args=args)
+                    elif isinstance(result, Exception):
+                        raise result
         except (TimeoutError, RedisError, OSError) as exc:
-            self._fail_log.warning(f"rate limiter could not finish a request: {exc!r}")
+            self._fail_log.warning(f"rate limiter could not finish requests: {exc!r}")
 
     async def close(self) -> None:
         """Let the finish scripts in flight end (briefly), before Redis closes."""

@@ -167,3 +167,20 @@ async def test_admission_tokens_and_reset_format() -> None:
         "1m1s",
         "1h2m3s",
     ]
+
+
+async def test_finishes_of_one_tick_share_a_pipeline_and_survive_a_script_flush(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    lim = limiter(redis_client, redis_prefix, user=LimitSet(concurrency=3, tpm=10_000))
+    held = [await lim.admit(ctx(), 100, f"r{i}") for i in range(3)]
+    assert (await lim.admit(ctx(), 100, "over")).refused == "user concurrency"
+    await redis_client.script_flush()  # as after a Redis restart: the script is reloaded
+    for i, a in enumerate(held):
+        lim.finish(a, 10, f"r{i}")
+    assert lim.pending > 3  # three queued for one flush
+    while lim.pending:
+        await asyncio.sleep(0.005)
+    again = await lim.admit(ctx(), 100, "again")
+    assert again.result == ALLOW
+    assert int(again.headers["x-ratelimit-remaining-tokens"]) >= 10_000 - 30 - 100 - 1
