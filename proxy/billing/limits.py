@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest
+from proxy.billing.script_batcher import ScriptBatcher
 from proxy.config.model import LimitsConfig, LimitSet
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
@@ -226,15 +227,18 @@ class RateLimiter:
     ) -> None:
         self._config = config
         self._keys = RedisKeys(prefix)
-        self._admit = redis.register_script(_ADMIT_LUA)
-        self._finish = redis.register_script(_FINISH_LUA)
-        self._on_decision = on_decision
         self._budget_s = config.budget_ms / 1000
         self._fail_log = ThrottledLog(log, config.fail_log_interval_s)
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._redis = redis
-        self._finishing: list[tuple[list[str], list[Any]]] = []  # this tick's, not yet sent
         self._defaults = _wire(config.user) + _wire(config.key)
+        self._on_decision = on_decision
+        # One pipeline per loop tick for each script (proxy/billing/script_batcher.py).
+        send_timeout = max(1.0, self._budget_s * 10)
+        self._admits = ScriptBatcher(
+            redis, redis.register_script(_ADMIT_LUA), send_timeout, self._admitted_orphan
+        )
+        self._finishes = ScriptBatcher(
+            redis, redis.register_script(_FINISH_LUA), send_timeout, self._finish_failed
+        )
 
     @property
     def config(self) -> LimitsConfig:
@@ -242,8 +246,8 @@ class RateLimiter:
 
     @property
     def pending(self) -> int:
-        """Finish scripts not yet done (tests wait for 0)."""
-        return len(self._tasks) + len(self._finishing)
+        """Scripts queued or in flight (tests wait for 0)."""
+        return self._admits.pending + self._finishes.pending
 
     def keys_for(self, ctx: BillingContext) -> tuple[str, ...]:
         uid = ctx.user_id
@@ -274,7 +278,7 @@ class RateLimiter:
         ]
         try:
             async with asyncio.timeout(self._budget_s):
-                reply = await self._admit(keys=list(keys), args=args)
+                reply = await self._admits.call(list(keys), args)
         except TimeoutError:
             return self._failed(f"check exceeded its {self._config.budget_ms:g} ms budget")
         except (RedisError, OSError) as exc:
@@ -315,36 +319,27 @@ class RateLimiter:
         if not delta and not admission.holds_slot:
             return
         k = admission.keys
-        self._finishing.append(([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id]))
-        if len(self._finishing) == 1:  # the first of this tick: one flush for all of them
-            task = asyncio.get_running_loop().create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._finishes.submit([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id])
 
-    async def _flush(self) -> None:
-        """This tick's finish scripts in one pipeline (not a transaction: each script is
-        atomic on its own; bench/bench_routing.py). A script Redis lost (restart) is
-        sent again on its own, which loads it."""
-        await asyncio.sleep(0)  # let the requests ending in this tick join
-        batch, self._finishing = self._finishing, []
-        try:
-            async with asyncio.timeout(max(1.0, self._budget_s * 10)):
-                pipe = self._redis.pipeline(transaction=False)
-                for keys, args in batch:
-                    pipe.evalsha(self._finish.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
-                for (keys, args), result in zip(batch, results, strict=True):
-                    if isinstance(result, NoScriptError):
-                        await self._finish(keys=keys, args=args)
-                    elif isinstance(result, Exception):
-                        raise result
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._fail_log.warning(f"rate limiter could not finish requests: {exc!r}")
+    def _admitted_orphan(self, call: tuple[list[str], list[Any]], result: Any) -> None:
+        """An admit whose caller gave up (its budget, the client leaving) but that
+        Redis ran: whatever it admitted is given back at once."""
+        if isinstance(result, BaseException) or int(result[0]) != 0:
+            return
+        keys, args = call
+        lim = [int(x) for x in result[2:8]]
+        self._finishes.submit(
+            [keys[2], keys[5], keys[3], keys[6]], [args[6], lim[1], lim[4], args[7]]
+        )
+
+    def _finish_failed(self, _call: tuple[list[str], list[Any]], result: Any) -> None:
+        if isinstance(result, BaseException):
+            self._fail_log.warning(f"rate limiter could not finish a request: {result!r}")
 
     async def close(self) -> None:
-        """Let the finish scripts in flight end (briefly), before Redis closes."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=2.0)
+        """Let the scripts in flight end (briefly), before Redis closes."""
+        await self._admits.close()
+        await self._finishes.close()
 
 
 # -- per-user overrides (llm-proxy limits) -----------------------------------------

@@ -184,3 +184,26 @@ async def test_finishes_of_one_tick_share_a_pipeline_and_survive_a_script_flush(
     again = await lim.admit(ctx(), 100, "again")
     assert again.result == ALLOW
     assert int(again.headers["x-ratelimit-remaining-tokens"]) >= 10_000 - 30 - 100 - 1
+
+
+async def test_admits_of_one_tick_share_a_pipeline_and_stay_exact(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    lim = limiter(redis_client, redis_prefix, user=LimitSet(rpm=3))
+    got = await asyncio.gather(*(lim.admit(ctx(), 1, f"r{i}") for i in range(8)))
+    assert sorted(a.result for a in got) == [ALLOW] * 3 + [LIMITED] * 5
+
+
+async def test_an_admit_whose_caller_left_gives_back_what_it_took(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    lim = limiter(redis_client, redis_prefix, user=LimitSet(concurrency=1, tpm=1000))
+    task = asyncio.create_task(lim.admit(ctx(), 900, "gone"))
+    await asyncio.sleep(0)  # queued; the script is sent by the batcher's task
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while lim.pending:
+        await asyncio.sleep(0.005)
+    back = await lim.admit(ctx(), 900, "next")
+    assert back.result == ALLOW  # the slot and the 900 tokens came back
