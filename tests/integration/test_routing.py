@@ -290,19 +290,20 @@ async def test_max_concurrency_then_next_target_or_503(
             "m-primary, priority: 0}", "m-primary, priority: 0, max_concurrency: 1}"
         ),
     )
-    h.behaviour.first_byte_delay = 0.5
-    slow = asyncio.create_task(h.chat(body(model="solo")))
-    while not h.recorder.requests:
-        await asyncio.sleep(0.01)
+    slots = h.state.router._slots
+    hold = await slots["fake/m"].acquire(0)  # another request holds the only slot
+    assert hold is not None
     got, reply, headers = await h.chat(body(model="solo"))
     assert got == 503 and headers["Retry-After"] == "1"
     assert isinstance(reply, dict) and reply["error"]["code"] == "upstream_busy"
-    assert (await slow)[0] == 200
+    assert len(h.recorder.requests) == 0
+    hold()
+    assert (await h.chat(body(model="solo")))[0] == 200
     # With a second target, the busy one is skipped.
-    slow = asyncio.create_task(h.chat(body()))
-    while len(h.recorder.requests) < 2:
-        await asyncio.sleep(0.01)
+    hold = await slots["fake/m-primary"].acquire(0)
+    assert hold is not None
     got, reply, _ = await h.chat(body())
     assert got == 200 and isinstance(reply, dict) and reply["model"] == "m-backup"
-    assert (await slow)[0] == 200
+    hold()
+    assert slots["fake/m"].in_use == 0 and slots["fake/m-primary"].in_use == 0
     assert await metric(h, "llm_proxy_upstream_attempts_total", provider="fake", result="busy")
