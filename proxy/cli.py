@@ -184,6 +184,58 @@ def cmd_kafka_init(args: argparse.Namespace, settings: EnvSettings) -> int:
     return 0
 
 
+def cmd_limits(args: argparse.Namespace, settings: EnvSettings) -> int:
+    """Per-user rate-limit overrides in Redis (read by every replica at once)."""
+    import orjson
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from proxy.billing.limits import clear_override, get_override, set_override
+    from proxy.contract.redis_keys import DEFAULT_PREFIX
+
+    if not settings.redis_url:
+        print("llm-proxy limits: set REDIS_URL", file=sys.stderr)
+        return 2
+    prefix = args.prefix
+    if prefix is None:
+        prefix = _load_config(args.config).guard.prefix if args.config else DEFAULT_PREFIX
+    values = {
+        k: v for k in ("rpm", "tpm", "concurrency") if (v := getattr(args, k, None)) is not None
+    }
+
+    async def run() -> object:
+        r = aioredis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=2)
+        try:
+            if args.action == "set":
+                return await set_override(r, prefix, args.user, values)
+            if args.action == "clear":
+                return {"cleared": await clear_override(r, prefix, args.user)}
+            return await get_override(r, prefix, args.user)
+        finally:
+            await r.aclose()
+
+    try:
+        out = asyncio.run(run())
+    except (RedisError, OSError) as exc:
+        print(f"llm-proxy limits: Redis error: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps({"user_id": args.user, **out}).decode())  # type: ignore[dict-item]
+    return 0
+
+
+def _limit_value(text: str) -> int:
+    """A limit: a whole number >= 0, or `none`/-1 (unlimited)."""
+    if text.strip().lower() in ("none", "unlimited", "-1"):
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 or 'none', got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -292,6 +344,20 @@ def build_parser(settings: EnvSettings) -> argparse.ArgumentParser:
     kinit.add_argument("--partitions", type=int, help="default: events.partitions")
     kinit.add_argument("--replication-factor", type=int, help="default: events.replication_factor")
     kinit.set_defaults(func=cmd_kafka_init)
+
+    limits = sub.add_parser(
+        "limits",
+        help="per-user rate-limit overrides in Redis ($REDIS_URL)",
+        parents=[common],
+        formatter_class=fmt,
+    )
+    limits.add_argument("action", choices=("set", "show", "clear"))
+    limits.add_argument("user", type=positive_int, help="user id")
+    for name in ("rpm", "tpm", "concurrency"):
+        limits.add_argument(f"--{name}", type=_limit_value, help=f"{name} ('none': unlimited)")
+    limits.add_argument("--config", help="YAML file whose guard.prefix names the keys")
+    limits.add_argument("--prefix", help="Redis key prefix (default: the config's, llmproxy:)")
+    limits.set_defaults(func=cmd_limits)
 
     register_rerate(ledger_cli.register(sub, [common]))
     return parser

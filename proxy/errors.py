@@ -284,3 +284,42 @@ def upstream_read_failed(provider: str, what: str, *, streaming: bool) -> ApiErr
     return _upstream(
         502, provider, f"failed while sending the response ({what})", "upstream_unavailable"
     )
+
+
+def upstream_busy(retry_after_s: int = 1) -> ApiError:
+    """Every target of the alias is at its `max_concurrency` (after `max_wait_ms`)."""
+    return ApiError(
+        503,
+        "every upstream serving this model is at capacity; retry shortly",
+        type="server_error",
+        code="upstream_busy",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def upstream_failed_status(provider: str, status: int) -> ApiError:
+    """Every attempt failed and the last one's retryable status (429, 5xx) was not
+    kept to relay (a later target could not be tried)."""
+    return _upstream(status, provider, f"failed (HTTP {status})", "upstream_error")
+
+
+def rate_limited(what: str, retry_after_s: int) -> ApiError:
+    """Over a `limits:` rate (requests or tokens per minute, concurrency)."""
+    return ApiError(
+        429,
+        f"Rate limit reached for {what}. Please retry after {retry_after_s}s.",
+        type="requests",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def rate_limit_unavailable() -> ApiError:
+    """The rate limiter could not decide in time and `limits.fail_open` is false."""
+    return ApiError(
+        503,
+        "rate limits cannot be checked right now; retry shortly",
+        type="server_error",
+        code="rate_limit_unavailable",
+        headers={"Retry-After": "1"},
+    )

@@ -202,6 +202,53 @@ class RecordingObserver(Observer):
 StartProxy = Callable[..., Awaitable[ProxyHarness]]
 
 
+@dataclass
+class FakeUpstream:
+    """One more fake upstream (several targets per alias): `provider_yaml` is its
+    `providers:` entry for `start_proxy(extra_providers=...)`."""
+
+    name: str
+    url: str
+    app: web.Application
+    server: TestServer
+
+    @property
+    def behaviour(self) -> Behaviour:
+        return self.app[BEHAVIOUR]
+
+    @property
+    def recorder(self) -> Recorder:
+        return self.app[RECORDER]
+
+    def provider_yaml(self, first_byte: float = 5) -> str:
+        return (
+            f"  {self.name}: {{base_url: {self.url}, api_key_env: FAKE_PROVIDER_KEY,"
+            f" timeouts: {{connect: 1, first_byte: {first_byte}, idle: 5, total: 30}}}}\n"
+        )
+
+    async def stop(self) -> None:
+        await self.server.close()
+
+
+StartFake = Callable[..., Awaitable[FakeUpstream]]
+
+
+@pytest.fixture
+async def start_fake() -> AsyncIterator[StartFake]:
+    servers: list[TestServer] = []
+
+    async def start(name: str, behaviour: Behaviour | None = None) -> FakeUpstream:
+        app = build_fake_app(behaviour)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return FakeUpstream(name, f"http://127.0.0.1:{server.port}/v1", app, server)
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
 @pytest.fixture(scope="session")
 def shared_encodings() -> EncodingRegistry:
     """One registry for every proxy the tests start: loading o200k costs ~80 MB and

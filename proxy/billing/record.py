@@ -4,7 +4,9 @@ ended, what was used). `proxy.billing.settlement` turns it into a charge."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -17,6 +19,8 @@ from proxy.billing.payer import BillingContext
 from proxy.billing.wire_formats import CHAT, WireFormat
 from proxy.config.model import Alias
 from proxy.contract.outcome import Outcome
+
+log = logging.getLogger(__name__)
 
 
 class ErrorKind(StrEnum):
@@ -55,7 +59,9 @@ class Exchange:
     """Mutable, per-request facts (one object per request, never shared)."""
 
     __slots__ = (
+        "attempts",
         "chat",
+        "cleanups",
         "client_disconnected",
         "ctx",
         "encoding",
@@ -87,6 +93,10 @@ class Exchange:
         self.metered: Metered | None = None
         self.request_bytes: int | None = None  # size of the request body (bounds its text)
         self.client_disconnected = False  # the caller left before the response ended
+        self.attempts = 1  # upstream attempts made (proxy.upstream.router), the served one included
+        # Run once when the request ends, however it ends (`release`): slots to give
+        # back (a target's concurrency, the rate limiter's), usage to report.
+        self.cleanups: list[Callable[[], None]] = []
 
     @property
     def request_id(self) -> str:
@@ -101,6 +111,15 @@ class Exchange:
         self.status = status
         if error_kind is not None:
             self.error_kind = error_kind
+
+    def release(self) -> None:
+        """Run the cleanups (each once; one failing does not stop the others)."""
+        cleanups, self.cleanups = self.cleanups, []
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception:
+                log.exception("request %s: releasing failed", self.request_id)
 
     def estimate_prompt_only(self) -> Metered:
         assert self.chat is not None and self.encoding is not None

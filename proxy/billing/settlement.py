@@ -57,6 +57,7 @@ def settle(ex: Exchange, now: float) -> Settlement:
         ttft_ms=ex.ttft_ms(),
         client_disconnected=ex.client_disconnected,
         endpoint=ex.chat.endpoint,
+        attempts=ex.attempts,
     )
     return Settlement(charge, event)
 

@@ -30,6 +30,7 @@ from proxy.config.model import (
     OnDisconnect,
     PriceRule,
     Provider,
+    RoutingPolicy,
     ServerConfig,
     ServiceKey,
     Timeouts,
@@ -38,10 +39,27 @@ from proxy.config.model import (
 from proxy.config.price_rules import parse_price_rules
 from proxy.config.readers import Section
 from proxy.config.request_params import AUDIO, NEUTRAL_PARAMS, SERVICE_TIER, WEB_SEARCH
+from proxy.config.traffic import (
+    check_fallbacks,
+    parse_fallbacks,
+    parse_limits,
+    parse_routing,
+    parse_targets,
+)
 from proxy.config.yaml_loader import load_yaml
 from proxy.errors import ConfigError
 
-_TOP_LEVEL = ("providers", "price_rules", "aliases", "auth", "guard", "events", "server")
+_TOP_LEVEL = (
+    "providers",
+    "price_rules",
+    "aliases",
+    "auth",
+    "guard",
+    "events",
+    "server",
+    "routing",
+    "limits",
+)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> YamlConfig:
@@ -80,10 +98,12 @@ def parse_config(raw: Any, name: str, env: Mapping[str, str] | None = None) -> Y
     aliases_raw = root.section("aliases", required=True)
     if not len(aliases_raw):
         raise ConfigError("aliases: at least one alias is required")
+    routing = parse_routing(root.get("routing"), "routing", RoutingPolicy())
     aliases = {
-        aname: _alias(aname, araw, aliases_raw.where(aname), providers, price_rules)
+        aname: _alias(aname, araw, aliases_raw.where(aname), providers, price_rules, routing)
         for aname, araw in aliases_raw.entries("alias names")
     }
+    check_fallbacks(aliases)
     return YamlConfig(
         path=name,
         providers=providers,
@@ -93,6 +113,8 @@ def parse_config(raw: Any, name: str, env: Mapping[str, str] | None = None) -> Y
         guard=parse_guard(root.get("guard")),
         events=_events(root.get("events")),
         server=_server(root.get("server")),
+        routing=routing,
+        limits=parse_limits(root.get("limits")),
     )
 
 
@@ -160,6 +182,7 @@ def _alias(
     path: str,
     providers: Mapping[str, Provider],
     rules: Mapping[str, PriceRule],
+    routing: RoutingPolicy,
 ) -> Alias:
     m = Section(
         raw,
@@ -173,45 +196,54 @@ def _alias(
             "allow_params",
             "cost_in_band",
             "endpoints",
+            "targets",
+            "fallbacks",
+            "routing",
             *_DISCONNECT,
         ),
         required=True,
     )
-    pname = m.text("provider", required=True)
-    if pname not in providers:
-        raise ConfigError(f"{path}.provider: unknown provider {pname!r}")
-    model = m.text("model", required=True)
     rule: PriceRule | None = None
     if m.flag("free", False):
         if m.get("price_rule") is not None:
             raise ConfigError(f"{path}: give either price_rule or free: true, not both")
     else:
         rid = m.text("price_rule")
-        if not rid:
+        every_target_priced = "targets" in m and all(
+            isinstance(t, Mapping) and t.get("price_rule") for t in m.items_list("targets")
+        )
+        if not rid and not every_target_priced:
             raise ConfigError(
                 f"{path}.price_rule: required (or say free: true) so no call is accidentally free"
             )
-        if rid not in rules:
+        if rid and rid not in rules:
             raise ConfigError(f"{path}.price_rule: unknown price rule {rid!r}")
-        rule = rules[rid]
+        rule = rules[rid] if rid else None
     tokenizer = m.text("tokenizer", DEFAULT_ENCODING)
     if tokenizer not in SUPPORTED_ENCODINGS:
         raise ConfigError(
             f"{path}.tokenizer: unknown tokenizer {tokenizer!r} "
             f"(supported: {', '.join(sorted(SUPPORTED_ENCODINGS))})"
         )
-    allow = _allow_params(m, rule)
-    provider = providers[pname]
+    targets = parse_targets(m, path, providers, rules, rule)
+    allow = frozenset[str]()
+    for target in targets:  # each serving target's rule prices what the alias accepts
+        allow = _allow_params(m, target.price_rule)
+    primary = targets[0]
+    provider = primary.provider
     return Alias(
         name=name,
         provider=provider,
-        model=model,
-        price_rule=rule,
+        model=primary.model,
+        price_rule=primary.price_rule,
         tokenizer=tokenizer,
         allow_params=allow,
         cost_in_band=m.flag("cost_in_band", False),
         disconnect=_disconnect(m, provider.disconnect),
         endpoints=_endpoints(m),
+        targets=targets,
+        fallbacks=parse_fallbacks(m, path),
+        routing=parse_routing(m.get("routing"), m.where("routing"), routing),
     )
 
 

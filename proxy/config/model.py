@@ -181,6 +181,44 @@ class PriceRule:
         return None
 
 
+# What `routing.retry_on` may name: no response head (`connect`), no response head
+# within the first-byte bound (`timeout`), and these statuses. Never another 4xx.
+RETRY_ON = ("connect", "timeout", "429", "5xx")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPolicy:
+    """How an alias's targets are tried (README "Routing"); `routing:` at the top
+    level, overridable per alias."""
+
+    # Attempts after the first; None: each candidate target once (no repeat).
+    retries: int | None = None
+    retry_on: frozenset[str] = frozenset(RETRY_ON)
+    backoff_base_ms: float = 100.0  # before retrying a target already tried
+    backoff_max_ms: float = 2000.0
+    deadline_s: float | None = None  # no attempt starts later than this after arrival
+    allowed_fails: int = 3  # failures within window_s that start a cooldown (0: never)
+    window_s: float = 30.0
+    cooldown_s: float = 30.0
+    max_wait_ms: float = 0.0  # wait for a slot of a target at max_concurrency
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One deployment serving an alias: a provider, its model name and price."""
+
+    provider: Provider
+    model: str
+    price_rule: PriceRule | None  # the alias's unless the target overrides it
+    weight: float = 1.0
+    priority: int = 0  # lowest first; weighted random within a priority
+    max_concurrency: int | None = None  # in-flight exchanges (per process); None: unbounded
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider.name}/{self.model}"
+
+
 @dataclass(frozen=True, slots=True)
 class Alias:
     name: str
@@ -194,6 +232,11 @@ class Alias:
     cost_in_band: bool = False
     # The provider's policy with this alias's overrides applied (proxy.config.load).
     disconnect: DisconnectPolicy = DisconnectPolicy()
+    # Who serves it: `provider`/`model`/`price_rule` above are the first target's
+    # (the one-target shorthand); `targets` is never empty once loaded.
+    targets: tuple[Target, ...] = ()
+    fallbacks: tuple[str, ...] = ()  # other aliases, tried after every target failed
+    routing: RoutingPolicy = RoutingPolicy()
     # The APIs this alias serves (ENDPOINT_NAMES values); others answer 400.
     endpoints: frozenset[str] = DEFAULT_ENDPOINTS
 
@@ -273,6 +316,37 @@ class EventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSet:
+    """Per-minute requests and tokens, and concurrent requests; None: no limit."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.rpm is not None or self.tpm is not None or self.concurrency is not None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`limits:` (README "Rate limits"): defaults per user and per caller key;
+    per-user overrides live in Redis (`llm-proxy limits set`)."""
+
+    user: LimitSet = LimitSet()
+    key: LimitSet = LimitSet()
+    fail_open: bool = True  # Redis unreachable or slow: admit (counted and logged)
+    budget_ms: float = 50.0  # the whole check; then the fail policy
+    # A concurrency slot a dead proxy never released stops counting after this long.
+    slot_ttl_s: float = 900.0
+    default_max_tokens: int = 4096  # output allowance when a request names none
+    fail_log_interval_s: float = 60.0
+    # A `limits:` section is given: every request runs the check (needs REDIS_URL),
+    # which also applies the per-user overrides even without defaults.
+    enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class YamlConfig:
     """Everything `model_aliases.yaml` says: what is served, priced and allowed."""
 
@@ -284,3 +358,5 @@ class YamlConfig:
     guard: GuardConfig
     events: EventsConfig
     server: ServerConfig
+    routing: RoutingPolicy = RoutingPolicy()
+    limits: LimitsConfig = LimitsConfig()

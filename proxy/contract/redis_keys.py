@@ -9,11 +9,18 @@ Keys (prefix default `llmproxy:`):
                              applied by the ledger (which deletes the field in the
                              same script that rewrites the snapshot). A hold past its
                              expiry (Unix ms, Redis clock) counts for nothing.
+- `limits:{<uid>}:override`  hash rpm/tpm/concurrency: the user's own limits (over the
+                             `limits.user` defaults; -1 = unlimited), set by
+                             `llm-proxy limits set`
+- `limits:{<uid>}:<scope>:<rpm|tpm>`  hash v (level) / t (ms): a token bucket of the
+                             rate limiter; scope `user`, or `key:<principal>` (the caller
+                             key acting for that user)
+- `limits:{<uid>}:<scope>:conc`  zset request id -> expiry (Unix ms): concurrency slots
 - `apikey:<sha256 hex>`      user API key -> user id (decimal string)
 - `apikeys:user:<uid>`       hash sha256 hex -> created_at (index of a user's keys)
 
-The user id in braces is a Redis Cluster hash tag: one user's credit keys share a
-slot, so the scripts and MGETs that touch both stay valid on a cluster.
+The user id in braces is a Redis Cluster hash tag: one user's credit and limit keys
+share a slot, so the scripts and MGETs that touch several stay valid on a cluster.
 """
 
 from __future__ import annotations
@@ -58,6 +65,13 @@ class RedisKeys:
     def credit_prefix(self) -> str:
         """What every user's credit keys start with (the guard cache tracks it)."""
         return f"{self.prefix}credit:{{"
+
+    def limits_override(self, user_id: int) -> str:
+        return f"{self.prefix}limits:{{{user_id}}}:override"
+
+    def limit(self, user_id: int, scope: str, kind: str) -> str:
+        """A limiter key: `scope` "user" or "key:<principal>", `kind` rpm, tpm or conc."""
+        return f"{self.prefix}limits:{{{user_id}}}:{scope}:{kind}"
 
     def apikey(self, sha256_hex: str) -> str:
         return f"{self.prefix}apikey:{sha256_hex}"

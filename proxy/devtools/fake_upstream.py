@@ -41,6 +41,7 @@ class Behaviour:
     usage_in_body: bool = True  # non-streaming replies carry `usage`
     status: int = 200  # answer this status with an error body instead of a reply
     error_body: bytes | None = None  # body for `status` (default: OpenAI-shaped JSON)
+    error_headers: dict[str, str] | None = None  # with `status`, e.g. Retry-After
     reset_after: int | None = None  # streamed: drop the connection after N content chunks
     stall_after: int | None = None  # streamed: stop sending (but keep the socket) after N
     malformed_stream: bool = False  # streamed: send a non-JSON data event mid-stream
@@ -137,7 +138,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
                 }
             }
         )
-        return web.Response(status=b.status, body=err, content_type="application/json")
+        return web.Response(
+            status=b.status, body=err, content_type="application/json", headers=b.error_headers
+        )
     ident = "chatcmpl-" + hashlib.sha256(orjson.dumps(body.get("messages"))).hexdigest()[:24]
     model = body.get("model", "fake")
     words = reply_words(body, b.chunks)

@@ -24,7 +24,7 @@ from proxy.billing.record import Exchange
 from proxy.billing.settlement import Settlement, quote, settle
 from proxy.config.model import ENDPOINT_NAMES
 from proxy.contract.outcome import Outcome
-from proxy.errors import ApiError, credentials_missing, insufficient_credit
+from proxy.errors import ApiError, insufficient_credit
 from proxy.server.chat_request import body_user, decode_body, read_body
 from proxy.server.endpoints import (
     CHAT_COMPLETIONS,
@@ -33,12 +33,10 @@ from proxy.server.endpoints import (
     RESPONSES,
     Endpoint,
 )
+from proxy.server.limits_step import check_limits
 from proxy.server.readiness import readiness
 from proxy.server.state import STATE, ProxyState
-from proxy.upstream.failures import Phase, classify
-from proxy.upstream.pools import upstream_body
 from proxy.upstream.relay import relay_error_status, relay_json, relay_stream
-from proxy.upstream.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +73,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         # lose it; then the request waits (shielded) for its batch to be on disk.
         now = time.perf_counter()
         committed, settlement = _settle(state, ex, now)
+        ex.release()  # the request's slots (upstream target, rate limits), before any await
         recorded = time.perf_counter()
         try:
             if committed is not None:
@@ -107,24 +106,11 @@ async def _pipeline(
     ex.guard_decision = decision
     if decision is GuardDecision.BLOCK:
         raise insufficient_credit()
+    await check_limits(request, state, ex)  # per-user/key rate limits (server/limits_step.py)
 
-    provider = chat.alias.provider
-    if provider.key_missing:
-        raise credentials_missing(provider.name, provider.api_key_env or "")
-    payload, strip = upstream_body(chat)
-    ex.upstream_started = time.perf_counter()
-    wd = Watchdog(provider.timeouts)
-    try:
-        up = await state.upstream.post(provider, payload, ctx.request_id, endpoint.path)
-    except BaseException as exc:
-        wd.cancel()
-        failure = classify(exc, wd, provider.name, Phase.HEAD)
-        if failure is None:
-            raise
-        ex.finish(failure.outcome, failure.status, failure.kind)
-        if failure.error is None:
-            raise  # the client left
-        raise failure.error from None
+    # Targets, retries, fallbacks, cooldowns (proxy.upstream.router): `ex.chat` is
+    # then the serving target's view of the alias, `ex.attempts` the attempts made.
+    up, wd, strip = await state.router.send(ex, endpoint.path)
 
     if up.status >= 400:
         return await relay_error_status(up, ex, wd)

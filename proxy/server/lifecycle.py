@@ -19,16 +19,19 @@ from proxy.billing.auth import Authenticator
 from proxy.billing.books_guard import BalanceView, BooksGuard, Guard
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import CreditBalanceGuard
+from proxy.billing.limits import RateLimiter
 from proxy.billing.snapshot_client import SnapshotClient
 from proxy.config import EnvSettings, Provider, YamlConfig
 from proxy.config.env import IDEMPOTENCE_ENV
 from proxy.delivery.kafka import KafkaSink, make_producer
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import JsonLinesSink, OutboxPublisher, Sink
+from proxy.errors import StartupError
 from proxy.logs import redact_url
 from proxy.server.state import Closer, ProxyState, close_all
 from proxy.telemetry.observer import Observer, log_metrics_mode
 from proxy.upstream.pools import UpstreamPools
+from proxy.upstream.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,12 @@ async def start_state(
     try:
         upstream = UpstreamPools.create(config.providers)
         closers.append(upstream.close)
+        router = Router(
+            upstream,
+            config.aliases,
+            on_attempt=observer.metrics.upstream_attempt,
+            on_cooldown=observer.metrics.target_cooldown,
+        )
         redis: aioredis.Redis | None = None
         if settings.redis_url:
             redis = aioredis.Redis.from_url(
@@ -96,6 +105,17 @@ async def start_state(
             closers.append(guard.close)
         elif ledger is not None:
             guard = BooksGuard(ledger, config.guard)
+        limiter: RateLimiter | None = None
+        if config.limits.enabled:
+            if redis is None:
+                raise StartupError("limits: needs REDIS_URL (the limits are shared in Redis)")
+            limiter = RateLimiter(
+                redis,
+                config.limits,
+                config.guard.prefix,
+                on_decision=observer.metrics.rate_limit_decision,
+            )
+            closers.append(limiter.close)
         auth = Authenticator(config.auth, redis, config.guard.prefix)
         auth.log_startup(log)
 
@@ -132,8 +152,10 @@ async def start_state(
         config=config,
         settings=settings,
         upstream=upstream,
+        router=router,
         auth=auth,
         guard=guard,
+        limiter=limiter,
         redis=redis,
         encodings=encodings,
         outbox=outbox,
@@ -164,12 +186,20 @@ def _log_startup(state: ProxyState) -> None:
         )
     for name, a in c.aliases.items():
         log.info(
-            "alias %s -> %s/%s price_rule=%s tokenizer=%s",
+            "alias %s -> %s price_rule=%s tokenizer=%s%s",
             name,
-            a.provider.name,
-            a.model,
+            ", ".join(f"{t.key} (priority {t.priority}, weight {t.weight:g})" for t in a.targets)
+            or f"{a.provider.name}/{a.model}",
             a.price_rule_id,
             a.tokenizer,
+            f" fallbacks={','.join(a.fallbacks)}" if a.fallbacks else "",
+        )
+    if c.limits.enabled:
+        log.info(
+            "rate limits: user %s, key %s, fail %s",
+            c.limits.user,
+            c.limits.key,
+            "open" if c.limits.fail_open else "closed",
         )
     for name, a in c.aliases.items():
         if a.provider.key_missing:

@@ -19,7 +19,10 @@ async def readiness(state: ProxyState) -> dict[str, Any]:
     llm_proxy_charge_events_total{result="enqueue_failed"} instead."""
     providers = state.config.providers
     missing = sorted(n for n, p in providers.items() if p.key_missing)
-    servable = sum(a.provider.name not in missing for a in state.config.aliases.values())
+    servable = sum(
+        any(p.name not in missing for p in (a.provider, *(t.provider for t in a.targets)))
+        for a in state.config.aliases.values()
+    )
     checks: dict[str, Any] = {
         "config": {
             "status": "ok" if servable else "error",
@@ -41,6 +44,14 @@ async def readiness(state: ProxyState) -> dict[str, Any]:
             "or set REDIS_URL for user keys",
         }
     )
+    targets = state.router.report()
+    cooling = sorted(k for k, t in targets.items() if t["state"] != "ok")
+    # A target in cooldown is skipped while others answer: degraded, never unready.
+    checks["routing"] = {
+        "status": "degraded" if cooling else "ok",
+        "cooling": cooling,
+        "targets": targets,
+    }
     if state.redis is None:
         checks["redis"] = {"status": "disabled"}
     else:

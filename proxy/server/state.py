@@ -12,11 +12,13 @@ from aiohttp import web
 from proxy.billing.auth import Authenticator
 from proxy.billing.books_guard import Guard
 from proxy.billing.encodings import EncodingRegistry
+from proxy.billing.limits import RateLimiter
 from proxy.config import EnvSettings, YamlConfig
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import OutboxPublisher
 from proxy.telemetry.observer import Observer
 from proxy.upstream.pools import UpstreamPools
+from proxy.upstream.router import Router
 
 Closer = Callable[[], Awaitable[object]]
 
@@ -26,8 +28,10 @@ class ProxyState:
     config: YamlConfig
     settings: EnvSettings
     upstream: UpstreamPools
+    router: Router
     auth: Authenticator
     guard: Guard | None
+    limiter: RateLimiter | None
     redis: aioredis.Redis | None
     encodings: EncodingRegistry
     outbox: Outbox

@@ -32,6 +32,9 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
         "alias": chat.alias.name if chat else None,
         "endpoint": chat.endpoint if chat else None,
         "provider": chat.alias.provider.name if chat else None,
+        # The target that served (or the last one tried) and the attempts made.
+        "target": f"{chat.alias.provider.name}/{chat.alias.model}" if chat else None,
+        "attempts": ex.attempts,
         "stream": chat.stream if chat else None,
         "status": ex.status,
         "outcome": ex.outcome,

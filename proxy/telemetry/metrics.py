@@ -25,13 +25,16 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from proxy.billing.guard import GuardDecision
+from proxy.billing.limits import DECISIONS as RATE_LIMIT_DECISIONS
 from proxy.billing.metering import MeterFlag
 from proxy.billing.record import ErrorKind
 from proxy.contract.usage import UsageSource
+from proxy.upstream.router import ATTEMPT_RESULTS
 
 if TYPE_CHECKING:
     from proxy.billing.record import Exchange
     from proxy.billing.settlement import Settlement
+    from proxy.config.model import Target
 
 
 # LLM calls span milliseconds (cached or tiny replies) to many minutes (long reasoning
@@ -66,10 +69,11 @@ def status_class(status: int) -> str:
 class _AliasSeries:
     """The children of one (alias, stream) pair, resolved once."""
 
-    __slots__ = ("credits", "duration", "errors", "tokens", "ttfb")
+    __slots__ = ("credits", "duration", "errors", "provider", "tokens", "ttfb")
 
     def __init__(self, m: ProxyMetrics, alias: str, provider: str, stream: bool) -> None:
         s = "true" if stream else "false"
+        self.provider = provider  # the alias's primary; another target's errors are looked up
         self.duration = m.request_duration.labels(alias, s)
         self.ttfb = m.upstream_ttfb.labels(alias, s)
         self.credits = m.credits.labels(alias)
@@ -204,6 +208,30 @@ class ProxyMetrics:
             ("provider", "kind"),
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "llm_proxy_upstream_attempts_total",
+            "Upstream attempts by provider and result: ok (a head that was relayed), "
+            "connect, timeout, 429, 5xx (failed; retried when allowed), busy (the target "
+            "was at max_concurrency: skipped).",
+            ("provider", "result"),
+            registry=r,
+        )
+        self.target_cooling = Gauge(
+            "llm_proxy_upstream_target_cooldown",
+            "1 while a target (provider/model) is in cooldown or waits for its probe.",
+            ("provider", "model"),
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._attempts: dict[tuple[str, str], Any] = {}
+        self.rate_limits = Counter(
+            "llm_proxy_rate_limit_decisions_total",
+            "Rate-limit checks by result: allow, limited (429), fail_open (Redis "
+            "unreachable or slow: admitted), fail_closed (the same, refused: 503).",
+            ("result",),
+            registry=r,
+        )
+        self._rate_limits = {res: self.rate_limits.labels(res) for res in RATE_LIMIT_DECISIONS}
         # Children created up front so that rate() sees a 0 before the first event.
         self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
         self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
@@ -217,6 +245,8 @@ class ProxyMetrics:
         for provider in providers:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(provider, kind)
+            for result in ATTEMPT_RESULTS:
+                self.upstream_attempt_child(provider, result)
         self._requests: dict[tuple[str, bool, int, str], Any] = {}
         self._series: dict[tuple[str, bool], _AliasSeries] = {}
 
@@ -252,12 +282,14 @@ class ProxyMetrics:
                 series.ttfb.observe(ex.first_byte_at - upstream_started)
         kind = ex.error_kind
         if kind is not None and chat is not None:
-            error = series.errors.get(kind)
-            if error is None:  # not pre-created: still counted
-                error = series.errors[kind] = self.upstream_errors.labels(
-                    chat.alias.provider.name, kind
-                )
-            error.inc()
+            provider = chat.alias.provider.name
+            if provider != series.provider:  # served (or failed) by another target
+                self.upstream_errors.labels(provider, kind).inc()
+            else:
+                error = series.errors.get(kind)
+                if error is None:  # not pre-created: still counted
+                    error = series.errors[kind] = self.upstream_errors.labels(provider, kind)
+                error.inc()
         decision = ex.guard_decision
         if decision is not None:
             guard = self._guard.get(decision)
@@ -298,6 +330,22 @@ class ProxyMetrics:
 
     def charge_commit_failed(self) -> None:
         self._enqueue_failed.inc()
+
+    def rate_limit_decision(self, result: str) -> None:
+        self._rate_limits[result].inc()
+
+    def upstream_attempt(self, provider: str, result: str) -> None:
+        child = self._attempts.get((provider, result))
+        if child is None:
+            child = self.upstream_attempt_child(provider, result)
+        child.inc()
+
+    def upstream_attempt_child(self, provider: str, result: str) -> Any:
+        child = self._attempts[(provider, result)] = self.upstream_attempts.labels(provider, result)
+        return child
+
+    def target_cooldown(self, target: Target, cooling: bool) -> None:
+        self.target_cooling.labels(target.provider.name, target.model).set(1 if cooling else 0)
 
     def guard_cache_lookup(self, hit: bool) -> None:
         (self._cache_hit if hit else self._cache_miss).inc()

@@ -260,7 +260,7 @@ async def test_readiness_unready_without_provider_key_or_outbox(start_proxy: Sta
         report = await resp.json()
         assert resp.status == 200
     assert report["status"] == "ok"
-    assert set(report["checks"]) == {"config", "auth", "redis", "outbox", "relay"}
+    assert set(report["checks"]) == {"config", "auth", "redis", "outbox", "relay", "routing"}
     assert report["checks"]["redis"] == {"status": "disabled"}
     assert report["checks"]["config"]["servable_aliases"] == len(h.config.aliases) > 0
     await h.state.outbox.close()  # no charge can be recorded any more
@@ -312,7 +312,8 @@ async def test_access_log_lines_and_no_secrets(
     by_id = {line["request_id"]: line for line in lines}
     ok = by_id["req-nonstream"]
     assert set(ok) == {
-        *("time", "request_id", "user_id", "scene", "principal", "alias", "endpoint", "provider"),
+        *("time", "request_id", "user_id", "scene", "principal", "alias", "endpoint"),
+        *("provider", "target", "attempts"),
         *("stream", "status", "outcome", "error_kind", "guard", "tokens", "usage_source"),
         *("credits", "charged", "latency_ms", "ttft_ms", "metering_flags", "client_disconnected"),
     }

@@ -142,3 +142,26 @@ async def test_api_keys_on_the_cluster(cluster_client: RedisCluster, cluster_pre
     assert await store.revoke(api_key=created[0].api_key) == 5
     assert await cluster_client.get(keys.apikey(created[0].sha256)) is None
     assert len(await store.list(5)) == 5
+
+
+async def test_rate_limiter_scripts_across_the_cluster(
+    cluster_client: RedisCluster, cluster_prefix: str
+) -> None:
+    """One script per request: every key of it in the user's slot, on whichever node."""
+    from proxy.billing.limits import ALLOW, LIMITED, RateLimiter
+    from proxy.config.model import LimitsConfig, LimitSet
+
+    config = LimitsConfig(
+        user=LimitSet(rpm=2, tpm=1000), key=LimitSet(concurrency=5), budget_ms=5000, enabled=True
+    )
+    lim = RateLimiter(cluster_client, config, cluster_prefix)  # type: ignore[arg-type]
+    for u in USERS:
+        ctx = BillingContext.normalize(user_id=u, scene="chat", principal="svc")
+        assert len({cluster_client.keyslot(k) for k in lim.keys_for(ctx)}) == 1
+        first = await lim.admit(ctx, 10, f"a{u}")
+        assert first.result == ALLOW
+        assert (await lim.admit(ctx, 10, f"b{u}")).result == ALLOW
+        assert (await lim.admit(ctx, 10, f"c{u}")).result == LIMITED
+        lim.finish(first, 5, f"a{u}")
+    await lim.close()
+    assert lim.pending == 0

@@ -295,6 +295,8 @@ def test_access_line_fields(config: YamlConfig) -> None:
         "alias": "smart",
         "endpoint": "chat.completions",
         "provider": "fake",
+        "target": "fake/m1",
+        "attempts": 1,
         "stream": True,
         "status": 200,
         "outcome": "completed",

@@ -1,0 +1,364 @@
+"""Rate limits per user and per caller key, shared by every replica through Redis.
+
+Requests and tokens per minute are token buckets (capacity = the per-minute limit,
+refilled continuously); concurrency is a set of request ids whose entries expire
+(`slot_ttl_s`), so a proxy that died never holds a slot forever. Each request runs
+ONE script to admit (all of its keys share the user's hash tag: valid on a
+cluster) and, when it holds something to give back, one to finish: its slots
+released and its token estimate corrected with the actual usage.
+
+`limits.key` counts per (caller key, user): the keys of one request must share one
+slot, and a user's key is that user's anyway; a service key acting for many users
+is limited per user it acts for.
+
+Redis unreachable or slower than `budget_ms`: admitted (fail open, counted and
+logged), or refused with 503 when `fail_open: false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.billing.payer import BillingContext
+from proxy.billing.record import ChatRequest
+from proxy.billing.script_batcher import ScriptBatcher
+from proxy.config.model import LimitsConfig, LimitSet
+from proxy.contract.redis_keys import RedisKeys
+from proxy.logs import ThrottledLog
+
+log = logging.getLogger(__name__)
+
+# Decisions (the `result` label of llm_proxy_rate_limit_decisions_total).
+ALLOW, LIMITED, FAIL_OPEN, FAIL_CLOSED = "allow", "limited", "fail_open", "fail_closed"
+DECISIONS = (ALLOW, LIMITED, FAIL_OPEN, FAIL_CLOSED)
+NONE = -1  # "no limit" on the wire of the scripts and in overrides
+# The dimensions in script order (KEYS[2..7], ARGV[1..6]).
+DIMENSIONS = ("user rpm", "user tpm", "user concurrency", "key rpm", "key tpm", "key concurrency")
+
+
+def admission_tokens(chat: ChatRequest, request_bytes: int | None, default_max: int) -> int:
+    """PLACEHOLDER for #18's estimate (proxy/billing/estimate.py): the tokens a request
+    is admitted on (TPM) before its usage is known, corrected at settle. A cheap
+    bound: a quarter of the body's bytes for the prompt plus the output allowance
+    (`max_completion_tokens`/`max_tokens`, else `limits.default_max_tokens`)."""
+    body = chat.body
+    out = body.get("max_completion_tokens", body.get("max_tokens"))
+    allowance = out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else None
+    return (request_bytes or 0) // 4 + 1 + (allowance if allowance is not None else default_max)
+
+
+# KEYS: override, user rpm, user tpm, user conc, key rpm, key tpm, key conc
+# ARGV: six limits (-1: none), tokens, request id, slot ttl ms, read override (1/0)
+# Returns {refused dimension (0: admitted), retry after ms, the six limits in force,
+#          the six levels left (buckets floored; slots left), the six reset ms}.
+_ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local W = 60000
+local lim = {}
+for i = 1, 6 do lim[i] = tonumber(ARGV[i]) end
+if ARGV[10] == '1' then
+  local o = redis.call('HMGET', KEYS[1], 'rpm', 'tpm', 'concurrency')
+  for i = 1, 3 do
+    if o[i] then lim[i] = tonumber(o[i]) end
+  end
+end
+local tokens = tonumber(ARGV[7])
+local ttl = tonumber(ARGV[9])
+local cost = {1, tokens, 1, 1, tokens, 1}
+local level, reset = {}, {}
+local refused, retry = 0, 0
+for i = 1, 6 do
+  level[i], reset[i] = -1, 0
+  local cap = lim[i]
+  if cap >= 0 then
+    local key = KEYS[i + 1]
+    local need = cost[i]
+    local lv
+    if i == 3 or i == 6 then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      lv = cap - redis.call('ZCARD', key)
+      if lv < 1 then
+        if refused == 0 then refused = i end
+        if retry < 1000 then retry = 1000 end
+      end
+    else
+      local h = redis.call('HMGET', key, 'v', 't')
+      lv = cap
+      if h[1] and h[2] then
+        lv = tonumber(h[1]) + (now - tonumber(h[2])) * cap / W
+        if lv > cap then lv = cap end
+      end
+      if need > cap then need = cap end
+      if cap == 0 or lv < need then
+        if refused == 0 then refused = i end
+        local wait = W
+        if cap > 0 then wait = math.ceil((need - lv) * W / cap) end
+        if wait > retry then retry = wait end
+      end
+    end
+    level[i] = lv
+  end
+end
+if refused == 0 then
+  for i = 1, 6 do
+    local cap = lim[i]
+    if cap >= 0 then
+      local key = KEYS[i + 1]
+      level[i] = level[i] - cost[i]
+      if i == 3 or i == 6 then
+        redis.call('ZADD', key, now + ttl, ARGV[8])
+        redis.call('PEXPIRE', key, ttl)
+      else
+        redis.call('HSET', key, 'v', tostring(level[i]), 't', now)
+        redis.call('PEXPIRE', key, math.ceil((cap - level[i]) * W / math.max(cap, 1)) + 1000)
+      end
+    end
+  end
+end
+local out = {refused, retry}
+for i = 1, 6 do out[#out + 1] = lim[i] end
+for i = 1, 6 do
+  local lv = level[i]
+  if lim[i] < 0 then lv = -1 elseif lv < 0 then lv = 0 end
+  out[#out + 1] = math.floor(lv)
+end
+for i = 1, 6 do
+  local r = 0
+  if lim[i] > 0 and i ~= 3 and i ~= 6 and level[i] < lim[i] then
+    r = math.ceil((lim[i] - level[i]) * W / lim[i])
+  end
+  out[#out + 1] = r
+end
+return out
+"""
+
+# KEYS: user tpm, key tpm, user conc, key conc
+# ARGV: tokens to give back (negative: owed), user tpm cap, key tpm cap, request id
+_FINISH_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local W = 60000
+local delta = tonumber(ARGV[1])
+for i = 1, 2 do
+  local cap = tonumber(ARGV[i + 1])
+  if cap > 0 and delta ~= 0 then
+    local h = redis.call('HMGET', KEYS[i], 'v', 't')
+    if h[1] and h[2] then
+      local lv = tonumber(h[1]) + (now - tonumber(h[2])) * cap / W
+      if lv > cap then lv = cap end
+      lv = lv + delta
+      if lv > cap then lv = cap end
+      redis.call('HSET', KEYS[i], 'v', tostring(lv), 't', now)
+      redis.call('PEXPIRE', KEYS[i], math.ceil((cap - lv) * W / cap) + 1000)
+    end
+  end
+end
+redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('ZREM', KEYS[4], ARGV[4])
+return 1
+"""
+
+
+def format_reset(ms: int) -> str:
+    """OpenAI's spelling of a reset time: "20ms", "1s", "6m0s", "1h2m3s"."""
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    s = -(-ms // 1000)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One request's rate-limit decision and what finishing it needs."""
+
+    result: str  # one of DECISIONS
+    headers: dict[str, str]  # the x-ratelimit-* headers (empty when not known)
+    refused: str | None = None  # the dimension over its limit (DIMENSIONS)
+    retry_after_s: int = 0
+    # For `finish`: the keys, the token caps in force, the tokens admitted on.
+    keys: tuple[str, ...] = ()
+    tpm_caps: tuple[int, int] = (NONE, NONE)
+    tokens: int = 0
+    holds_slot: bool = False
+
+
+def _headers(r: list[int]) -> dict[str, str]:
+    """From the script's reply: the tighter of the user's and the key's limits."""
+    lim, level, reset = r[2:8], r[8:14], r[14:20]
+    out: dict[str, str] = {}
+    for suffix, (u, k) in (("requests", (0, 3)), ("tokens", (1, 4))):
+        present = [i for i in (u, k) if lim[i] >= 0]
+        if not present:
+            continue
+        i = min(present, key=lambda j: level[j])
+        out[f"x-ratelimit-limit-{suffix}"] = str(lim[i])
+        out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, level[i]))
+        out[f"x-ratelimit-reset-{suffix}"] = format_reset(reset[i])
+    return out
+
+
+def _wire(s: LimitSet) -> list[int]:
+    return [NONE if v is None else v for v in (s.rpm, s.tpm, s.concurrency)]
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        config: LimitsConfig,
+        prefix: str,
+        on_decision: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        self._config = config
+        self._keys = RedisKeys(prefix)
+        self._budget_s = config.budget_ms / 1000
+        self._fail_log = ThrottledLog(log, config.fail_log_interval_s)
+        self._defaults = _wire(config.user) + _wire(config.key)
+        self._on_decision = on_decision
+        # One pipeline per loop tick for each script (proxy/billing/script_batcher.py).
+        send_timeout = max(1.0, self._budget_s * 10)
+        self._admits = ScriptBatcher(
+            redis, redis.register_script(_ADMIT_LUA), send_timeout, self._admitted_orphan
+        )
+        self._finishes = ScriptBatcher(
+            redis, redis.register_script(_FINISH_LUA), send_timeout, self._finish_failed
+        )
+
+    @property
+    def config(self) -> LimitsConfig:
+        return self._config
+
+    @property
+    def pending(self) -> int:
+        """Scripts queued or in flight (tests wait for 0)."""
+        return self._admits.pending + self._finishes.pending
+
+    def keys_for(self, ctx: BillingContext) -> tuple[str, ...]:
+        uid = ctx.user_id
+        key_scope = f"key:{ctx.principal}"
+        k = self._keys
+        return (
+            k.limits_override(uid),
+            k.limit(uid, "user", "rpm"),
+            k.limit(uid, "user", "tpm"),
+            k.limit(uid, "user", "conc"),
+            k.limit(uid, key_scope, "rpm"),
+            k.limit(uid, key_scope, "tpm"),
+            k.limit(uid, key_scope, "conc"),
+        )
+
+    async def admit(self, ctx: BillingContext, tokens: int, request_id: str) -> Admission:
+        keys = self.keys_for(ctx)
+        limits = list(self._defaults)
+        user_known = ctx.user_id > 0
+        if not user_known:  # nobody to limit as a user: only the key's limits apply
+            limits[0:3] = [NONE, NONE, NONE]
+        args = [
+            *limits,
+            tokens,
+            request_id,
+            int(self._config.slot_ttl_s * 1000),
+            1 if user_known else 0,
+        ]
+        try:
+            async with asyncio.timeout(self._budget_s):
+                reply = await self._admits.call(list(keys), args)
+        except TimeoutError:
+            return self._failed(f"check exceeded its {self._config.budget_ms:g} ms budget")
+        except (RedisError, OSError) as exc:
+            return self._failed(f"Redis error {type(exc).__name__}")
+        r = [int(x) for x in reply]
+        refused, retry_ms = r[0], r[1]
+        headers = _headers(r)
+        if refused:
+            self._on_decision(LIMITED)
+            retry_s = max(1, -(-retry_ms // 1000))
+            return Admission(LIMITED, headers, DIMENSIONS[refused - 1], retry_s)
+        self._on_decision(ALLOW)
+        lim = r[2:8]
+        return Admission(
+            ALLOW,
+            headers,
+            keys=keys,
+            tpm_caps=(lim[1], lim[4]),
+            tokens=tokens,
+            holds_slot=lim[2] >= 0 or lim[5] >= 0,
+        )
+
+    def _failed(self, reason: str) -> Admission:
+        result = FAIL_OPEN if self._config.fail_open else FAIL_CLOSED
+        self._on_decision(result)
+        verdict = "admitting" if result == FAIL_OPEN else "refusing"
+        self._fail_log.warning(f"rate limiter {verdict} (fail {result[5:]}): {reason}")
+        return Admission(result, {})
+
+    def finish(self, admission: Admission, actual_tokens: int, request_id: str) -> None:
+        """The request ended (however): release its slots and correct its token
+        estimate with `actual_tokens`. Runs in the background; a slot it fails to
+        release expires after `slot_ttl_s`."""
+        if admission.result != ALLOW:
+            return
+        counts_tokens = any(c > 0 for c in admission.tpm_caps)
+        delta = admission.tokens - actual_tokens if counts_tokens else 0
+        if not delta and not admission.holds_slot:
+            return
+        k = admission.keys
+        self._finishes.submit([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id])
+
+    def _admitted_orphan(self, call: tuple[list[str], list[Any]], result: Any) -> None:
+        """An admit whose caller gave up (its budget, the client leaving) but that
+        Redis ran: whatever it admitted is given back at once."""
+        if isinstance(result, BaseException) or int(result[0]) != 0:
+            return
+        keys, args = call
+        lim = [int(x) for x in result[2:8]]
+        self._finishes.submit(
+            [keys[2], keys[5], keys[3], keys[6]], [args[6], lim[1], lim[4], args[7]]
+        )
+
+    def _finish_failed(self, _call: tuple[list[str], list[Any]], result: Any) -> None:
+        if isinstance(result, BaseException):
+            self._fail_log.warning(f"rate limiter could not finish a request: {result!r}")
+
+    async def close(self) -> None:
+        """Let the scripts in flight end (briefly), before Redis closes."""
+        await self._admits.close()
+        await self._finishes.close()
+
+
+# -- per-user overrides (llm-proxy limits) -----------------------------------------
+
+
+async def set_override(
+    redis: aioredis.Redis, prefix: str, user_id: int, values: dict[str, int]
+) -> dict[str, int]:
+    """Set some of rpm/tpm/concurrency (-1: unlimited) for one user; returns them all."""
+    key = RedisKeys(prefix).limits_override(user_id)
+    if values:
+        await redis.hset(key, mapping={k: str(v) for k, v in values.items()})
+    return await get_override(redis, prefix, user_id)
+
+
+async def get_override(redis: aioredis.Redis, prefix: str, user_id: int) -> dict[str, int]:
+    raw = await redis.hgetall(RedisKeys(prefix).limits_override(user_id))
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in sorted(raw.items())}
+
+
+async def clear_override(redis: aioredis.Redis, prefix: str, user_id: int) -> bool:
+    return bool(await redis.delete(RedisKeys(prefix).limits_override(user_id)))
