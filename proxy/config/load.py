@@ -36,10 +36,21 @@ from proxy.config.model import (
 from proxy.config.price_rules import parse_price_rules
 from proxy.config.readers import Section
 from proxy.config.request_params import AUDIO, NEUTRAL_PARAMS, SERVICE_TIER, WEB_SEARCH
+from proxy.config.store import parse_store
 from proxy.config.yaml_loader import load_yaml
 from proxy.errors import ConfigError
 
-_TOP_LEVEL = ("providers", "price_rules", "aliases", "auth", "guard", "events", "server")
+_TOP_LEVEL = (
+    "providers",
+    "price_rules",
+    "aliases",
+    "auth",
+    "guard",
+    "events",
+    "server",
+    "packages",
+    "rewards",
+)
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> YamlConfig:
@@ -91,6 +102,7 @@ def parse_config(raw: Any, name: str, env: Mapping[str, str] | None = None) -> Y
         guard=parse_guard(root.get("guard")),
         events=_events(root.get("events")),
         server=_server(root.get("server")),
+        store=parse_store(root.get("packages"), root.get("rewards")),
     )
 
 
