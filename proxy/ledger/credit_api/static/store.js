@@ -146,7 +146,8 @@
     buy.addEventListener("click", () => run(() => buyPackage(p, buy)));
     return el("div", { class: "package", "data-testid": "package", "data-package": p.id },
       el("div", { class: "name", text: p.name }),
-      el("div", { class: "credits", text: fmt.format(p.credits) + " credits" }),
+      el("div", { class: "credits", text: fmt.format(p.credits) },
+        el("span", { class: "unit", text: " credits" })),
       price, buy);
   }
 
@@ -197,6 +198,10 @@
 
   function describe(e) {
     if (e.kind === "charge") return `${e.alias || "request"}` + (e.scene ? ` · ${e.scene}` : "");
+    const order = /^order \S+ \((.+)\)$/.exec(e.reason || "");
+    if (order) return "Bought " + order[1];
+    const reward = /^reward (\S+) /.exec(e.reason || "");
+    if (reward) return "Reward: " + reward[1];
     if (e.kind === "grant") return e.reason || "Credit added";
     return e.reason || e.kind;
   }
