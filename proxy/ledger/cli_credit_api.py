@@ -58,13 +58,10 @@ def cmd_credit_api(args: argparse.Namespace, settings: EnvSettings) -> int:
         asyncio.run(_serve(app, args.host, args.port))
     except LedgerNotMigrated as exc:
         raise ConfigError(str(exc)) from None
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
         orig = getattr(exc, "orig", None) or exc
-        raise StartupError(f"credit-api: database: {str(orig).splitlines()[0]}") from None
-    except OSError as exc:
-        raise StartupError(
-            f"credit-api: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-        ) from None
+        line = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        raise StartupError(f"credit-api: database: {line}") from None
     return 0
 
 
@@ -72,7 +69,11 @@ async def _serve(app: web.Application, host: str, port: int) -> None:
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise StartupError(f"cannot listen on {host}:{port}: {reason}") from None
         log.info("credit api on http://%s:%d (store page: /store)", host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
