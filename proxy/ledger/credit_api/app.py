@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.config import AuthConfig, EnvSettings, YamlConfig
 from proxy.config.store import StoreConfig
@@ -114,7 +116,16 @@ def install_credit_api(app: web.Application, options: CreditApiOptions) -> None:
 def build_credit_app(options: CreditApiOptions) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
 
-    async def healthz(_request: web.Request) -> web.Response:
+    async def healthz(request: web.Request) -> web.Response:
+        """200 while the database answers."""
+        services = request.app[SERVICES].services
+        try:
+            if services is None:
+                raise OSError("not started")
+            async with services.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError):
+            return web.json_response({"status": "database unavailable"}, status=503)
         return web.json_response({"status": "ok"})
 
     app.router.add_get("/healthz", healthz)
