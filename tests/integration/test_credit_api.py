@@ -446,3 +446,56 @@ async def test_history_pages_never_skip_or_repeat_while_entries_arrive(
     # Every entry that existed when paging began is there; newer ones may be (page 1).
     assert before <= set(seen)
     assert set(seen) - before <= {i for i in seen if i > max(before)}
+
+
+async def test_demo_route_pays_only_the_callers_own_order(start_credit_api: StartCreditApi) -> None:
+    from proxy.contract.redis_keys import key_sha256
+
+    api = await start_credit_api(demo=True, static_keys={key_sha256("sk-llmp-demo-x"): 42})
+    key6 = await api.user_key(6)
+    _, mine = await api.call(
+        "POST",
+        "/v1/credit/orders",
+        "sk-llmp-demo-x",
+        json={"package_id": "starter"},
+        headers={"Idempotency-Key": "d"},
+    )
+    _, theirs = await api.call(
+        "POST",
+        "/v1/credit/orders",
+        key6,
+        json={"package_id": "starter"},
+        headers={"Idempotency-Key": "d"},
+    )
+    status, _ = await api.call(
+        "POST", f"/demo/orders/{theirs['id']}/simulate-payment", "sk-llmp-demo-x"
+    )
+    assert status == 403
+    status, paid = await api.call(
+        "POST", f"/demo/orders/{mine['id']}/simulate-payment", "sk-llmp-demo-x"
+    )
+    assert (status, paid["status"], paid["granted"], paid["balance"]) == (200, "paid", True, 5000)
+    status, again = await api.call(
+        "POST", f"/demo/orders/{mine['id']}/simulate-payment", "sk-llmp-demo-x"
+    )
+    assert (status, again["granted"], again["balance"]) == (200, False, 5000)
+
+
+async def test_auth_mode_none_trusts_x_user_id_but_not_for_admin_actions(
+    start_credit_api: StartCreditApi,
+) -> None:
+    from proxy.config.load import parse_auth
+
+    api = await start_credit_api(auth=parse_auth({"mode": "none"}))
+    await grant(Book(api.engine), 8, 80, "g8")
+    status, bal = await api.call("GET", "/v1/credit/balance", headers={"X-User-Id": "8"})
+    assert (status, bal["balance"]) == (200, 80)
+    status, _ = await api.call("GET", "/v1/credit/balance", "sk-llmp-wrong")  # a key is checked
+    assert status == 401
+    status, _ = await api.call(
+        "POST",
+        "/v1/credit/rewards/signup",
+        json={"user_id": 8, "reference": "x"},
+        headers={"X-User-Id": "8"},
+    )
+    assert status == 403
