@@ -13,6 +13,7 @@ import redis
 import proxy
 from proxy.config import EnvSettings
 from proxy.ledger import cli as ledger_cli
+from proxy.ledger.schema import SCHEMA_VERSION
 from tests.fixtures_redis import RedisServer
 
 
@@ -42,8 +43,9 @@ def cli(ledger_url: str, capsys: pytest.CaptureFixture[str]) -> Cli:
 def test_unmigrated_database_is_one_line_and_exit_2(cli: Cli) -> None:
     code, _, err = cli("credits", "show", "1")
     assert code == 2 and "llm-proxy ledger migrate" in err and err.count("\n") == 1
-    assert cli("ledger", "migrate", "--json")[:2] == (0, {"from": 0, "to": 1})
-    assert cli("ledger", "migrate", "--json")[:2] == (0, {"from": 1, "to": 1})
+    v = SCHEMA_VERSION
+    assert cli("ledger", "migrate", "--json")[:2] == (0, {"from": 0, "to": v})
+    assert cli("ledger", "migrate", "--json")[:2] == (0, {"from": v, "to": v})
 
 
 def test_grant_adjust_show_ledger_usage(cli: Cli) -> None:
