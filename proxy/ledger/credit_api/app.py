@@ -46,6 +46,9 @@ class CreditApiOptions:
     demo: bool = False  # adds the demo's "simulate payment" route
     static_keys: Mapping[str, int] = field(default_factory=dict)  # sha256 hex -> user
     migrate: bool = False  # migrate the database at start (else: refuse an old one)
+    # Where `held` comes from; default: the Redis holds with Redis, else none. The
+    # embedded ledger's in-process holds plug in here.
+    held: HeldSource | None = None
 
     @classmethod
     def of(cls, config: YamlConfig, settings: EnvSettings, **overrides: object) -> CreditApiOptions:
@@ -84,6 +87,8 @@ def install_credit_api(app: web.Application, options: CreditApiOptions) -> None:
                 keys.append(RedisKeySource(redis, options.prefix, options.auth.redis_timeout_s))
                 held = RedisHolds(redis, options.prefix)
                 projection = Projection(redis, options.prefix)
+            if options.held is not None:
+                held = options.held
             holder.services = CreditServices(
                 engine=engine,
                 reader=Reader(engine),

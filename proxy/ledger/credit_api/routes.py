@@ -7,6 +7,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
@@ -247,6 +248,8 @@ async def order_paid(request: web.Request) -> web.Response:
     """A service key, or the payment provider's webhook signed over the body."""
     svc = _svc(request)
     raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise invalid_request(f"request body exceeds {MAX_BODY} bytes")
     signature = request.headers.get("X-Signature")
     if signature is not None:
         if not svc.webhook_secret:
@@ -266,13 +269,7 @@ async def order_paid(request: web.Request) -> web.Response:
         # A signed body names its order, so it cannot be replayed against another one.
         raise invalid_request("the signed body's order_id is not this order", param="order_id")
     order = await _order_of(svc, order_id)
-    for field in ("amount", "currency"):
-        given = body.get(field)
-        expected = order.price if field == "amount" else order.currency
-        if given is not None and str(given) != expected:
-            raise conflict(
-                f"{field} {str(given)[:32]!r} is not the order's {expected!r}", "payment_mismatch"
-            )
+    _check_paid_amount(order, body)
     reference = body.get("payment_reference")
     reference = str(reference)[:128] if reference is not None else None
     payment = await svc.orders.pay(order, reference)
@@ -280,6 +277,25 @@ async def order_paid(request: web.Request) -> web.Response:
     if payment.granted:
         log.info("credit api: order %s paid, %d credits granted", order.id, order.credits)
     return _payment(payment)
+
+
+def _check_paid_amount(order: Order, body: dict[str, Any]) -> None:
+    """What the payment says it paid, when it says so, must be the order's price."""
+    amount, currency = body.get("amount"), body.get("currency")
+    if amount is not None:
+        try:
+            same = Decimal(str(amount)) == Decimal(order.price)
+        except InvalidOperation:
+            same = False
+        if not same:
+            raise conflict(
+                f"amount {str(amount)[:32]!r} is not the order's {order.price}", "payment_mismatch"
+            )
+    if currency is not None and str(currency).upper() != order.currency:
+        raise conflict(
+            f"currency {str(currency)[:8]!r} is not the order's {order.currency}",
+            "payment_mismatch",
+        )
 
 
 @_database
