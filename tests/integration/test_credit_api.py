@@ -320,14 +320,24 @@ async def test_payment_grants_exactly_once(start_credit_api: StartCreditApi) -> 
     snap = await api.redis.get(RedisKeys(api.prefix).snapshot(5))
     assert snap is not None and orjson.loads(snap)["available_credit"] == 5000
 
-    # A service key pays the other order.
+    # The amount is compared as a number ("9.000" is the order's 9.00), the currency
+    # in any case.
+    same = orjson.dumps({"order_id": other["id"], "amount": "9.000", "currency": "eur"})
+    status, p2 = await api.call(
+        "POST",
+        f"/v1/credit/orders/{other['id']}/paid",
+        data=same,
+        headers={"X-Signature": sign(WEBHOOK_SECRET, same)},
+    )
+    assert (status, p2["granted"], p2["balance"]) == (200, True, 55000)
+    # A service key on an order its webhook paid: nothing more.
     status, p2 = await api.call(
         "POST",
         f"/v1/credit/orders/{other['id']}/paid",
         SERVICE_KEY,
         json={"payment_reference": "manual"},
     )
-    assert (status, p2["granted"], p2["balance"]) == (200, True, 55000)
+    assert (status, p2["granted"], p2["balance"]) == (200, False, 55000)
     status, err = await api.call(
         "POST", "/v1/credit/orders/ord_000000000000000000000000/paid", SERVICE_KEY, json={}
     )
