@@ -4,7 +4,8 @@ events -> the ledger -> the credit API -> the numbers on the page.
 
 Also: a wrong key shows the error, switching periods changes the numbers, "load
 more" appends older rows, buying a package and simulating its payment raises the
-balance, and the page fits a phone's width. Saves docs/store.png.
+balance, and the page fits a phone's width. Saves docs/store.png and
+docs/store-phone.png.
 """
 
 from __future__ import annotations
@@ -226,6 +227,11 @@ async def test_store_page_end_to_end(
             "'#' + e.id + ' ' + Math.round(e.getBoundingClientRect().right))"
         )
         assert width <= 375, wide
+        await page.get_by_test_id("period-24h").click()
+        await expect(page.get_by_test_id("usage-credits")).to_have_attribute(
+            "data-value", str(seen["24h"])
+        )
+        await page.screenshot(path=str(DOCS / "store-phone.png"))
         assert not page_errors, page_errors
     finally:
         await context.close()
