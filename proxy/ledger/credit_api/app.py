@@ -26,7 +26,8 @@ from proxy.ledger.credit_api.auth import (
 from proxy.ledger.credit_api.held import HeldSource, NoHolds, RedisHolds
 from proxy.ledger.credit_api.orders import Orders
 from proxy.ledger.credit_api.rewards import Rewards
-from proxy.ledger.credit_api.routes import SERVICES, CreditServices, ServicesHolder, add_routes
+from proxy.ledger.credit_api.routes import add_routes
+from proxy.ledger.credit_api.services import SERVICES, CreditServices, ServicesHolder
 from proxy.ledger.credit_api.store_page import add_store_routes
 from proxy.ledger.database import migrate, open_engine, require_migrated
 from proxy.ledger.projection import Projection
