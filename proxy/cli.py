@@ -101,10 +101,14 @@ def cmd_fake_upstream(args: argparse.Namespace, settings: EnvSettings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: EnvSettings) -> int:
-    """Proxy plus fake upstream in one process: the offline quick start."""
+    """Proxy, fake upstream and credit API + store page in one process: the offline
+    quick start."""
     import yaml
 
+    from proxy.contract.redis_keys import key_sha256
     from proxy.devtools.fake_upstream import Behaviour, build_fake_app
+    from proxy.ledger.credit_api.app import CreditApiOptions, install_credit_api
+    from proxy.ledger.credit_api.demo import DEMO_USER, demo_store_key
     from proxy.server.app import build_app
     from proxy.server.serve import install_event_loop, listen_failed
 
@@ -124,11 +128,19 @@ def cmd_demo(args: argparse.Namespace, settings: EnvSettings) -> int:
         fake_port = int(fake.addresses[0][1])
         demo_yaml["providers"]["fake"]["base_url"] = f"http://127.0.0.1:{fake_port}/v1"
         config = parse_config(demo_yaml, str(demo_file), {})
-        runner = web.AppRunner(
-            build_app(config, settings, embedded_ledger=_embedded_ledger(settings)),
-            access_log=None,
-            handler_cancellation=True,
+        app = build_app(config, settings, embedded_ledger=_embedded_ledger(settings))
+        store_key = demo_store_key()
+        install_credit_api(
+            app,
+            CreditApiOptions.of(
+                config,
+                settings,
+                demo=True,
+                static_keys={key_sha256(store_key): DEMO_USER},
+                migrate=True,
+            ),
         )
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
         try:
             await web.TCPSite(runner, args.host, args.port).start()
@@ -137,6 +149,13 @@ def cmd_demo(args: argparse.Namespace, settings: EnvSettings) -> int:
                 args.host,
                 args.port,
                 fake_port,
+            )
+            log.info(
+                "demo store on http://%s:%d/store: sign in with %s (user %d)",
+                args.host,
+                args.port,
+                store_key,
+                DEMO_USER,
             )
             await asyncio.Event().wait()
         except OSError as exc:

@@ -6,10 +6,14 @@ status, type and code are spelled in one place.
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import Any
 
 import orjson
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -184,6 +188,44 @@ def insufficient_credit() -> ApiError:
     )
 
 
+# -- the credit API (proxy.ledger.credit_api) ------------------------------------------
+
+
+def not_found(what: str, code: str = "not_found") -> ApiError:
+    return ApiError(404, what, code=code)
+
+
+def conflict(message: str, code: str) -> ApiError:
+    return ApiError(409, message, code=code)
+
+
+def idempotency_key_required() -> ApiError:
+    return ApiError(
+        400,
+        "send an Idempotency-Key header (1-128 visible ASCII characters): "
+        "retrying with the same key returns the same order",
+        code="idempotency_key_required",
+        param="Idempotency-Key",
+    )
+
+
+def bad_signature(message: str) -> ApiError:
+    """A payment webhook whose X-Signature is missing, malformed or wrong."""
+    return ApiError(
+        401, message, type="invalid_request_error", code="invalid_signature", param="X-Signature"
+    )
+
+
+def ledger_unavailable(what: str = "ledger database") -> ApiError:
+    return ApiError(
+        503,
+        f"the {what} is temporarily unavailable, please retry",
+        type="service_unavailable",
+        code="ledger_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 # -- the upstream -----------------------------------------------------------------
 
 
@@ -323,3 +365,29 @@ def rate_limit_unavailable() -> ApiError:
         code="rate_limit_unavailable",
         headers={"Retry-After": "1"},
     )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error leaves in OpenAI's shape, never as a stack trace or HTML page."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return err.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code, etype = HTTP_CODES.get(exc.status, ("http_error", "invalid_request_error"))
+        message = exc.reason if exc.status != 404 else f"unknown route {request.path!r}"
+        if exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path!r}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return web.Response(
+            status=exc.status,
+            body=error_body(message, etype, code),
+            content_type="application/json",
+            headers=headers,
+        )
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return internal_error().response()

@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures_kafka",
     "tests.fixtures_postgres",
     "tests.fixtures_proxy",
+    "tests.fixtures_credit_api",
 ]

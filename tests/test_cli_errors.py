@@ -157,3 +157,31 @@ def test_argument_errors_are_one_line_in_one_wording(argv: tuple[str, ...], expe
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert expected in one_line(proc)
+
+
+def test_credit_api_refuses_an_unmigrated_database_in_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    proc = run(
+        "credit-api", "--config", CONFIG, "--port", "18998", env={"LEDGER_DATABASE_URL": url}
+    )
+    assert proc.returncode == 2
+    assert "llm-proxy ledger migrate" in one_line(proc)
+
+
+def test_credit_api_port_in_use_is_one_line_exit_1(tmp_path: Path, taken_port: int) -> None:
+    env = {"LEDGER_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.sqlite3'}"}
+    assert run("ledger", "migrate", "--config", CONFIG, env=env).returncode == 0
+    proc = run("credit-api", "--config", CONFIG, "--port", str(taken_port), env=env)
+    assert proc.returncode == 1
+    line = one_line(proc)
+    assert line.startswith("llm-proxy: cannot listen on 127.0.0.1:") and "in use" in line
+
+
+def test_credit_api_bad_store_config_is_one_line_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        Path(CONFIG).read_text() + "\npackages:\n  - {id: p1, credits: 10, price: cheap}\n"
+    )
+    proc = run("credit-api", "--config", str(bad))
+    assert proc.returncode == 2
+    assert "packages[0].price: not a decimal price: 'cheap'" in one_line(proc)

@@ -29,21 +29,14 @@ from collections.abc import Callable, Mapping
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from proxy.billing.payer import (
-    DIGITS_RE,
-    VISIBLE_ASCII_RE,
-    BillingContext,
-    body_user_id,
-    parse_user_id,
-)
+from proxy.billing.payer import BillingContext, body_user_id, parse_user_id
 from proxy.config.model import AuthConfig, AuthMode, ServiceKey
-from proxy.contract.payers import MAX_USER_ID
+from proxy.contract.bearer import MalformedAuthorization, bearer_key
+from proxy.contract.payers import stored_user_id
 from proxy.contract.redis_keys import RedisKeys, key_digest
 from proxy.errors import auth_unavailable, forbidden, unauthorized
 
 log = logging.getLogger(__name__)
-
-MAX_KEY_LEN = 512  # longer "keys" are garbage; refuse before hashing them
 
 
 class _UserKeyCache:
@@ -218,7 +211,7 @@ class Authenticator:
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("user key lookup failed, answering 503: %s", type(exc).__name__)
             raise auth_unavailable() from None
-        user_id = _stored_user_id(raw)
+        user_id = stored_user_id(raw)
         if user_id is None:
             if raw is not None:
                 log.error("malformed user id stored for an API key; treating the key as unknown")
@@ -241,29 +234,14 @@ def _context(headers: Mapping[str, str], user_id: int, principal: str) -> Billin
 
 
 def _bearer_key(header: str | None) -> str:
-    if header is None or not header.strip():
+    try:
+        key = bearer_key(header)
+    except MalformedAuthorization:
+        raise unauthorized(
+            "Malformed Authorization header: expected 'Bearer <key>'", invalid_token=True
+        ) from None
+    if key is None:
         raise unauthorized(
             "Missing API key: send 'Authorization: Bearer <key>'", invalid_token=False
         )
-    scheme, _, key = header.strip().partition(" ")
-    key = key.strip()
-    if (
-        scheme.lower() != "bearer"
-        or not key
-        or len(key) > MAX_KEY_LEN
-        or not VISIBLE_ASCII_RE.fullmatch(key)
-    ):
-        raise unauthorized(
-            "Malformed Authorization header: expected 'Bearer <key>'", invalid_token=True
-        )
     return key
-
-
-def _stored_user_id(raw: bytes | str | None) -> int | None:
-    if raw is None:
-        return None
-    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
-    if not DIGITS_RE.fullmatch(text.strip()):
-        return None
-    value = int(text)
-    return value if 0 < value <= MAX_USER_ID else None

@@ -15,6 +15,7 @@ environments unchanged. Read once, at start-up, into a frozen `EnvSettings`.
 | `LLM_PROXY_SINK_PATH` | JSON-lines sink (no Kafka, no embedded) | `data/charge-events.jsonl` |
 | `LEDGER_DATABASE_URL` | ledger database (`postgresql://…`) | `sqlite:///data/ledger.sqlite3` |
 | `LLM_PROXY_EMBEDDED_LEDGER` | without Kafka, apply charges to the embedded ledger | on |
+| `CREDIT_WEBHOOK_SECRET` | HMAC-SHA256 secret of the payment webhook | none (webhook off) |
 | `LLM_PROXY_METERING` | `off`: benchmark switch, streams unmetered (1 token) | on |
 | `LLM_PROXY_WORKERS` | `serve --workers` default | 1 |
 | `LLM_PROXY_WORKER` | set by `serve --workers` in each worker: its index | none |
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.config.readers import flag_word
 from proxy.errors import ConfigError
@@ -46,6 +47,7 @@ SINK_PATH_ENV = "LLM_PROXY_SINK_PATH"
 IDEMPOTENCE_ENV = "LLM_PROXY_KAFKA_IDEMPOTENCE"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "LLM_PROXY_WORKER"
+WEBHOOK_SECRET_ENV = "CREDIT_WEBHOOK_SECRET"
 
 
 def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -96,6 +98,8 @@ class EnvSettings:
     # without the meter and charged a nominal 1 token; bench/bench_metering.py
     # measures what metering costs against it.
     metering: bool = True
+    # The payment provider's webhook secret (credit API: `POST /v1/credit/orders/{id}/paid`).
+    credit_webhook_secret: str | None = field(default=None, repr=False)
     config_path: str | None = None  # LLM_PROXY_CONFIG as given (None: not set)
     log_level: str = "info"
     workers: str = "1"  # parsed by the CLI, which owns the error message
@@ -121,6 +125,7 @@ class EnvSettings:
             ledger_database_url=opt(LEDGER_DATABASE_ENV) or DEFAULT_LEDGER_DATABASE_URL,
             embedded_ledger=env_flag(env, EMBEDDED_LEDGER_ENV, True),
             metering=env_flag(env, "LLM_PROXY_METERING", True),
+            credit_webhook_secret=opt(WEBHOOK_SECRET_ENV),
             config_path=opt(CONFIG_ENV),
             log_level=_log_level(opt("LOG_LEVEL")),
             workers=opt("LLM_PROXY_WORKERS") or "1",

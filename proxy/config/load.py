@@ -39,6 +39,7 @@ from proxy.config.model import (
 from proxy.config.price_rules import parse_price_rules
 from proxy.config.readers import Section
 from proxy.config.request_params import AUDIO, NEUTRAL_PARAMS, SERVICE_TIER, WEB_SEARCH
+from proxy.config.store import parse_store
 from proxy.config.traffic import (
     check_fallbacks,
     parse_fallbacks,
@@ -59,6 +60,8 @@ _TOP_LEVEL = (
     "server",
     "routing",
     "limits",
+    "packages",
+    "rewards",
 )
 
 
@@ -115,6 +118,7 @@ def parse_config(raw: Any, name: str, env: Mapping[str, str] | None = None) -> Y
         server=_server(root.get("server")),
         routing=routing,
         limits=parse_limits(root.get("limits")),
+        store=parse_store(root.get("packages"), root.get("rewards")),
     )
 
 

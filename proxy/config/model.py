@@ -13,6 +13,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from proxy.config.request_params import AUDIO, SERVICE_TIER, WEB_SEARCH
+from proxy.config.store import StoreConfig
 from proxy.contract.redis_keys import DEFAULT_PREFIX
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -360,3 +361,4 @@ class YamlConfig:
     server: ServerConfig
     routing: RoutingPolicy = RoutingPolicy()
     limits: LimitsConfig = LimitsConfig()
+    store: StoreConfig = field(default_factory=StoreConfig)  # packages, rewards (credit API)

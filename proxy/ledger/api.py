@@ -32,14 +32,18 @@ def _json(status: int, data: object) -> web.Response:
 
 
 async def credit_snapshot(request: web.Request) -> web.Response:
-    raw = request.match_info["user_id"]
+    return await snapshot_response(request.app[READER], request.match_info["user_id"])
+
+
+async def snapshot_response(reader: Reader, raw: str) -> web.Response:
+    """The answer of `GET /users/{raw}/credit-snapshot` (the credit API serves it too)."""
     try:
         user_id = int(raw) if raw.isdigit() else -1
         check_user_id(user_id)
     except ValueError:
         return _json(400, {"error": f"not a user id: {raw[:40]!r}"})
     try:
-        account = await request.app[READER].account(user_id)
+        account = await reader.account(user_id)
     except (SQLAlchemyError, OSError) as exc:
         log.warning("credit snapshot of user %d: database error %s", user_id, type(exc).__name__)
         return _json(503, {"error": "ledger database unavailable"})

@@ -25,6 +25,7 @@ from proxy.ledger.cli_common import (
     user_id,
     with_redis,
 )
+from proxy.ledger.cli_credit_api import register_credit_api
 from proxy.ledger.cli_credits import register_credits
 from proxy.ledger.cli_ledger import register_ledger
 
@@ -45,6 +46,7 @@ def register(
     """`parents`: options every command takes (the CLI's --log-level)."""
     common = argparse.ArgumentParser(add_help=False, parents=[*parents, common_parser()])
     register_ledger(subparsers, common)
+    register_credit_api(subparsers, list(parents))
 
     credits = subparsers.add_parser("credits", help="grant, adjust and inspect credit balances")
     csub = credits.add_subparsers(dest="credits_command", required=True, metavar="COMMAND")

@@ -13,6 +13,12 @@ the versioned migrations that create them.
   updated in the transaction that inserts the entries, read by `credits usage`.
 - `dead_letters`: events the embedded ledger could not apply (with Kafka the
   dead-letter topic holds them), once per distinct payload.
+- `orders`: credit packages bought through the credit API (migration 2): `pending`
+  until paid, then `paid` once; the package is copied in, so a later config change
+  does not alter an order. (user_id, idempotency_key) is UNIQUE.
+- `reward_grants`: rewards granted (migration 2). UNIQUE (rule, user, reference)
+  makes a replay a no-op; UNIQUE (rule, user, slot) enforces the rule's limit (slot
+  `once`, or `<day>#<n>` for n up to max_per_day) without a lock.
 - `ledger_schema`: the applied migration version.
 """
 
@@ -34,6 +40,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
+    UniqueConstraint,
     inspect,
     text,
 )
@@ -109,6 +116,39 @@ dead_letters = Table(
     Column("created_at", _TS, nullable=False),
 )
 
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("user_id", BigInteger, nullable=False),
+    Column("idempotency_key", Text, nullable=False),
+    Column("package_id", Text, nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    Column("price", Text, nullable=False),  # decimal string, as the package said
+    Column("currency", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("payment_reference", Text),
+    Column("created_at", _TS, nullable=False),
+    Column("paid_at", _TS),
+    CheckConstraint("status IN ('pending', 'paid')", name="orders_status_check"),
+    UniqueConstraint("user_id", "idempotency_key", name="orders_user_idempotency_key"),
+    Index("orders_user_id_created_at", "user_id", "created_at"),
+)
+
+reward_grants = Table(
+    "reward_grants",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("rule_id", Text, nullable=False),
+    Column("user_id", BigInteger, nullable=False),
+    Column("reference", Text, nullable=False),
+    Column("slot", Text, nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    Column("granted_at", _TS, nullable=False),
+    UniqueConstraint("rule_id", "user_id", "reference", name="reward_grants_reference"),
+    UniqueConstraint("rule_id", "user_id", "slot", name="reward_grants_slot"),
+)
+
 ledger_schema = Table(
     "ledger_schema",
     metadata,
@@ -127,7 +167,15 @@ def _v2_entries_endpoint(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE entries ADD COLUMN endpoint TEXT"))
 
 
+def _v3_credit_store(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[orders, reward_grants])
+
+
 # Append-only: each step runs once, in order, in its own transaction with the
 # version bump. Never edit a released step; add the next one.
-MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (_v1, _v2_entries_endpoint)
+MIGRATIONS: Final[tuple[Callable[[Connection], None], ...]] = (
+    _v1,
+    _v2_entries_endpoint,
+    _v3_credit_store,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)

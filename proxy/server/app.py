@@ -2,48 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from aiohttp import web
 
 from proxy.billing.encodings import EncodingRegistry
 from proxy.config import EnvSettings, YamlConfig
-from proxy.errors import HTTP_CODES, ApiError, error_body, internal_error
+from proxy.errors import error_middleware
 from proxy.server import handlers, stored_responses
 from proxy.server.lifecycle import EmbeddedLedgerFactory, start_state, stop_state
 from proxy.server.limits_step import add_rate_limit_headers
 from proxy.server.state import STATE
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observer import Observer
-
-log = logging.getLogger(__name__)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Every error leaves in OpenAI's shape, never as a stack trace or HTML page."""
-    try:
-        return await handler(request)
-    except ApiError as err:
-        return err.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code, etype = HTTP_CODES.get(exc.status, ("http_error", "invalid_request_error"))
-        message = exc.reason if exc.status != 404 else f"unknown route {request.path!r}"
-        if exc.status == 405:
-            message = f"method {request.method} is not allowed on {request.path!r}"
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return web.Response(
-            status=exc.status,
-            body=error_body(message, etype, code),
-            content_type="application/json",
-            headers=headers,
-        )
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return internal_error().response()
 
 
 def build_app(

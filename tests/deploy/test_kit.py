@@ -402,7 +402,7 @@ def test_compose_sets_only_variables_the_programs_read() -> None:
     config = load_config(DEPLOY_CONFIG, {})
     read |= {p.api_key_env for p in config.providers.values() if p.api_key_env}
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    for name in ("proxy", "ledger", "ledger-migrate", "kafka-init"):
+    for name in ("proxy", "ledger", "ledger-migrate", "kafka-init", "credit-api"):
         unknown = set(services[name].get("environment", {})) - read
         assert not unknown, f"{name}: variables nothing reads: {sorted(unknown)}"
 

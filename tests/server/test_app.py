@@ -144,7 +144,7 @@ async def test_unexpected_exception_is_500_without_traceback(
     middleware_url: tuple[str, aiohttp.ClientSession], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, session = middleware_url
-    with caplog.at_level(logging.ERROR, logger="proxy.server.app"):
+    with caplog.at_level(logging.ERROR, logger="proxy.errors"):
         async with session.get(f"{url}/boom") as resp:
             assert resp.status == 500
             assert resp.content_type == "application/json"
