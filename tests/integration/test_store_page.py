@@ -4,12 +4,13 @@ events -> the ledger -> the credit API -> the numbers on the page.
 
 Also: a wrong key shows the error, switching periods changes the numbers, "load
 more" appends older rows, buying a package and simulating its payment raises the
-balance, and the page fits a phone's width. Saves docs/store.png and
-docs/store-phone.png.
+balance, and the page fits a phone's width. Saves the screenshots
+docs/store.png and docs/store-phone.png when STORE_SCREENSHOTS=docs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Sequence
@@ -35,7 +36,13 @@ from proxy.ledger.embedded import EmbeddedLedger, open_embedded_ledger
 from tests.fixtures_proxy import StartProxy
 from tests.ledger_events import charge_event
 
+# The README's screenshots are refreshed only on request (STORE_SCREENSHOTS=docs), so a
+# test run never modifies the checkout; otherwise they go to a temporary directory.
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def shots_dir(tmp_path: Path) -> Path:
+    return DOCS if os.environ.get("STORE_SCREENSHOTS") == "docs" else tmp_path
 USER = 7
 STORE_KEY = "sk-llmp-store-page-test-key"
 HOUR_MS = 3_600_000
@@ -206,7 +213,7 @@ async def test_store_page_end_to_end(
         await expect(page.get_by_test_id("usage-credits")).to_have_attribute(
             "data-value", str(seen["30d"])
         )
-        await page.screenshot(path=str(DOCS / "store.png"), full_page=True)
+        await page.screenshot(path=str(shots_dir(tmp_path) / "store.png"), full_page=True)
 
         # Buy + simulate payment: the balance goes up by the package's credits.
         before = await _shown(page, "balance")
@@ -231,7 +238,7 @@ async def test_store_page_end_to_end(
         await expect(page.get_by_test_id("usage-credits")).to_have_attribute(
             "data-value", str(seen["24h"])
         )
-        await page.screenshot(path=str(DOCS / "store-phone.png"))
+        await page.screenshot(path=str(shots_dir(tmp_path) / "store-phone.png"))
         assert not page_errors, page_errors
     finally:
         await context.close()
