@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.billing.payer import (
@@ -80,7 +81,7 @@ class Authenticator:
     def __init__(
         self,
         config: AuthConfig,
-        redis: aioredis.Redis | None,
+        redis: aioredis.Redis | RedisCluster | None,
         prefix: str,
         *,
         clock: Callable[[], float] = time.monotonic,

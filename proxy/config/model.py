@@ -21,6 +21,12 @@ DEFAULT_ENCODING = "o200k_base"
 SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
 # `Charge.rule_id` of aliases marked `free: true`; reserved, no price rule may use it.
 FREE_RULE_ID = "free"
+# Admission defaults (README "Credit guard"): the output allowance of a request that
+# names no limit; the fewest output tokens a clamped request may be left with; how
+# long a hold counts (above the default providers.*.timeouts.total of 600 s).
+DEFAULT_RESERVE_OUTPUT_TOKENS = 4096
+DEFAULT_CLAMP_MIN_TOKENS = 16
+DEFAULT_HOLD_TTL_S = 900.0
 ANY_SCENE = "*"
 SCENE_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}")
 
@@ -165,6 +171,21 @@ class PriceRule:
         return None
 
 
+class OnInsufficient(StrEnum):
+    REFUSE = "refuse"  # 402 credit_balance_insufficient
+    CLAMP = "clamp"  # lower the output limit to what the credit left affords
+
+
+class GuardMode(StrEnum):
+    RESERVE = "reserve"  # hold the estimate before the call, settle after
+    CHECK = "check"  # the original fail-open pre-check ("has any credit?")
+
+
+class FailPolicy(StrEnum):
+    OPEN = "open"  # Redis/the books unreachable: serve (counted, logged)
+    CLOSED = "closed"  # ... refuse with 503 guard_unavailable
+
+
 @dataclass(frozen=True, slots=True)
 class Alias:
     name: str
@@ -178,6 +199,12 @@ class Alias:
     cost_in_band: bool = False
     # The provider's policy with this alias's overrides applied (proxy.config.load).
     disconnect: DisconnectPolicy = DisconnectPolicy()
+    # Admission (guard.mode: reserve, proxy.billing.estimate): the output allowance
+    # reserved when the request names no max_completion_tokens/max_tokens, and what
+    # to do when the credit left does not cover the estimate.
+    reserve_output_tokens: int = DEFAULT_RESERVE_OUTPUT_TOKENS
+    on_insufficient: OnInsufficient = OnInsufficient.REFUSE
+    clamp_min_tokens: int = DEFAULT_CLAMP_MIN_TOKENS
 
     @property
     def price_rule_id(self) -> str:
@@ -228,6 +255,11 @@ class GuardConfig:
     local_cache: bool = True
     local_cache_max_age_s: float = 1.0
     local_cache_max_entries: int = 100_000
+    mode: GuardMode = GuardMode.RESERVE
+    # A hold counts for this long after it was written (at admission, and again
+    # from settlement on, to cover the ledger's lag); then it is purged.
+    hold_ttl_s: float = DEFAULT_HOLD_TTL_S
+    fail: FailPolicy = FailPolicy.OPEN
 
 
 @dataclass(frozen=True, slots=True)

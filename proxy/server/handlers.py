@@ -13,11 +13,11 @@ import time
 import orjson
 from aiohttp import web
 
-from proxy.billing.guard import GuardDecision
+from proxy.billing.admission import admit, settle_hold
 from proxy.billing.record import Exchange
 from proxy.billing.settlement import Settlement, quote, settle
 from proxy.contract.outcome import Outcome
-from proxy.errors import ApiError, credentials_missing, insufficient_credit
+from proxy.errors import ApiError, credentials_missing
 from proxy.server.chat_request import body_user, decode_body, parse_chat_request, read_body
 from proxy.server.readiness import readiness
 from proxy.server.state import STATE, ProxyState
@@ -53,6 +53,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # lose it; then the request waits (shielded) for its batch to be on disk.
         now = time.perf_counter()
         committed, settlement = _settle(state, ex, now)
+        settle_hold(state.guard, ex, settlement)  # the hold becomes the charge
         recorded = time.perf_counter()
         try:
             if committed is not None:
@@ -81,10 +82,8 @@ async def _chat_completions(
     ex.chat = chat = parse_chat_request(body, state.config.aliases, started_ms=ex.started_ms)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
-    decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
-    ex.guard_decision = decision
-    if decision is GuardDecision.BLOCK:
-        raise insufficient_credit()
+    # Credit is reserved (or checked) before the call; clamp mode may lower the limit.
+    chat = await admit(state.guard, state.config.guard.mode, ex)
 
     provider = chat.alias.provider
     if provider.key_missing:
