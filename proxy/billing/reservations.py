@@ -179,20 +179,24 @@ class RedisReservations:
             cached = cache.lookup((keys[1],))
             if cached is not None and cached[0] is not None:
                 return self._count(Reservation(Reserved.REFUSED))  # blocked: no I/O
+        stage = f"reservation exceeded its {self._config.budget_ms:g} ms budget"
         try:
             async with asyncio.timeout(self._budget_s):
                 reply = await self._first_run(keys, hold, estimate, floor)
-                if reply[0] in (_MISSING, _UNREADABLE) and self.guard.has_provider:
-                    # Decided from the ledger: its answer is written back, then the
-                    # script runs again on it (a user it does not know has 0).
+            if reply[0] in (_MISSING, _UNREADABLE) and self.guard.has_provider:
+                # Decided from the ledger, within the provider's own time bound: its
+                # answer is written back, then the script runs again on it (a user
+                # the ledger does not know has 0).
+                stage = "the snapshot provider timed out"
+                async with asyncio.timeout(self._config.provider_timeout_s + self._budget_s):
                     snap = await self.guard.fetch_snapshot(user, overwrite=reply[0] != _MISSING)
                     reply = await self._run(keys, hold, estimate, floor)
-                    if reply[0] in (_MISSING, _UNREADABLE):  # the back-fill failed
-                        if snap.is_blocked or snap.balance < estimate:
-                            return self._count(Reservation(Reserved.REFUSED, 0, snap.balance))
-                        return self._fail("snapshot back-fill did not land")
+                if reply[0] in (_MISSING, _UNREADABLE):  # the back-fill failed
+                    if snap.is_blocked or snap.balance < estimate:
+                        return self._count(Reservation(Reserved.REFUSED, 0, snap.balance))
+                    return self._fail("snapshot back-fill did not land")
         except TimeoutError:
-            return self._fail(f"reservation exceeded its {self._config.budget_ms:g} ms budget")
+            return self._fail(stage)
         except (RedisError, OSError) as exc:
             return self._fail(f"Redis error {type(exc).__name__}")
         except Exception as exc:  # a provider failure (SnapshotError), a guard bug

@@ -227,13 +227,13 @@ def _log_startup(state: ProxyState) -> None:
         log.info("guard: off (no REDIS_URL)")
     elif isinstance(guard, RedisReservations):
         log.info(
-            "guard: %s on redis%s, local cache %s",
-            c.guard.mode,
+            "guard: redis%s, mode %s, local cache %s",
             " cluster" if state.settings.redis_cluster else "",
+            c.guard.mode,
             "on" if guard.cache is not None else "off",
         )
     else:
-        log.info("guard: %s on the embedded ledger's balances (no REDIS_URL)", c.guard.mode)
+        log.info("guard: the embedded ledger's balances (no REDIS_URL), mode %s", c.guard.mode)
     worker = state.settings.worker_index
     log.info(
         "charge events: outbox %s -> %s%s",
