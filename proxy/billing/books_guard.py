@@ -108,7 +108,7 @@ class BooksGuard:
             return Reservation(Reserved.UNAVAILABLE if closed else Reserved.FAIL_OPEN)
         # No await from here on: the sum and the write are one step of the loop.
         now = self._clock()
-        holds = self._holds.setdefault(hold.user_id, {})
+        holds = self._holds.get(hold.user_id) or {}
         expired = [rid for rid, (_, until) in holds.items() if until <= now]
         for rid in expired:
             del holds[rid]
@@ -128,6 +128,7 @@ class BooksGuard:
             return Reservation(Reserved.REFUSED, 0, available, held)
         if take > 0:
             holds[hold.request_id] = (take, now + self._ttl)
+            self._holds[hold.user_id] = holds
             hold.credits = take
             self.on_held(take)
         self.on_reservation(result.value, 1)
@@ -154,6 +155,8 @@ class BooksGuard:
             return  # released by the ledger already, or never written
         if credits <= 0:
             del holds[hold.request_id]
+            if not holds:
+                del self._holds[hold.user_id]
         else:
             holds[hold.request_id] = (credits, self._clock() + self._ttl)
 

@@ -124,7 +124,7 @@ async def test_fifty_concurrent_calls_on_credit_for_one_serve_exactly_one(
     h = await reserving_proxy(start_proxy, redis_target, ledger_url=ledger_url)
     est = estimate_of(h, REQ)
     user = 31
-    await grant(Book(ledger_engine), user, est.credits + est.credits // 2, "one call")
+    await grant(Book(ledger_engine), user, est.credits, "one call")
     statuses = await concurrent([h], 50, user)
     assert statuses.count(200) == 1, statuses
     assert statuses.count(402) == 49
@@ -148,7 +148,7 @@ async def test_two_proxies_sharing_redis_serve_exactly_one(
     b = await reserving_proxy(start_proxy, redis_target)
     est = estimate_of(a, REQ)
     user = 32
-    await fund(target_client, redis_target[2], user, credit=est.credits + est.credits // 2)
+    await fund(target_client, redis_target[2], user, credit=est.credits)
     statuses = await concurrent([a, b], 50, user)
     assert statuses.count(200) == 1, statuses
     assert statuses.count(402) == 49
@@ -336,11 +336,13 @@ async def test_two_serve_processes_and_a_sigkill_mid_request(
             est = estimate_request(
                 parse_chat_request(dict(body), cfg.aliases, started_ms=0)
             ).credits
-            await fund(redis_client, redis_prefix, user, credit=est + est // 2)
+            # Credit for one estimate: whenever the others come, it is held or spent.
+            await fund(redis_client, redis_prefix, user, credit=est)
             statuses = await asyncio.gather(*(call(procs[i % 2][1], f"c{i}") for i in range(50)))
             assert statuses.count(200) == 1 and statuses.count(402) == 49, statuses
             # The served call is settled: its hold is the charge, kept (no ledger here).
             await redis_client.delete(RedisKeys(redis_prefix).holds(user))
+            await fund(redis_client, redis_prefix, user, credit=est + est // 2)
 
             # SIGKILL process a while it streams a reply.
             killed, port_a = procs[0]
@@ -366,3 +368,32 @@ async def test_two_serve_processes_and_a_sigkill_mid_request(
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(proc.wait(), 30)
         await fake.close()
+
+
+async def test_without_redis_the_books_hold_reservations_in_process(
+    start_proxy: StartProxy, ledger_url: str, ledger_engine: AsyncEngine
+) -> None:
+    from proxy.billing.books_guard import BooksGuard
+
+    h = await start_proxy(
+        settings_overrides={"ledger_database_url": ledger_url},
+        embedded_ledger=open_embedded_ledger,
+        behaviour=Behaviour(chunks=8, chunk_delay=0.01, first_byte_delay=0.05),
+        guard={"budget_ms": 5000},
+    )
+    guard = h.state.guard
+    assert isinstance(guard, BooksGuard)
+    est = estimate_of(h, REQ)
+    user = 38
+    await grant(Book(ledger_engine), user, est.credits, "one call")
+    statuses = await concurrent([h], 50, user)
+    assert statuses.count(200) == 1 and statuses.count(402) == 49, statuses
+    await h.flush_events()
+    account = await Reader(ledger_engine).account(user)
+    assert 0 < account.lifetime_charged <= est.credits and account.balance >= 0
+    assert guard.held(user) == 0  # the sink released the hold with the debit
+    # What is left is free again at once: a cheap call fits.
+    status, _, _ = await h.chat({**REQ, "max_tokens": 1}, h.headers(user_id=user))
+    assert status == (
+        200 if account.balance >= estimate_of(h, {**REQ, "max_tokens": 1}).credits else 402
+    )
