@@ -6,6 +6,7 @@ the tests that hold the overdraft bound."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -397,3 +398,56 @@ async def test_without_redis_the_books_hold_reservations_in_process(
     assert status == (
         200 if account.balance >= estimate_of(h, {**REQ, "max_tokens": 1}).credits else 402
     )
+
+
+async def test_the_real_stack_kafka_ledger_projection_serves_exactly_one(
+    start_proxy: StartProxy,
+    redis_target: tuple[str, bool, str],
+    target_client: Any,
+    kafka_broker: Any,
+    kafka_topic: str,
+    ledger_engine: AsyncEngine,
+) -> None:
+    """Proxy -> outbox -> Kafka -> ledger consumer (SQLite/PostgreSQL) -> projection:
+    50 concurrent calls on credit for one estimate; the consumer debits the one served
+    and releases its hold in the script that rewrites the balance."""
+    from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
+    from proxy.ledger.projection import Projection
+    from tests.integration.test_ledger_end_to_end import wait_applied
+
+    h = await reserving_proxy(
+        start_proxy, redis_target, kafka_bootstrap=kafka_broker.bootstrap, topic=kafka_topic
+    )
+    prefix = redis_target[2]
+    book, projection = Book(ledger_engine), Projection(target_client, prefix)
+    consumer = LedgerConsumer(
+        LedgerSettings(
+            topic=kafka_topic,
+            bootstrap=kafka_broker.bootstrap,
+            group_id=f"ledger-{kafka_topic}",
+            idempotent_producer=kafka_broker.supports_idempotence,
+            session_timeout_ms=3000,
+            rebalance_timeout_ms=500,
+        ),
+        book,
+        projection,
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        est = estimate_of(h, REQ)
+        user = 39
+        change = await grant(book, user, est.credits, "one call")
+        await projection.write([(user, change.balance)])  # what `credits grant` does
+        statuses = await concurrent([h], 50, user)
+        assert statuses.count(200) == 1 and statuses.count(402) == 49, statuses
+        await wait_applied(consumer, 1)
+        await wait_no_holds(target_client, prefix, user)
+        account = await Reader(ledger_engine).account(user)
+        assert 0 < account.lifetime_charged <= est.credits
+        assert account.balance >= -(account.lifetime_charged - est.credits)
+        snap = await target_client.get(RedisKeys(prefix).snapshot(user))
+        assert decode_snapshot(snap) == account.balance
+    finally:
+        consumer.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
