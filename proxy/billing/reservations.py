@@ -31,19 +31,22 @@ from redis.exceptions import RedisError
 from proxy.billing.guard import CreditBalanceGuard, GuardDecision
 from proxy.billing.hold import Hold, Reservation, Reserved
 from proxy.billing.payer import BillingContext
+from proxy.billing.script_batcher import ScriptBatcher
 from proxy.config.model import FailPolicy, GuardConfig
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
 
 log = logging.getLogger(__name__)
 
-# KEYS: snapshot, blocked, holds. ARGV: request id, estimate, floor (clamp mode: the
-# least it may hold; 0: refuse below the estimate), ttl ms, blocked marker ttl s
-# (set when the snapshot says no credit at all).
+# KEYS: snapshot, blocked, holds. ARGV[1]: "<estimate> <floor> <ttl ms> <blocked ttl s>
+# <request id>" (one argument: redis-py's packing is most of a call's CPU): floor is
+# the least clamp mode may hold (0: refuse below the estimate); the blocked marker is
+# set when the snapshot says no credit at all.
 # Returns {code, available, held by others, expired purged, credits held}; codes:
 # 1 admitted, 2 clamped, 0 refused, 3 request id already holding, -1 no snapshot,
 # -2 blocked, -3 unreadable snapshot.
 _RESERVE_LUA = """
+local est, flo, ttl_ms, bttl, rid = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (.*)$')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fields = redis.call('HGETALL', KEYS[3])
@@ -53,7 +56,7 @@ for i = 1, #fields, 2 do
   if c == nil or tonumber(e) <= now then
     redis.call('HDEL', KEYS[3], fields[i])
     if c ~= nil then expired = expired + 1 end
-  elseif fields[i] == ARGV[1] then
+  elseif fields[i] == rid then
     mine = true
     held = held + tonumber(c)
   else
@@ -73,11 +76,11 @@ available = math.ceil(available)
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-2, available, held, expired, 0} end
 if available <= 0 then
   -- the marker lets every proxy's cache refuse this user without I/O
-  redis.call('SET', KEYS[2], 'snapshot', 'EX', ARGV[5])
+  redis.call('SET', KEYS[2], 'snapshot', 'EX', bttl)
   return {-2, available, held, expired, 0}
 end
 if mine then return {3, available, held, expired, 0} end
-local estimate, floor = tonumber(ARGV[2]), tonumber(ARGV[3])
+local estimate, floor = tonumber(est), tonumber(flo)
 local room = available - held
 local take, code = 0, 0
 if room >= estimate then
@@ -88,24 +91,25 @@ else
   return {0, available, held, expired, 0}
 end
 if take > 0 then
-  local ttl = tonumber(ARGV[4])
-  redis.call('HSET', KEYS[3], ARGV[1], string.format('%d:%d', take, now + ttl))
+  local ttl = tonumber(ttl_ms)
+  redis.call('HSET', KEYS[3], rid, string.format('%d:%d', take, now + ttl))
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
 end
 return {code, available, held, expired, take}
 """
 
-# KEYS: holds. ARGV: request id, credits (0: release), ttl ms. 1 if the hold existed.
+# KEYS: holds. ARGV[1]: "<credits (0: release)> <ttl ms> <request id>". 1 if it existed.
 _SETTLE_LUA = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-if ARGV[2] == '0' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
+local credits, ttl_ms, rid = string.match(ARGV[1], '^(%d+) (%d+) (.*)$')
+if redis.call('HEXISTS', KEYS[1], rid) == 0 then return 0 end
+if credits == '0' then
+  redis.call('HDEL', KEYS[1], rid)
   return 1
 end
 local t = redis.call('TIME')
-local ttl = tonumber(ARGV[3])
+local ttl = tonumber(ttl_ms)
 local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. string.format('%d', expires))
+redis.call('HSET', KEYS[1], rid, credits .. ':' .. string.format('%d', expires))
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 """
@@ -140,6 +144,9 @@ class RedisReservations:
         redis: Any = guard.redis
         self._reserve_script = redis.register_script(_RESERVE_LUA)
         self._settle_script = redis.register_script(_SETTLE_LUA)
+        flush_s = max(config.budget_ms / 1000.0, config.provider_timeout_s)
+        self._reserves = ScriptBatcher(redis, self._reserve_script, flush_s)
+        self._settles = ScriptBatcher(redis, self._settle_script, flush_s)
         self._budget_s = config.budget_ms / 1000.0
         self._ttl_ms = int(config.hold_ttl_s * 1000)
         self._on_reservation = on_reservation
@@ -237,10 +244,8 @@ class RedisReservations:
         return replies[0]
 
     async def _run(self, keys: tuple[str, str, str], hold: Hold, estimate: int, floor: int) -> Any:
-        return await self._reserve_script(
-            keys=list(keys),
-            args=[hold.request_id, estimate, floor, self._ttl_ms, self._config.blocked_ttl_s],
-        )
+        arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
+        return await self._reserves.submit(keys, (arg,))
 
     def _count(self, r: Reservation) -> Reservation:
         if r.result in (Reserved.ADMITTED, Reserved.CLAMPED, Reserved.REFUSED):
@@ -260,23 +265,22 @@ class RedisReservations:
         hold.settled = True
         if hold.credits:
             self._on_held(-hold.credits)
-        task = asyncio.get_running_loop().create_task(self._settle(hold, credits))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        fut = self._settles.submit(
+            (self._keys.holds(hold.user_id),),
+            (f"{max(credits, 0)} {self._ttl_ms} {hold.request_id}",),
+        )
+        fut.add_done_callback(self._settled)
 
-    async def _settle(self, hold: Hold, credits: int) -> None:
-        try:
-            async with asyncio.timeout(max(self._budget_s, self._config.provider_timeout_s)):
-                await self._settle_script(
-                    keys=[self._keys.holds(hold.user_id)],
-                    args=[hold.request_id, credits, self._ttl_ms],
-                )
-        except (RedisError, OSError, TimeoutError) as exc:
+    def _settled(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
             # The hold keeps its admission value until it expires: the safe side.
             self._log.warning(f"credit guard: settling a hold failed ({type(exc).__name__})")
 
     async def close(self) -> None:
         """Let pending settlements finish (briefly), then close the guard."""
+        await self._settles.aclose(self._config.provider_timeout_s)
+        await self._reserves.aclose(0)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self._config.provider_timeout_s)
         for task in list(self._tasks):

@@ -451,3 +451,20 @@ async def test_the_real_stack_kafka_ledger_projection_serves_exactly_one(
         consumer.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, 15)
+
+
+async def test_script_batcher_sends_one_tick_as_one_pipeline_and_reloads_scripts(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    from proxy.billing.script_batcher import ScriptBatcher
+
+    script = redis_client.register_script("return {KEYS[1], ARGV[1]}")
+    batcher = ScriptBatcher(redis_client, script, 5.0)
+    await redis_client.script_flush()  # a restarted Redis: the first pipeline gets NOSCRIPT
+    keys = [f"{redis_prefix}k{i}" for i in range(5)]
+    replies = await asyncio.gather(*(batcher.submit([k], [str(i)]) for i, k in enumerate(keys)))
+    assert [[r[0].decode(), r[1].decode()] for r in replies] == [
+        [k, str(i)] for i, k in enumerate(keys)
+    ]
+    assert (await batcher.submit([keys[0]], ["lone"]))[1] == b"lone"
+    await batcher.aclose(1.0)
