@@ -67,6 +67,10 @@ async def admit(guard: Guard | None, mode: GuardMode, ex: Exchange) -> ChatReque
     ex.hold = hold = Hold(ctx.user_id, ctx.request_id)
     r = await guard.reserve(hold, estimate.credits, floor)
     ex.guard_decision = _DECISIONS[r.result]
+    if r.result in (Reserved.REFUSED, Reserved.CONFLICT):
+        # Nothing was written; under CONFLICT the id's hold is another request's,
+        # which this one's end must not release.
+        ex.hold = None
     if r.result is Reserved.REFUSED:
         raise insufficient_credit(r.available, r.holding, estimate.credits)
     if r.result is Reserved.CONFLICT:

@@ -468,3 +468,23 @@ async def test_script_batcher_sends_one_tick_as_one_pipeline_and_reloads_scripts
     ]
     assert (await batcher.submit([keys[0]], ["lone"]))[1] == b"lone"
     await batcher.aclose(1.0)
+
+
+async def test_a_request_id_in_use_is_409_and_leaves_the_first_hold_alone(
+    start_proxy: StartProxy, redis_server: RedisServer, redis_client: Any, redis_prefix: str
+) -> None:
+    h = await reserving_proxy(start_proxy, (redis_server.url, False, redis_prefix))
+    h.behaviour.first_byte_delay = 0.5  # the first request is still in flight
+    await fund(redis_client, redis_prefix, 40)
+    headers = h.headers(user_id=40, **{"X-Request-Id": "same-id"})
+    first = asyncio.create_task(h.chat(REQ, headers))
+    for _ in range(200):
+        if "same-id" in await holds(redis_client, redis_prefix, 40):
+            break
+        await asyncio.sleep(0.01)
+    status, body, _ = await h.chat(REQ, headers)
+    assert status == 409 and isinstance(body, dict)
+    assert body["error"]["code"] == "request_id_in_use"
+    await asyncio.sleep(0.05)  # the refused request's end has run
+    assert "same-id" in await holds(redis_client, redis_prefix, 40)  # still the first's
+    assert (await first)[0] == 200
