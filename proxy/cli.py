@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn, cast
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -29,6 +29,7 @@ from proxy.config import EnvSettings, YamlConfig, load_config, parse_config
 from proxy.config.env import LOG_LEVELS
 from proxy.errors import ConfigError, StartupError
 from proxy.ledger import cli as ledger_cli
+from proxy.ledger.cli_common import positive_int
 from proxy.logs import setup_logging
 from proxy.rerate_cli import register_rerate
 from proxy.server.options import LOOP_CHOICES, ServeOptions
@@ -193,14 +194,22 @@ def _port(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+class CliParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `llm-proxy credits grant: error: ... (see --help)`.
+
+    Sub-command parsers are made by their parent's class, so every level answers
+    alike; a missing sub-command names the choices instead of an internal dest."""
+
+    def error(self, message: str) -> NoReturn:
+        if "the following arguments are required: COMMAND" in message:
+            choices = [
+                name
+                for action in self._actions
+                if isinstance(action, argparse._SubParsersAction)
+                for name in action.choices
+            ]
+            message = f"a command is required: {', '.join(choices)}"
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(settings: EnvSettings) -> argparse.ArgumentParser:
@@ -215,7 +224,7 @@ def build_parser(settings: EnvSettings) -> argparse.ArgumentParser:
         help=f"log level (default: $LOG_LEVEL or info; now {settings.log_level})",
     )
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="llm-proxy",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -223,7 +232,11 @@ def build_parser(settings: EnvSettings) -> argparse.ArgumentParser:
     )
     parser.set_defaults(log_level=settings.log_level)
     parser.add_argument("--version", action="version", version=f"llm-proxy {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Typed as plain parsers: the sub-commands are registered by other modules.
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
 
     serve = sub.add_parser("serve", help="run the proxy", parents=[common], formatter_class=fmt)
     serve.add_argument(
@@ -236,7 +249,7 @@ def build_parser(settings: EnvSettings) -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=settings.workers,
         help="processes sharing the port via SO_REUSEPORT ($LLM_PROXY_WORKERS)",
     )

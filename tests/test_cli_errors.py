@@ -109,3 +109,51 @@ def test_version() -> None:
     proc = run("--version")
     assert proc.returncode == 0
     assert proc.stdout.strip().startswith("llm-proxy ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ((), "llm-proxy: error: a command is required: serve, fake-upstream, demo,"),
+        (("credits",), "llm-proxy credits: error: a command is required: grant, adjust, show,"),
+        (("keys",), "llm-proxy keys: error: a command is required: create, revoke, list"),
+        (("ledger", "bogus"), "llm-proxy ledger: error: argument COMMAND: invalid choice: 'bogus'"),
+    ],
+)
+def test_a_missing_or_unknown_sub_command_names_the_choices(
+    argv: tuple[str, ...], expected: str
+) -> None:
+    proc = run(*argv)
+    assert proc.returncode == 2
+    # One line: no usage block above it, and a pointer to the help instead.
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert one_line(proc).startswith(expected)
+    assert "_command" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ("credits", "grant", "5", "-3", "--id", "x"),
+            "amount: must be a whole number >= 1, got '-3'",
+        ),
+        (
+            ("credits", "grant", "5", "0", "--id", "x"),
+            "amount: must be a whole number >= 1, got '0'",
+        ),
+        (
+            ("credits", "grant", "5", "1.5", "--id", "x"),
+            "amount: must be a whole number >= 1, got '1.5'",
+        ),
+        (("credits", "adjust", "5", "0", "--id", "x", "--reason", "r"), "other than 0, got '0'"),
+        (("credits", "show", "0"), "user: user id must be an integer in 1..9223372036854775807"),
+        (("credits", "show", "-4"), "user: user id must be an integer in 1..9223372036854775807"),
+        (("serve", "--workers", "0"), "--workers: must be a whole number >= 1, got '0'"),
+    ],
+)
+def test_argument_errors_are_one_line_in_one_wording(argv: tuple[str, ...], expected: str) -> None:
+    proc = run(*argv)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert expected in one_line(proc)

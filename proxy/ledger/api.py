@@ -4,6 +4,7 @@
 `GET /users/{id}/credit-snapshot` -> `{"balance": int, "is_blocked": bool}`; a user
 the ledger never saw has balance 0 and is blocked (the books say so, rather than
 a missing snapshot letting them in). `GET /healthz` -> 200 while the database answers.
+`GET /metrics` (the consumer's, when it runs in the same process): proxy/ledger/metrics.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.contract.payers import check_user_id
+from proxy.ledger.metrics import METRICS, LedgerMetrics, metrics_endpoint
 from proxy.ledger.reads import Reader
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,13 @@ async def healthz(request: web.Request) -> web.Response:
     return _json(200, {"status": "ok"})
 
 
-def build_api(engine: AsyncEngine) -> web.Application:
+def build_api(engine: AsyncEngine, metrics: LedgerMetrics | None = None) -> web.Application:
     app = web.Application()
     app[ENGINE] = engine
     app[READER] = Reader(engine)
     app.router.add_get("/users/{user_id}/credit-snapshot", credit_snapshot)
     app.router.add_get("/healthz", healthz)
+    if metrics is not None:
+        app[METRICS] = metrics
+        app.router.add_get("/metrics", metrics_endpoint)
     return app

@@ -47,11 +47,11 @@ def register(
     register_ledger(subparsers, common)
 
     credits = subparsers.add_parser("credits", help="grant, adjust and inspect credit balances")
-    csub = credits.add_subparsers(dest="credits_command", required=True)
+    csub = credits.add_subparsers(dest="credits_command", required=True, metavar="COMMAND")
     register_credits(csub, common)
 
     keys = subparsers.add_parser("keys", help="user API keys")
-    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     kc = ksub.add_parser("create", parents=[common], help="create a key (printed once)")
     kc.add_argument("--user", type=user_id, required=True)
     kc.set_defaults(func=command(_cmd_key_create))

@@ -182,35 +182,31 @@ def fail(message: str) -> int:
     return 2
 
 
-def nonneg_int(raw: str) -> int:
+def _whole(raw: str, ok: Callable[[int], bool] = lambda _: True, want: str = "") -> int:
+    """One wording for every integer argument: `must be a whole number >= 1, got '0'`."""
     try:
         value = int(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number{want}, got {raw!r}")
     return value
+
+
+def nonneg_int(raw: str) -> int:
+    return _whole(raw, lambda v: v >= 0, " >= 0")
 
 
 def positive_int(raw: str) -> int:
-    value = nonneg_int(raw)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
+    return _whole(raw, lambda v: v >= 1, " >= 1")
 
 
 def signed_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
-    if value == 0:
-        raise argparse.ArgumentTypeError("must not be 0")
-    return value
+    return _whole(raw, lambda v: v != 0, " other than 0")
 
 
 def user_id(raw: str) -> int:
-    value = nonneg_int(raw)
+    value = _whole(raw)
     try:
         check_user_id(value)
     except ValueError as exc:

@@ -9,11 +9,14 @@ import sys
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.contract.timestamps import format_timestamp
 from proxy.ledger.api import build_api
 from proxy.ledger.book import Book
 from proxy.ledger.cli_common import Resolved, command, fail, out, positive_int, with_ledger
 from proxy.ledger.consumer import DEFAULT_GROUP_ID, LedgerSettings, run_ledger
 from proxy.ledger.database import migrate
+from proxy.ledger.dead_letters import list_dead_letters, replay
+from proxy.ledger.metrics import LedgerMetrics
 from proxy.ledger.projection import RedisClient
 from proxy.ledger.reads import Reader
 
@@ -33,16 +36,33 @@ def register_ledger(
         "--listen",
         metavar="HOST:PORT",
         type=_host_port,
-        help="also serve GET /users/{id}/credit-snapshot (the guard's CREDIT_SNAPSHOT_URL)",
+        help="also serve GET /users/{id}/credit-snapshot (the guard's CREDIT_SNAPSHOT_URL), "
+        "/healthz and the consumer's Prometheus /metrics (default: not served)",
     )
     p.set_defaults(func=command(_cmd_consume))
-    lsub = p.add_subparsers(dest="ledger_command")
+    lsub = p.add_subparsers(dest="ledger_command", metavar="COMMAND")
     m = lsub.add_parser("migrate", parents=[common], help="create or upgrade the schema")
     m.set_defaults(func=command(_cmd_migrate))
     rb = lsub.add_parser(
         "rebuild-projection", parents=[common], help="rewrite every user's Redis keys"
     )
     rb.set_defaults(func=command(_cmd_rebuild))
+    dl = lsub.add_parser(
+        "dead-letters",
+        parents=[common],
+        help="list the events the embedded ledger could not apply (reason, no payload)",
+    )
+    dl.add_argument("--limit", type=positive_int, default=50, help="rows shown (oldest first)")
+    dl.set_defaults(func=command(_cmd_dead_letters))
+    rp = lsub.add_parser(
+        "replay-dead-letters",
+        parents=[common],
+        help="re-apply dead letters once their cause is fixed (idempotent)",
+    )
+    rp.add_argument(
+        "ids", nargs="*", type=positive_int, help="dead-letter ids (default: every one)"
+    )
+    rp.set_defaults(func=command(_cmd_replay))
 
 
 def _host_port(raw: str) -> tuple[str, int]:
@@ -72,15 +92,17 @@ def _cmd_consume(args: argparse.Namespace, r: Resolved) -> int:
 
     async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         runner: web.AppRunner | None = None
+        metrics = LedgerMetrics()
         if args.listen is not None:
-            runner = web.AppRunner(build_api(engine), access_log=None)
+            runner = web.AppRunner(build_api(engine, metrics), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, *args.listen).start()
             print(
-                f"ledger: snapshot API on http://{args.listen[0]}:{args.listen[1]}", file=sys.stderr
+                f"ledger: snapshot API and /metrics on http://{args.listen[0]}:{args.listen[1]}",
+                file=sys.stderr,
             )
         try:
-            stats = await run_ledger(settings, Book(engine), r.projection(redis))
+            stats = await run_ledger(settings, Book(engine), r.projection(redis), metrics)
         finally:
             if runner is not None:
                 await runner.cleanup()
@@ -118,3 +140,45 @@ def _cmd_rebuild(args: argparse.Namespace, r: Resolved) -> int:
         return 0
 
     return with_ledger(r, run, redis="always")
+
+
+def _cmd_dead_letters(args: argparse.Namespace, r: Resolved) -> int:
+    async def run(engine: AsyncEngine, _redis: RedisClient | None) -> int:
+        rows = await list_dead_letters(engine, args.limit)
+        data = [
+            {
+                "id": d.id,
+                "reason": d.reason,
+                "source": d.source,
+                "created_at": format_timestamp(int(d.created_at.timestamp() * 1000)),
+                "bytes": d.size,
+            }
+            for d in rows
+        ]
+        lines = [f"{d['id']:>6}  {d['created_at']}  {d['source']}  {d['reason']}" for d in data]
+        out(args, data, "\n".join(lines) or "no dead letters")
+        return 0
+
+    return with_ledger(r, run, redis=None)
+
+
+def _cmd_replay(args: argparse.Namespace, r: Resolved) -> int:
+    async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
+        result = await replay(engine, args.ids or None)
+        projection = r.projection(redis)
+        if projection is not None and result.balances:
+            await projection.write(result.balances.items())
+        still = ", ".join(f"{i}: {why}" for i, why in sorted(result.refused.items()))
+        out(
+            args,
+            {
+                "applied": result.applied,
+                "duplicates": result.duplicates,
+                "refused": {str(i): why for i, why in result.refused.items()},
+            },
+            f"replayed: {result.applied} applied, {result.duplicates} already applied, "
+            f"{len(result.refused)} still refused" + (f" ({still})" if still else ""),
+        )
+        return 1 if result.refused else 0
+
+    return with_ledger(r, run)

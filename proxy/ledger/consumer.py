@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
@@ -29,9 +30,12 @@ from proxy.delivery.kafka import create_topic, make_producer
 from proxy.ledger.batches import Applied, apply_isolating
 from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import is_transient, require_migrated
+from proxy.ledger.metrics import LedgerMetrics
 from proxy.ledger.projection import Projection, ProjectionBacklog, releases_of
 
 log = logging.getLogger(__name__)
+
+_Client = TypeVar("_Client", AIOKafkaConsumer, AIOKafkaProducer)
 
 DEFAULT_GROUP_ID = "llm-proxy-ledger"
 MAX_REASON_CHARS = 1000
@@ -85,8 +89,10 @@ class LedgerConsumer:
         projection: Projection | None = None,
         *,
         before_commit: BatchHook | None = None,
+        metrics: LedgerMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._book = book
         self._backlog = None if projection is None else ProjectionBacklog(projection)
         self._before_commit = before_commit
@@ -107,7 +113,28 @@ class LedgerConsumer:
         """Raises LedgerNotMigrated before touching Kafka on an unmigrated database."""
         await require_migrated(self._book.engine)
         s = self._settings
-        consumer = AIOKafkaConsumer(
+        # Kafka may not be up yet (compose starts everything at once): waited for,
+        # like any later outage, instead of exiting.
+        producer = await self._started(
+            lambda: make_producer(s.bootstrap, idempotent=s.idempotent_producer)
+        )
+        if producer is None:
+            return
+        try:
+            await self._ensure_dead_letter_topic()
+            consumer = await self._started(self._new_consumer)
+            if consumer is None:
+                return
+            try:
+                await self._loop(consumer, producer)
+            finally:
+                await consumer.stop()
+        finally:
+            await producer.stop()
+
+    def _new_consumer(self) -> AIOKafkaConsumer:
+        s = self._settings
+        return AIOKafkaConsumer(
             s.topic,
             bootstrap_servers=s.bootstrap,
             group_id=s.group_id,
@@ -118,17 +145,27 @@ class LedgerConsumer:
             heartbeat_interval_ms=max(100, s.session_timeout_ms // 3),
             rebalance_timeout_ms=s.rebalance_timeout_ms,
         )
-        producer = make_producer(s.bootstrap, idempotent=s.idempotent_producer)
-        await self._ensure_dead_letter_topic()
-        await producer.start()
-        try:
-            await consumer.start()
+
+    async def _started(self, make: Callable[[], _Client]) -> _Client | None:
+        """A started Kafka client, retrying until the broker answers; None: stopped first.
+
+        A client whose start failed is closed and a fresh one made: aiokafka clients
+        are not restartable."""
+        clients: list[_Client] = []
+
+        async def start() -> None:
+            client = make()
             try:
-                await self._loop(consumer, producer)
-            finally:
-                await consumer.stop()
-        finally:
-            await producer.stop()
+                await client.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+                raise
+            clients.append(client)
+
+        if not await self._retry(start, what=f"Kafka at {self._settings.bootstrap}"):
+            return None
+        return clients[0]
 
     async def _ensure_dead_letter_topic(self) -> None:
         # Brokers often have topic auto-creation off; a missing DLQ would stall the
@@ -147,6 +184,7 @@ class LedgerConsumer:
             if not batches:
                 if self._backlog is not None and self._backlog.pending:
                     await self._backlog.write({})  # Redis may be back: no need to wait
+                await self._measure(consumer)
                 continue
             records = [r for rs in batches.values() for r in rs]
             if not await self._handle(records, producer):
@@ -157,6 +195,26 @@ class LedgerConsumer:
                 await self._before_commit(records)
             offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs}
             await self._commit(consumer, offsets)
+            if self._metrics is not None:
+                # The record timestamp: when the proxy's outbox published the charge.
+                self._metrics.batch_applied(max(r.timestamp for r in records))
+            await self._measure(consumer)
+
+    async def _measure(self, consumer: AIOKafkaConsumer) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        if self._backlog is not None:
+            m.projection_backlog.set(self._backlog.pending)
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:  # no fetch answered for it yet
+                continue
+            try:
+                position = await consumer.position(tp)
+            except KafkaError:
+                continue
+            m.lag.labels(str(tp.partition)).set(max(0, highwater - position))
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -191,6 +249,9 @@ class LedgerConsumer:
         result = outcome[-1]
         self._applied += result.applied
         self._duplicates += result.duplicates
+        if self._metrics is not None:
+            self._metrics.events.labels("applied").inc(result.applied)
+            self._metrics.events.labels("duplicate").inc(result.duplicates)
         for record, event in good:
             why = result.refused.get(event.event_id)
             if why is not None and not await self._dead_letter(record, why, producer):
@@ -226,6 +287,8 @@ class LedgerConsumer:
         if not await self._retry(send):
             return False
         self._dead_lettered += 1
+        if self._metrics is not None:
+            self._metrics.events.labels("dead_lettered").inc()
         log.warning(
             "ledger: %s[%d]@%d dead-lettered: %s",
             record.topic,
@@ -235,7 +298,7 @@ class LedgerConsumer:
         )
         return True
 
-    async def _retry(self, op: Callable[[], Awaitable[None]]) -> bool:
+    async def _retry(self, op: Callable[[], Awaitable[None]], what: str = "") -> bool:
         # Skipping a charge would lose money and stopping the consumer would stall
         # billing, so infrastructure errors are retried until they clear.
         backoff = self._settings.retry_backoff_s
@@ -247,8 +310,13 @@ class LedgerConsumer:
                 if isinstance(exc, SQLAlchemyError) and not is_transient(exc):
                     raise  # a bug, not an outage: apply_isolating handled the data
                 # Messages of these errors carry no secrets (no prompt text, no keys).
-                log.warning("ledger: %s: %s; retrying", type(exc).__name__, exc)
+                where = f"{what}: " if what else ""
+                log.warning(
+                    "ledger: %s%s: %s; retrying in %.1f s", where, type(exc).__name__, exc, backoff
+                )
                 self._retries += 1
+                if self._metrics is not None:
+                    self._metrics.retries.inc()
             if self._stopping.is_set():
                 return False
             with contextlib.suppress(TimeoutError):
@@ -257,10 +325,13 @@ class LedgerConsumer:
 
 
 async def run_ledger(
-    settings: LedgerSettings, book: Book, projection: Projection | None
+    settings: LedgerSettings,
+    book: Book,
+    projection: Projection | None,
+    metrics: LedgerMetrics | None = None,
 ) -> LedgerStats:
     """Run until SIGTERM/SIGINT; used by `llm-proxy ledger`."""
-    consumer = LedgerConsumer(settings, book, projection)
+    consumer = LedgerConsumer(settings, book, projection, metrics=metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, consumer.stop)

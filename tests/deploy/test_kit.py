@@ -9,21 +9,31 @@ unit tests and the compose file validates, when promtool / docker-compose are in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import promql_parser
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import load_config
 from proxy.contract.outcome import Outcome
+from proxy.delivery.kafka import make_producer
+from proxy.ledger.api import build_api
+from proxy.ledger.book import Book
+from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
+from proxy.ledger.database import migrate, open_engine
+from proxy.ledger.metrics import LedgerMetrics
 from proxy.telemetry.metrics import (
     CHARGE_RESULTS,
     GUARD_RESULTS,
@@ -32,7 +42,10 @@ from proxy.telemetry.metrics import (
     UPSTREAM_ERROR_KINDS,
     USAGE_SOURCES,
 )
+from tests.fixtures_kafka import KafkaBroker
 from tests.fixtures_proxy import StartProxy
+from tests.ledger_events import charge_event
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -147,7 +160,9 @@ class Exported:
                 continue
             labels = self.samples.get(sel.metric)
             if labels is None:
-                out.append(f"{expr.where}: {sel.metric} is not exported by the proxy")
+                out.append(
+                    f"{expr.where}: {sel.metric} is exported by neither the proxy nor the ledger"
+                )
                 continue
             for name in sorted(sel.labels - labels.keys() - TARGET_LABELS):
                 out.append(f"{expr.where}: {sel.metric} has no label {name!r}")
@@ -157,6 +172,61 @@ class Exported:
                 if value not in labels[name] | KNOWN_VALUES.get(name, set()):
                     out.append(f"{expr.where}: {sel.metric}{{{name}={value!r}}} never exists")
         return out
+
+
+def parse_scrape(text: str, into: dict[str, dict[str, set[str]]]) -> None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = into.setdefault(sample.name, {})
+            for name, value in sample.labels.items():
+                labels.setdefault(name, set()).add(value)
+
+
+async def scrape_ledger(broker: KafkaBroker, topic: str, tmp_path: Path) -> str:
+    """A ledger consumer that applied one charge, scraped over HTTP (`ledger --listen`)."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    engine = open_engine(url)
+    await migrate(engine)
+    metrics = LedgerMetrics()
+    settings = LedgerSettings(
+        topic=topic,
+        bootstrap=broker.bootstrap,
+        group_id=f"kit-{topic}",
+        idempotent_producer=broker.supports_idempotence,
+        poll_timeout_ms=100,
+        session_timeout_ms=3000,
+        rebalance_timeout_ms=500,
+    )
+    consumer = LedgerConsumer(settings, Book(engine), metrics=metrics)
+    producer = make_producer(broker.bootstrap, idempotent=broker.supports_idempotence)
+    await producer.start()
+    try:
+        event = charge_event(7, 3)
+        await producer.send_and_wait(topic, event.to_json(), key=event.kafka_key())
+    finally:
+        await producer.stop()
+    runner = web.AppRunner(build_api(engine, metrics), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        deadline = time.monotonic() + 60
+        while consumer.stats.applied < 1 or not metrics.lag.collect()[0].samples:
+            assert not task.done(), "the consumer ended early"
+            assert time.monotonic() < deadline, "the consumer did not apply the charge"
+            await asyncio.sleep(0.05)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
+            assert resp.status == 200
+            return await resp.text()
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 60)
+        await runner.cleanup()
+        await engine.dispose()
 
 
 async def scrape_proxy(start_proxy: StartProxy) -> Exported:
@@ -171,11 +241,7 @@ async def scrape_proxy(start_proxy: StartProxy) -> Exported:
         assert resp.status == 200
         text = await resp.text()
     samples: dict[str, dict[str, set[str]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = samples.setdefault(sample.name, {})
-            for name, value in sample.labels.items():
-                labels.setdefault(name, set()).add(value)
+    parse_scrape(text, samples)
     return Exported(samples)
 
 
@@ -195,11 +261,15 @@ def test_kit_has_expressions() -> None:
     assert len(dashboard_expressions()) >= 20
 
 
-async def test_expressions_use_only_exported_metrics(start_proxy: StartProxy) -> None:
+async def test_expressions_use_only_exported_metrics(
+    start_proxy: StartProxy, kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
     exported = await scrape_proxy(start_proxy)
-    # The scrape itself is meaningful: labelled series exist after the requests.
+    parse_scrape(await scrape_ledger(kafka_broker, kafka_topic, tmp_path), exported.samples)
+    # The scrapes themselves are meaningful: labelled series exist after the requests.
     assert "alias" in exported.samples["llm_proxy_requests_total"]
     assert "llm_proxy_request_duration_seconds_bucket" in exported.samples
+    assert "partition" in exported.samples["llm_ledger_consumer_lag_records"]
     problems = [p for expr in all_expressions() for p in exported.problems(expr)]
     variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
     for var in variables:
@@ -225,7 +295,7 @@ def test_an_unknown_metric_is_caught() -> None:
         "x", 'rate(llm_proxy_request_total[5m]) + rate(llm_proxy_requests_total{aliass="a"}[5m])'
     )
     assert exported.problems(bad) == [
-        "x: llm_proxy_request_total is not exported by the proxy",
+        "x: llm_proxy_request_total is exported by neither the proxy nor the ledger",
         "x: llm_proxy_requests_total has no label 'aliass'",
     ]
 
@@ -332,7 +402,7 @@ def test_compose_sets_only_variables_the_programs_read() -> None:
     config = load_config(DEPLOY_CONFIG, {})
     read |= {p.api_key_env for p in config.providers.values() if p.api_key_env}
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    for name in ("proxy", "ledger", "kafka-init"):
+    for name in ("proxy", "ledger", "ledger-migrate", "kafka-init"):
         unknown = set(services[name].get("environment", {})) - read
         assert not unknown, f"{name}: variables nothing reads: {sorted(unknown)}"
 

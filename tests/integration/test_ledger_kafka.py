@@ -19,17 +19,19 @@ import aiohttp
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.contract.charge_event import MAX_CREDITS, ChargeEvent, new_event_id
 from proxy.contract.redis_keys import RedisKeys, decode_snapshot
-from proxy.delivery.kafka import make_producer
+from proxy.delivery.kafka import create_topic, make_producer
 from proxy.errors import LedgerNotMigrated
 from proxy.ledger.book import MAX_AMOUNT, Book, adjust, grant
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
 from proxy.ledger.database import open_engine
+from proxy.ledger.metrics import LedgerMetrics
 from proxy.ledger.projection import Projection
 from proxy.ledger.reads import Reader
 from proxy.ledger.schema import entries
@@ -246,10 +248,19 @@ async def test_poison_events_are_dead_lettered_and_the_next_events_apply(
     await send_events(producer, kafka_topic, [good, later])
 
     cfg = settings(kafka_broker, kafka_topic)
-    consumer = LedgerConsumer(cfg, book)
+    metrics = LedgerMetrics()
+    consumer = LedgerConsumer(cfg, book, metrics=metrics)
     await run_until(consumer, processed(consumer, 7), "poison + good events")
 
     assert (consumer.stats.dead_lettered, consumer.stats.applied) == (5, 2)
+    scraped = {
+        (s.name, s.labels.get("result")): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    assert scraped[("llm_ledger_events_total", "dead_lettered")] == 5
+    assert scraped[("llm_ledger_events_total", "applied")] == 2
+    assert scraped[("llm_ledger_last_batch_timestamp_seconds", None)] > 0
     assert (await reader.account(301)).balance == 91
     dead = await consume_messages(kafka_broker.bootstrap, cfg.dead_letter_topic, 5, WAIT_S)
     assert [m.value for m in dead] == poison
@@ -361,6 +372,27 @@ async def test_sigterm_stops_the_ledger_process_gracefully(
             assert resp.status == 200
             expected = -sum(e.credits for e in events)
             assert await resp.json() == {"balance": expected, "is_blocked": True}
+        # ... and the consumer's metrics: everything applied, nothing left behind.
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+            ):
+                assert resp.status == 200
+                samples = {
+                    (s.name, s.labels.get("result") or s.labels.get("partition")): s.value
+                    for family in text_string_to_metric_families(await resp.text())
+                    for s in family.samples
+                }
+            lags = [
+                v for (name, _), v in samples.items() if name == "llm_ledger_consumer_lag_records"
+            ]
+            if lags and sum(lags) == 0:
+                break
+            assert time.monotonic() < deadline, f"lag never reached 0: {lags}"
+            await asyncio.sleep(0.2)
+        assert samples[("llm_ledger_events_total", "applied")] == 10
         proc.send_signal(signal.SIGTERM)
         out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
     finally:
@@ -373,6 +405,51 @@ async def test_sigterm_stops_the_ledger_process_gracefully(
     # It committed before leaving: the same group has nothing left to apply.
     ends = await end_offsets(kafka_broker.bootstrap, kafka_topic)
     assert await committed(kafka_broker.bootstrap, kafka_topic, group) == ends
+
+
+async def test_a_ledger_started_before_kafka_waits_for_it(
+    ledger_engine: AsyncEngine, ledger_url: str, reader: Reader
+) -> None:
+    """Compose starts everything at once: the consumer retries Kafka at start-up, as it
+    does any later outage, instead of exiting with a traceback."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("needs a broker this test starts itself")
+    broker = KafkaBroker()  # its port is chosen, the broker not started yet
+    topic = f"late-{uuid.uuid4().hex[:8]}"
+    proc = await ledger_process(broker, topic, f"ledger-{topic}", ledger_url)
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + WAIT_S
+        seen = b""
+        while b"retrying" not in seen:
+            assert time.monotonic() < deadline, seen.decode()
+            line = await asyncio.wait_for(proc.stderr.readline(), WAIT_S)
+            assert line, f"the ledger exited instead of waiting: {seen.decode()}"
+            seen += line
+        assert b"Traceback" not in seen
+        assert f"Kafka at {broker.bootstrap}".encode() in seen
+        broker.start()
+        await create_topic(broker.bootstrap, topic, partitions=3, replication_factor=1)
+        p = make_producer(broker.bootstrap, idempotent=broker.supports_idempotence)
+        await p.start()
+        try:
+            events = random_charges(5, [451], seed=9)
+            await send_events(p, topic, events)
+        finally:
+            await p.stop()
+        while await entry_count(ledger_engine) < 5:
+            assert proc.returncode is None, "ledger process exited"
+            assert time.monotonic() < deadline, "the ledger never applied the events"
+            await asyncio.sleep(0.1)
+        assert (await reader.account(451)).balance == -sum(e.credits for e in events)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), WAIT_S)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        broker.close()
 
 
 async def test_kill_9_mid_stream_loses_and_duplicates_nothing(

@@ -4,6 +4,7 @@ real SQLite and PostgreSQL (and redis-server for the projection a grant writes).
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 import orjson
@@ -12,8 +13,15 @@ import redis
 
 import proxy
 from proxy.config import EnvSettings
+from proxy.contract.charge_event import MAX_CREDITS
 from proxy.ledger import cli as ledger_cli
+from proxy.ledger.book import MAX_AMOUNT, Book, adjust, grant
+from proxy.ledger.database import migrate, open_engine
+from proxy.ledger.embedded import LedgerSink
+from proxy.ledger.reads import Reader
 from tests.fixtures_redis import RedisServer
+from tests.integration.test_ledger_embedded import row
+from tests.ledger_events import charge_event
 
 
 def run_cli(argv: list[str]) -> int:
@@ -166,3 +174,43 @@ def test_a_bad_config_file_is_reported(tmp_path: Path, capsys: pytest.CaptureFix
     config.write_text("guard: [1, 2]\n")
     assert run_cli(["credits", "show", "1", "--config", str(config)]) == 2
     assert "broken.yaml" in capsys.readouterr().err
+
+
+async def test_dead_letters_are_listed_and_replayed_once_the_cause_is_fixed(
+    cli: Cli, ledger_url: str
+) -> None:
+    # The balance after the fix: floor - 2 (small) + MAX_CREDITS (grant) - MAX_CREDITS (big).
+    engine = open_engine(ledger_url)
+    try:
+        await migrate(engine)
+        book = Book(engine)
+        # Near the 64-bit floor (an operator correction): the big charge cannot apply.
+        start = -(MAX_AMOUNT - MAX_CREDITS)
+        await adjust(book, 61, start, "floor", "test", allow_negative=True)
+        big, small = charge_event(61, MAX_CREDITS), charge_event(61, 2)
+        sink = LedgerSink(engine, None)
+        # The small one first: then only the big one would leave the floor.
+        await sink.send_batch([row(1, b"not json"), row(2, small.to_json()), row(3, big.to_json())])
+        assert (await Reader(engine).account(61)).balance == start - 2
+
+        code, listed, _ = await asyncio.to_thread(cli, "ledger", "dead-letters", "--json")
+        assert code == 0 and isinstance(listed, list) and len(listed) == 2
+        assert {d["source"] for d in listed} == {"outbox"}
+        assert any("not valid JSON" in d["reason"] for d in listed)
+        assert all("payload" not in d for d in listed)  # reasons, never the payload
+
+        # Still refused: nothing changes, exit 1 names the rows.
+        code, result, _ = await asyncio.to_thread(cli, "ledger", "replay-dead-letters", "--json")
+        assert code == 1 and result["applied"] == 0 and len(result["refused"]) == 2
+
+        await grant(book, 61, MAX_CREDITS, "lift")  # the cause is fixed
+        code, result, _ = await asyncio.to_thread(cli, "ledger", "replay-dead-letters", "--json")
+        assert code == 1 and result["applied"] == 1 and len(result["refused"]) == 1
+        assert (await Reader(engine).account(61)).balance == start - 2
+        code, listed, _ = await asyncio.to_thread(cli, "ledger", "dead-letters", "--json")
+        assert [d["id"] for d in listed] == [int(i) for i in result["refused"]]
+        # A replay of an event in the books is a duplicate, never a second debit.
+        await sink.send_batch([row(3, big.to_json())])
+        assert (await Reader(engine).account(61)).balance == start - 2
+    finally:
+        await engine.dispose()
