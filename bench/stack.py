@@ -41,6 +41,10 @@ auth:
     - name: bench
       sha256: "{key_hash}"
       scenes: ["*"]
+# No ledger in the bench (charges go to a JSON-lines file), so nothing releases the
+# settled holds of guard.mode reserve: they expire as if a ledger applied each
+# charge ~200 ms after it was made (else user 42's holds would pile up for 900 s).
+guard: {{hold_ttl_s: 0.2}}
 """
 
 

@@ -178,11 +178,26 @@ def auth_unavailable() -> ApiError:
     )
 
 
-def insufficient_credit() -> ApiError:
-    """What a guard `block` decision is answered with."""
+def insufficient_credit(
+    available: int | None = None, held: int = 0, cost: int | None = None
+) -> ApiError:
+    """What a refused admission is answered with; a reservation says how much credit
+    is available (net of what the user's requests in progress hold) and what this
+    request may cost."""
+    if available is None or cost is None:
+        message = "Your credit balance is insufficient for this request. Please top up and retry."
+    else:
+        free = available - held
+        message = (
+            f"Your credit balance is insufficient for this request: {free} credits "
+            f"available ({available} balance"
+            + (f", {held} held by requests in progress" if held else "")
+            + f"), this request may cost up to {cost}. Lower max_completion_tokens, "
+            "or top up and retry."
+        )
     return ApiError(
         402,
-        "Your credit balance is insufficient for this request. Please top up and retry.",
+        message,
         type="insufficient_quota",
         code="credit_balance_insufficient",
     )
@@ -222,6 +237,29 @@ def ledger_unavailable(what: str = "ledger database") -> ApiError:
         f"the {what} is temporarily unavailable, please retry",
         type="service_unavailable",
         code="ledger_unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
+def request_id_in_use() -> ApiError:
+    """Admission: the payer already holds credit under this X-Request-Id (a request
+    in flight, or one whose charge the ledger has not applied yet)."""
+    return ApiError(
+        409,
+        "Another request with this X-Request-Id is in progress; use a new request id",
+        type="invalid_request_error",
+        code="request_id_in_use",
+        param="X-Request-Id",
+    )
+
+
+def guard_unavailable() -> ApiError:
+    """Admission could not reach Redis or the books and `guard.fail` is closed."""
+    return ApiError(
+        503,
+        "Credit checks are temporarily unavailable, please retry",
+        type="service_unavailable",
+        code="credit_guard_unavailable",
         headers={"Retry-After": "1"},
     )
 

@@ -280,6 +280,7 @@ async def start_proxy(
         credit_snapshot_url: str | None = None,
         topic: str | None = None,
         guard_prefix: str | None = None,
+        guard: dict[str, Any] | None = None,
         settings_overrides: dict[str, Any] | None = None,
         observer: Observer | None = None,
         embedded_ledger: EmbeddedLedgerFactory | None = None,
@@ -302,8 +303,15 @@ async def start_proxy(
         # Extra providers go under providers: (before price_rules:), two-space indented.
         text = text.replace("\nprice_rules:\n", "\n" + extra_providers + "price_rules:\n", 1)
         text += auth_yaml if auth_yaml is not None else service_key_yaml()
-        if guard_prefix is not None:
-            text += f'\nguard:\n  prefix: "{guard_prefix}"\n'
+        # `guard`: more guard keys, e.g. {"mode": "check"}, {"hold_ttl_s": 1}.
+        guard_keys = {
+            **({"prefix": guard_prefix} if guard_prefix is not None else {}),
+            **(guard or {}),
+        }
+        if guard_keys:
+            text += "\nguard:\n" + "".join(
+                f"  {k}: {orjson.dumps(v).decode()}\n" for k, v in guard_keys.items()
+            )
         if topic is not None:
             text += f"\nevents:\n  topic: {topic}\n"
         text += extra_yaml

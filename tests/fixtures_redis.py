@@ -14,6 +14,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -98,3 +99,13 @@ async def redis_prefix(redis_server: RedisServer) -> AsyncIterator[str]:
         pass  # best effort: a prefix is unique, leftovers do not collide
     finally:
         await client.aclose()
+
+
+async def fund(client: Any, prefix: str, *users: int, credit: int = 10**6) -> None:
+    """Give `users` a credit snapshot, as the ledger's projection would after a grant:
+    in guard.mode reserve a user Redis knows nothing of has no credit."""
+    from proxy.contract.redis_keys import RedisKeys, encode_snapshot
+
+    keys = RedisKeys(prefix)
+    for user in users:
+        await client.set(keys.snapshot(user), encode_snapshot(credit))

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.billing.payer import BillingContext, body_user_id, parse_user_id
@@ -73,7 +74,7 @@ class Authenticator:
     def __init__(
         self,
         config: AuthConfig,
-        redis: aioredis.Redis | None,
+        redis: aioredis.Redis | RedisCluster | None,
         prefix: str,
         *,
         clock: Callable[[], float] = time.monotonic,

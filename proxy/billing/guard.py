@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 from proxy.billing.guard_cache import GuardCache
 from proxy.billing.mget_batcher import MGetBatcher
 from proxy.billing.payer import BillingContext
-from proxy.billing.snapshot_client import Snapshot, SnapshotClient, SnapshotError
+from proxy.billing.snapshot_client import SnapshotError, SnapshotSource, SnapshotView
 from proxy.config.model import GuardConfig
 from proxy.contract.redis_keys import RedisKeys, decode_snapshot, encode_snapshot
 from proxy.logs import ThrottledLog
@@ -86,14 +86,14 @@ class CreditBalanceGuard:
         self,
         redis: aioredis.Redis,
         config: GuardConfig,
-        provider: SnapshotClient | None = None,
+        provider: SnapshotSource | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         on_cache_lookup: Callable[[bool], None] | None = None,
         on_cache_live: Callable[[bool], None] | None = None,
     ) -> None:
         self._config = config
-        self._redis = redis
+        self._redis = self.redis = redis
         self._provider = provider
         self._keys = RedisKeys(config.prefix)
         self._budget_s = config.budget_ms / 1000.0
@@ -115,7 +115,7 @@ class CreditBalanceGuard:
         )
         self._backfill = redis.register_script(_BACKFILL_LUA)
         self._mark_blocked_script = redis.register_script(_MARK_BLOCKED_LUA)
-        self._fetches: dict[int, asyncio.Task[Snapshot]] = {}  # one per user at a time
+        self._fetches: dict[int, asyncio.Task[SnapshotView]] = {}  # one per user at a time
         self._fail_open_log = ThrottledLog(log, config.fail_open_log_interval_s, clock)
 
     def start(self) -> None:
@@ -152,6 +152,15 @@ class CreditBalanceGuard:
             return GuardDecision.FAIL_OPEN
         self._fail_open_log.warning(f"credit guard failing open: {reason}")
         return GuardDecision.FAIL_OPEN
+
+    @property
+    def has_provider(self) -> bool:
+        return self._provider is not None
+
+    async def fetch_snapshot(self, user_id: int, *, overwrite: bool) -> SnapshotView:
+        """Ask the provider (one fetch per user at a time) and back-fill Redis; the
+        caller's budget ends its wait, not the fetch."""
+        return await asyncio.shield(self._fetch(user_id, overwrite=overwrite))
 
     async def close(self) -> None:
         """Stop in-flight provider fetches and reads (call on shutdown, before Redis)."""
@@ -210,7 +219,7 @@ class CreditBalanceGuard:
             # The snapshot already said "no credit"; the marker is only a shortcut.
             self._fail_open_log.warning(f"could not set blocked marker: {type(exc).__name__}")
 
-    def _fetch(self, user_id: int, *, overwrite: bool) -> asyncio.Task[Snapshot]:
+    def _fetch(self, user_id: int, *, overwrite: bool) -> asyncio.Task[SnapshotView]:
         task = self._fetches.get(user_id)
         if task is None:
             task = asyncio.get_running_loop().create_task(
@@ -220,12 +229,12 @@ class CreditBalanceGuard:
             task.add_done_callback(lambda t: self._fetch_done(user_id, t))
         return task
 
-    def _fetch_done(self, user_id: int, task: asyncio.Task[Snapshot]) -> None:
+    def _fetch_done(self, user_id: int, task: asyncio.Task[SnapshotView]) -> None:
         self._fetches.pop(user_id, None)
         if not task.cancelled():
             task.exception()  # retrieved: every waiter may have given up already
 
-    async def _fetch_and_backfill(self, user_id: int, overwrite: bool) -> Snapshot:
+    async def _fetch_and_backfill(self, user_id: int, overwrite: bool) -> SnapshotView:
         assert self._provider is not None
         snap = await self._provider.fetch(user_id)
         c = self._config

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from proxy.billing.estimate import output_allowance, prompt_bound
 from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest
 from proxy.billing.script_batcher import ScriptBatcher
@@ -43,15 +45,12 @@ NONE = -1  # "no limit" on the wire of the scripts and in overrides
 DIMENSIONS = ("user rpm", "user tpm", "user concurrency", "key rpm", "key tpm", "key concurrency")
 
 
-def admission_tokens(chat: ChatRequest, request_bytes: int | None, default_max: int) -> int:
-    """PLACEHOLDER for #18's estimate (proxy/billing/estimate.py): the tokens a request
-    is admitted on (TPM) before its usage is known, corrected at settle. A cheap
-    bound: a quarter of the body's bytes for the prompt plus the output allowance
-    (`max_completion_tokens`/`max_tokens`, else `limits.default_max_tokens`)."""
-    body = chat.body
-    out = body.get("max_completion_tokens", body.get("max_tokens"))
-    allowance = out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else None
-    return (request_bytes or 0) // 4 + 1 + (allowance if allowance is not None else default_max)
+def admission_tokens(chat: ChatRequest) -> int:
+    """The tokens a request is admitted on (TPM) before its usage is known: the
+    reservation's estimate (proxy.billing.estimate: the prompt's byte bound plus the
+    output allowance, the alias's `reserve_output_tokens` when the request names no
+    limit); corrected with the actual usage when the request ends."""
+    return prompt_bound(chat) + output_allowance(chat, chat.alias.reserve_output_tokens)[0]
 
 
 # KEYS: override, user rpm, user tpm, user conc, key rpm, key tpm, key conc
@@ -220,7 +219,7 @@ def _wire(s: LimitSet) -> list[int]:
 class RateLimiter:
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | RedisCluster,
         config: LimitsConfig,
         prefix: str,
         on_decision: Callable[[str], None] = lambda _: None,
@@ -236,9 +235,7 @@ class RateLimiter:
         self._admits = ScriptBatcher(
             redis, redis.register_script(_ADMIT_LUA), send_timeout, self._admitted_orphan
         )
-        self._finishes = ScriptBatcher(
-            redis, redis.register_script(_FINISH_LUA), send_timeout, self._finish_failed
-        )
+        self._finishes = ScriptBatcher(redis, redis.register_script(_FINISH_LUA), send_timeout)
 
     @property
     def config(self) -> LimitsConfig:
@@ -319,27 +316,29 @@ class RateLimiter:
         if not delta and not admission.holds_slot:
             return
         k = admission.keys
-        self._finishes.submit([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id])
+        self._finish([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id])
 
-    def _admitted_orphan(self, call: tuple[list[str], list[Any]], result: Any) -> None:
+    def _admitted_orphan(self, call: tuple[list[Any], list[Any]], result: Any) -> None:
         """An admit whose caller gave up (its budget, the client leaving) but that
         Redis ran: whatever it admitted is given back at once."""
         if isinstance(result, BaseException) or int(result[0]) != 0:
             return
         keys, args = call
         lim = [int(x) for x in result[2:8]]
-        self._finishes.submit(
-            [keys[2], keys[5], keys[3], keys[6]], [args[6], lim[1], lim[4], args[7]]
-        )
+        self._finish([keys[2], keys[5], keys[3], keys[6]], [args[6], lim[1], lim[4], args[7]])
 
-    def _finish_failed(self, _call: tuple[list[str], list[Any]], result: Any) -> None:
-        if isinstance(result, BaseException):
-            self._fail_log.warning(f"rate limiter could not finish a request: {result!r}")
+    def _finish(self, keys: list[Any], args: list[Any]) -> None:
+        self._finishes.submit(keys, args).add_done_callback(self._finished)
+
+    def _finished(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:  # the slot expires after slot_ttl_s
+            self._fail_log.warning(f"rate limiter could not finish a request: {exc!r}")
 
     async def close(self) -> None:
         """Let the scripts in flight end (briefly), before Redis closes."""
-        await self._admits.close()
-        await self._finishes.close()
+        await self._admits.aclose()
+        await self._finishes.aclose()
 
 
 # -- per-user overrides (llm-proxy limits) -----------------------------------------

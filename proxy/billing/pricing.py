@@ -46,6 +46,7 @@ from decimal import (
     MAX_PREC,
     MIN_EMIN,
     ROUND_CEILING,
+    ROUND_FLOOR,
     Context,
     Decimal,
     Inexact,
@@ -205,3 +206,87 @@ def _credits(
     # Capped so that every event serialises and every ledger can add it up
     # (proxy.contract.charge_event); only absurd usage at absurd rates gets there.
     return min(max(credits, schedule.min_charge), MAX_CREDITS)
+
+
+# ---------------------------------------------------------------------------
+# bounds for admission (proxy.billing.estimate)
+
+
+def upper_bound(
+    rule: PriceRule | None,
+    prompt_tokens: int,
+    output_tokens: int,
+    *,
+    service_tier: str | None = None,
+    started_ms: int = 0,
+) -> int:
+    """The most `prompt_tokens` in and `output_tokens` out can cost under `rule`:
+    every prompt token at the dearest input rate (input, cache write, audio), every
+    output token at the dearest output rate (output, reasoning, audio), the same
+    multipliers, fee, minimum, rounding and cap as `price`. Never below `price` of
+    any usage with at most these counts (tests/billing/test_estimate.py)."""
+    if rule is None or prompt_tokens + output_tokens <= 0:
+        return 0
+    schedule = rule.in_force(started_ms)
+    rates, multiplier = rates_for(schedule, prompt_tokens, service_tier)
+    in_rate, out_rate = _dearest(rates)
+    ctx = _exact()
+    total = ctx.fma(prompt_tokens, in_rate, ctx.multiply(output_tokens, out_rate))
+    total = ctx.multiply(total, multiplier)
+    raw = ctx.add(total.scaleb(-_TOKENS_PER_UNIT, ctx), schedule.request_fee)
+    credits = int(raw.to_integral_value(rounding=ROUND_CEILING, context=ctx))
+    return min(max(credits, schedule.min_charge), MAX_CREDITS)
+
+
+def affordable_output(
+    rule: PriceRule | None,
+    prompt_tokens: int,
+    credits: int,
+    *,
+    service_tier: str | None = None,
+    started_ms: int = 0,
+) -> int | None:
+    """The most output tokens whose `upper_bound` with `prompt_tokens` fits in
+    `credits` (0 when not even the prompt does); None when output costs nothing."""
+    if rule is None:
+        return None
+    schedule = rule.in_force(started_ms)
+    rates, multiplier = rates_for(schedule, prompt_tokens, service_tier)
+    in_rate, out_rate = _dearest(rates)
+    per_token = out_rate * multiplier
+    if per_token <= 0:
+        return None
+    ctx = _exact()
+    prompt_cost = ctx.multiply(ctx.multiply(prompt_tokens, in_rate), multiplier)
+    room = ctx.subtract(
+        ctx.subtract(Decimal(credits), schedule.request_fee).scaleb(_TOKENS_PER_UNIT, ctx),
+        prompt_cost,
+    )
+    if room < 0:
+        return 0
+    # Division is inexact: a context that rounds, then the bound checked exactly.
+    tokens = int((room / per_token).to_integral_value(rounding=ROUND_FLOOR))
+    while (
+        tokens > 0
+        and upper_bound(
+            rule, prompt_tokens, tokens, service_tier=service_tier, started_ms=started_ms
+        )
+        > credits
+    ):
+        tokens -= 1 + tokens // 1000
+    return max(tokens, 0)
+
+
+def _dearest(rates: Rates) -> tuple[Decimal, Decimal]:
+    audio_in = rates.input if rates.audio_input is None else rates.audio_input
+    audio_out = rates.output if rates.audio_output is None else rates.audio_output
+    return (
+        max(rates.input, rates.cache_write, rates.cached_input, audio_in),
+        max(rates.output, rates.reasoning, audio_out),
+    )
+
+
+def _exact() -> Context:
+    return Context(
+        prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN, traps=[Inexact, Overflow, InvalidOperation]
+    )

@@ -14,6 +14,7 @@ from typing import Any
 import tiktoken
 
 from proxy.billing.guard import GuardDecision
+from proxy.billing.hold import Hold
 from proxy.billing.metering import Metered, estimate_prompt_only
 from proxy.billing.payer import BillingContext
 from proxy.billing.wire_formats import CHAT, WireFormat
@@ -68,6 +69,7 @@ class Exchange:
         "error_kind",
         "first_byte_at",
         "guard_decision",
+        "hold",
         "metered",
         "outcome",
         "request_bytes",
@@ -87,6 +89,7 @@ class Exchange:
         self.ctx: BillingContext | None = None
         self.encoding: tiktoken.Encoding | None = None
         self.guard_decision: GuardDecision | None = None
+        self.hold: Hold | None = None  # admission's reservation (guard.mode: reserve)
         self.outcome: Outcome | None = None
         self.status: int = 0
         self.error_kind: ErrorKind | None = None

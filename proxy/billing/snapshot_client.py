@@ -8,6 +8,7 @@ guard has exactly one thing to catch and fail open on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import orjson
@@ -19,6 +20,21 @@ MAX_BODY_BYTES = 64 * 1024  # a snapshot is a few dozen bytes; more is not a sna
 class Snapshot:
     balance: int
     is_blocked: bool
+
+
+class SnapshotView(Protocol):
+    @property
+    def balance(self) -> int: ...
+
+    @property
+    def is_blocked(self) -> bool: ...
+
+
+class SnapshotSource(Protocol):
+    """Who the guard asks when Redis has no snapshot: this client (the ledger's
+    credit API), or the embedded ledger's books."""
+
+    async def fetch(self, user_id: int) -> SnapshotView: ...
 
 
 class SnapshotError(Exception):

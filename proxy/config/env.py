@@ -8,6 +8,7 @@ environments unchanged. Read once, at start-up, into a frozen `EnvSettings`.
 |---|---|---|
 | `LLM_PROXY_CONFIG` | the YAML file | `model_aliases.yaml` |
 | `REDIS_URL` | user keys, guard | none (guard off, service keys only) |
+| `LLM_PROXY_REDIS_CLUSTER` | `REDIS_URL` is a node of a Redis Cluster | false |
 | `CREDIT_SNAPSHOT_URL` | snapshot provider the guard asks on a miss | none |
 | `KAFKA_BOOTSTRAP_SERVERS` | charge events to Kafka | none (JSON-lines file) |
 | `LLM_PROXY_KAFKA_IDEMPOTENCE` | idempotent producer | true |
@@ -48,6 +49,7 @@ IDEMPOTENCE_ENV = "LLM_PROXY_KAFKA_IDEMPOTENCE"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_ENV = "LLM_PROXY_WORKER"
 WEBHOOK_SECRET_ENV = "CREDIT_WEBHOOK_SECRET"
+REDIS_CLUSTER_ENV = "LLM_PROXY_REDIS_CLUSTER"
 
 
 def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -85,6 +87,10 @@ class EnvSettings:
     """Infrastructure endpoints, paths and secrets, from the environment only."""
 
     redis_url: str | None = None
+    # REDIS_URL names one node of a Redis Cluster (the guard, reservations and user
+    # keys then use a cluster client; the guard's local cache and MGET coalescing,
+    # which need one node, are off).
+    redis_cluster: bool = False
     kafka_bootstrap: str | None = None
     # Brokers that reject idempotent producers (tansu's in-memory store) need false.
     kafka_idempotent: bool = True
@@ -117,6 +123,7 @@ class EnvSettings:
         worker = opt(WORKER_ENV)
         return cls(
             redis_url=_redis_url(opt("REDIS_URL")),
+            redis_cluster=env_flag(env, REDIS_CLUSTER_ENV, False),
             kafka_bootstrap=opt("KAFKA_BOOTSTRAP_SERVERS"),
             kafka_idempotent=env_flag(env, IDEMPOTENCE_ENV, True),
             credit_snapshot_url=opt("CREDIT_SNAPSHOT_URL"),

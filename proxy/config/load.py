@@ -8,16 +8,19 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from proxy.config.env import read_var
 from proxy.config.model import (
     ANY_SCENE,
+    DEFAULT_CLAMP_MIN_TOKENS,
     DEFAULT_ENCODING,
     DEFAULT_ENDPOINTS,
+    DEFAULT_RESERVE_OUTPUT_TOKENS,
     ENDPOINT_NAMES,
     SCENE_RE,
     SUPPORTED_ENCODINGS,
@@ -26,8 +29,11 @@ from proxy.config.model import (
     AuthMode,
     DisconnectPolicy,
     EventsConfig,
+    FailPolicy,
     GuardConfig,
+    GuardMode,
     OnDisconnect,
+    OnInsufficient,
     PriceRule,
     Provider,
     RoutingPolicy,
@@ -49,6 +55,8 @@ from proxy.config.traffic import (
 )
 from proxy.config.yaml_loader import load_yaml
 from proxy.errors import ConfigError
+
+_E = TypeVar("_E", bound=StrEnum)
 
 _TOP_LEVEL = (
     "providers",
@@ -203,6 +211,9 @@ def _alias(
             "targets",
             "fallbacks",
             "routing",
+            "reserve_output_tokens",
+            "on_insufficient",
+            "clamp_min_tokens",
             *_DISCONNECT,
         ),
         required=True,
@@ -248,6 +259,9 @@ def _alias(
         targets=targets,
         fallbacks=parse_fallbacks(m, path),
         routing=parse_routing(m.get("routing"), m.where("routing"), routing),
+        reserve_output_tokens=m.count("reserve_output_tokens", DEFAULT_RESERVE_OUTPUT_TOKENS),
+        on_insufficient=_choice(m, "on_insufficient", OnInsufficient, OnInsufficient.REFUSE),
+        clamp_min_tokens=m.count("clamp_min_tokens", DEFAULT_CLAMP_MIN_TOKENS),
     )
 
 
@@ -266,6 +280,16 @@ def _endpoints(m: Section) -> frozenset[str]:
     if not names:
         raise ConfigError(f"{m.where('endpoints')}: name at least one endpoint")
     return frozenset(names)
+
+
+def _choice(m: Section, key: str, kind: type[_E], default: _E) -> _E:
+    """One of an enum's values, with the one wording of the error."""
+    raw = m.get(key, default.value)
+    try:
+        return kind(raw)
+    except ValueError:
+        words = " or ".join(repr(v.value) for v in kind)
+        raise ConfigError(f"{m.where(key)}: must be {words}, got {raw!r}") from None
 
 
 def _allow_params(m: Section, rule: PriceRule | None) -> frozenset[str]:
@@ -381,6 +405,9 @@ def parse_guard(raw: Any, path: str = "guard") -> GuardConfig:
             "local_cache_max_age_s", d.local_cache_max_age_s, positive=True
         ),
         local_cache_max_entries=max_entries,
+        mode=_choice(m, "mode", GuardMode, d.mode),
+        hold_ttl_s=m.number("hold_ttl_s", d.hold_ttl_s, positive=True),
+        fail=_choice(m, "fail", FailPolicy, d.fail),
     )
 
 

@@ -22,6 +22,12 @@ DEFAULT_ENCODING = "o200k_base"
 SUPPORTED_ENCODINGS = ("cl100k_base", "o200k_base")
 # `Charge.rule_id` of aliases marked `free: true`; reserved, no price rule may use it.
 FREE_RULE_ID = "free"
+# Admission defaults (README "Credit guard"): the output allowance of a request that
+# names no limit; the fewest output tokens a clamped request may be left with; how
+# long a hold counts (above the default providers.*.timeouts.total of 600 s).
+DEFAULT_RESERVE_OUTPUT_TOKENS = 4096
+DEFAULT_CLAMP_MIN_TOKENS = 16
+DEFAULT_HOLD_TTL_S = 900.0
 ANY_SCENE = "*"
 SCENE_RE = re.compile(r"[a-z0-9][a-z0-9._:/-]{0,63}")
 # An alias's `endpoints` (config names) → the API each names, as the charge event
@@ -220,6 +226,21 @@ class Target:
         return f"{self.provider.name}/{self.model}"
 
 
+class OnInsufficient(StrEnum):
+    REFUSE = "refuse"  # 402 credit_balance_insufficient
+    CLAMP = "clamp"  # lower the output limit to what the credit left affords
+
+
+class GuardMode(StrEnum):
+    RESERVE = "reserve"  # hold the estimate before the call, settle after
+    CHECK = "check"  # the original fail-open pre-check ("has any credit?")
+
+
+class FailPolicy(StrEnum):
+    OPEN = "open"  # Redis/the books unreachable: serve (counted, logged)
+    CLOSED = "closed"  # ... refuse with 503 guard_unavailable
+
+
 @dataclass(frozen=True, slots=True)
 class Alias:
     name: str
@@ -240,6 +261,13 @@ class Alias:
     routing: RoutingPolicy = RoutingPolicy()
     # The APIs this alias serves (ENDPOINT_NAMES values); others answer 400.
     endpoints: frozenset[str] = DEFAULT_ENDPOINTS
+
+    # Admission (guard.mode: reserve, proxy.billing.estimate): the output allowance
+    # reserved when the request names no max_completion_tokens/max_tokens, and what
+    # to do when the credit left does not cover the estimate.
+    reserve_output_tokens: int = DEFAULT_RESERVE_OUTPUT_TOKENS
+    on_insufficient: OnInsufficient = OnInsufficient.REFUSE
+    clamp_min_tokens: int = DEFAULT_CLAMP_MIN_TOKENS
 
     def serves(self, endpoint: str) -> bool:
         """Whether a call of `endpoint` may use this alias (the Responses API also
@@ -297,6 +325,11 @@ class GuardConfig:
     local_cache: bool = True
     local_cache_max_age_s: float = 1.0
     local_cache_max_entries: int = 100_000
+    mode: GuardMode = GuardMode.RESERVE
+    # A hold counts for this long after it was written (at admission, and again
+    # from settlement on, to cover the ledger's lag); then it is purged.
+    hold_ttl_s: float = DEFAULT_HOLD_TTL_S
+    fail: FailPolicy = FailPolicy.OPEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +373,6 @@ class LimitsConfig:
     budget_ms: float = 50.0  # the whole check; then the fail policy
     # A concurrency slot a dead proxy never released stops counting after this long.
     slot_ttl_s: float = 900.0
-    default_max_tokens: int = 4096  # output allowance when a request names none
     fail_log_interval_s: float = 60.0
     # A `limits:` section is given: every request runs the check (needs REDIS_URL),
     # which also applies the per-user overrides even without defaults.

@@ -153,7 +153,6 @@ def parse_limits(raw: Any, path: str = "limits") -> LimitsConfig:
         fail_open=m.flag("fail_open", d.fail_open),
         budget_ms=m.number("budget_ms", d.budget_ms, positive=True),
         slot_ttl_s=m.number("slot_ttl_s", d.slot_ttl_s, positive=True),
-        default_max_tokens=m.count("default_max_tokens", d.default_max_tokens),
         fail_log_interval_s=m.number("fail_log_interval_s", d.fail_log_interval_s),
         enabled=True,
     )

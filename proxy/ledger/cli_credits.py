@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy.contract.redis_keys import RedisKeys, live_held
 from proxy.ledger.book import ADJUST_FLOOR, Book, Change, adjust, grant
 from proxy.ledger.cli_common import (
     Resolved,
@@ -128,23 +129,44 @@ def _changed(args: argparse.Namespace, change: Change, what: str) -> None:
 
 
 def _cmd_show(args: argparse.Namespace, r: Resolved) -> int:
-    async def run(engine: AsyncEngine, _redis: RedisClient | None) -> int:
+    async def run(engine: AsyncEngine, redis: RedisClient | None) -> int:
         reader = Reader(engine)
         account = await reader.account(args.user)
         recent = (await reader.history(args.user, args.limit)).entries if args.limit else ()
+        held, why = await _held(r, redis, args.user)
+        held_line = (
+            f"held     unknown ({why})"
+            if held is None
+            else f"held     {held} (requests in progress; available {account.balance - held})"
+        )
         lines = [
             f"user {account.user_id}",
             f"balance  {account.balance}",
+            held_line,
             f"blocked  {'yes' if account.is_blocked else 'no'}",
             f"charged  {account.lifetime_charged} (lifetime)",
             f"granted  {account.lifetime_granted} (lifetime)",
             *_entry_lines(recent),
         ]
-        data = {**account.as_dict(), "entries": [e.as_dict() for e in recent]}
+        data = {**account.as_dict(), "held": held, "entries": [e.as_dict() for e in recent]}
         out(args, data, "\n".join(lines))
         return 0
 
-    return with_ledger(r, run, redis=None)
+    return with_ledger(r, run)
+
+
+async def _held(r: Resolved, redis: RedisClient | None, user: int) -> tuple[int | None, str]:
+    """Credit reserved by the user's requests in progress (or settled and not yet
+    applied): the live holds in Redis, by the Redis clock."""
+    if redis is None:
+        return None, "no Redis given: --redis-url or REDIS_URL"
+    try:
+        values = await redis.hvals(RedisKeys(r.prefix).holds(user))
+        seconds, micros = await redis.time()
+    except (RedisError, OSError) as exc:
+        return None, f"Redis: {type(exc).__name__}"
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return live_held(values, now_ms), ""
 
 
 def _cmd_history(args: argparse.Namespace, r: Resolved) -> int:

@@ -31,7 +31,7 @@ from proxy.ledger.batches import Applied, apply_isolating
 from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import is_transient, require_migrated
 from proxy.ledger.metrics import LedgerMetrics
-from proxy.ledger.projection import Projection, ProjectionBacklog
+from proxy.ledger.projection import Projection, ProjectionBacklog, releases_of
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +256,15 @@ class LedgerConsumer:
             why = result.refused.get(event.event_id)
             if why is not None and not await self._dead_letter(record, why, producer):
                 return False
-        await self._project(result)
+        await self._project(result, [event for _, event in good])
         return True
 
-    async def _project(self, result: Applied) -> None:
+    async def _project(self, result: Applied, events: list[ChargeEvent]) -> None:
         # A Redis outage must not stop the books: what could not be written waits
-        # for the next batch (the guard fails open meanwhile).
+        # for the next batch (the guard fails open meanwhile). The holds of the
+        # batch's requests go in the same script as their users' new balances.
         if self._backlog is not None:
-            await self._backlog.write(result.balances)
+            await self._backlog.write(result.balances, releases_of(events))
 
     async def _dead_letter(
         self, record: ConsumerRecord, reason: str, producer: AIOKafkaProducer

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,7 +27,7 @@ from proxy.delivery.outbox import OutboxRow
 from proxy.ledger.batches import apply_isolating
 from proxy.ledger.book import Book, check_event
 from proxy.ledger.database import migrate, open_engine
-from proxy.ledger.projection import Projection, ProjectionBacklog
+from proxy.ledger.projection import Projection, ProjectionBacklog, releases_of
 from proxy.ledger.reads import Account, Reader
 from proxy.ledger.schema import dead_letters
 
@@ -42,6 +43,7 @@ class LedgerSink:
         self._engine = engine
         self._book = Book(engine)
         self._backlog = None if projection is None else ProjectionBacklog(projection)
+        self.on_applied: Callable[[Mapping[int, Iterable[str]]], None] | None = None
         self.applied = 0
         self.duplicates = 0
         self.dead_lettered = 0
@@ -65,8 +67,12 @@ class LedgerSink:
         dead += [(payloads[eid], why) for eid, why in result.refused.items()]
         if dead:
             await self._dead_letter(dead)
+        releases = releases_of(events)
         if self._backlog is not None:
-            await self._backlog.write(result.balances)  # a Redis outage defers it
+            # A Redis outage defers it; the holds go with the balances they debit.
+            await self._backlog.write(result.balances, releases)
+        if self.on_applied is not None:
+            self.on_applied(releases)  # in-process holds (the guard without Redis)
         self.applied += result.applied
         self.duplicates += result.duplicates
 
@@ -106,12 +112,15 @@ class EmbeddedLedger:
     async def fetch(self, user_id: int) -> Account:
         return await self._reader.account(user_id)
 
+    def on_applied(self, callback: Callable[[Mapping[int, Iterable[str]]], None]) -> None:
+        self.sink.on_applied = callback
+
     async def close(self) -> None:
         await self._engine.dispose()
 
 
 async def open_embedded_ledger(
-    settings: EnvSettings, prefix: str, redis: Redis | None
+    settings: EnvSettings, prefix: str, redis: Redis | RedisCluster | None
 ) -> EmbeddedLedger:
     engine = open_engine(settings.ledger_database_url)
     try:

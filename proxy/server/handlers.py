@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from proxy.billing.guard import GuardDecision
+from proxy.billing.admission import admit, settle_hold
 from proxy.billing.record import Exchange
 from proxy.billing.settlement import Settlement, quote, settle
 from proxy.config.model import ENDPOINT_NAMES
 from proxy.contract.outcome import Outcome
-from proxy.errors import ApiError, insufficient_credit
+from proxy.errors import ApiError
 from proxy.server.chat_request import body_user, decode_body, read_body
 from proxy.server.endpoints import (
     CHAT_COMPLETIONS,
@@ -73,6 +73,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         # lose it; then the request waits (shielded) for its batch to be on disk.
         now = time.perf_counter()
         committed, settlement = _settle(state, ex, now)
+        settle_hold(state.guard, ex, settlement)  # the hold becomes the charge
         ex.release()  # the request's slots (upstream target, rate limits), before any await
         recorded = time.perf_counter()
         try:
@@ -95,17 +96,13 @@ async def _pipeline(
     body = decode_body(raw)
     # Who pays comes before what is asked: an unknown key learns nothing about aliases.
     user = body.get("user")
-    ex.ctx = ctx = await state.auth.authenticate(
-        request.headers, user if isinstance(user, str) else None
-    )
+    ex.ctx = await state.auth.authenticate(request.headers, user if isinstance(user, str) else None)
     body_user(body)  # its type is checked once the caller is known
     ex.chat = chat = endpoint.parse_body(body, state.config.aliases, started_ms=ex.started_ms)
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
-    decision = GuardDecision.SKIPPED if state.guard is None else await state.guard.check(ctx)
-    ex.guard_decision = decision
-    if decision is GuardDecision.BLOCK:
-        raise insufficient_credit()
+    # Credit is reserved (or checked) before the call; clamp mode may lower the limit.
+    chat = await admit(state.guard, state.config.guard.mode, ex)
     await check_limits(request, state, ex)  # per-user/key rate limits (server/limits_step.py)
 
     # Targets, retries, fallbacks, cooldowns (proxy.upstream.router): `ex.chat` is

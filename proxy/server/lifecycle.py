@@ -7,22 +7,26 @@ Without Redis but with the embedded ledger, the guard asks the ledger's books.""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from proxy.billing.auth import Authenticator
 from proxy.billing.books_guard import BalanceView, BooksGuard, Guard
 from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import CreditBalanceGuard
 from proxy.billing.limits import RateLimiter
-from proxy.billing.snapshot_client import SnapshotClient
+from proxy.billing.reservations import RedisReservations
+from proxy.billing.snapshot_client import SnapshotClient, SnapshotSource
 from proxy.config import EnvSettings, Provider, YamlConfig
 from proxy.config.env import IDEMPOTENCE_ENV
+from proxy.config.model import GuardMode
 from proxy.delivery.kafka import KafkaSink, make_producer
 from proxy.delivery.outbox import Outbox
 from proxy.delivery.publisher import JsonLinesSink, OutboxPublisher, Sink
@@ -45,13 +49,35 @@ class EmbeddedLedger(Protocol):
 
     async def fetch(self, user_id: int) -> BalanceView: ...
 
+    def on_applied(self, callback: Callable[[Mapping[int, Iterable[str]]], None]) -> None:
+        """Call `callback(user -> request ids)` after each batch is committed."""
+        ...
+
     async def close(self) -> None: ...
 
 
+RedisClient = aioredis.Redis | RedisCluster
+
 # (settings, Redis key prefix, Redis or None) -> an open embedded ledger
-EmbeddedLedgerFactory = Callable[
-    [EnvSettings, str, aioredis.Redis | None], Awaitable[EmbeddedLedger]
-]
+EmbeddedLedgerFactory = Callable[[EnvSettings, str, RedisClient | None], Awaitable[EmbeddedLedger]]
+
+
+def open_redis(settings: EnvSettings) -> RedisClient | None:
+    """The proxy's Redis client: one node, or a cluster (LLM_PROXY_REDIS_CLUSTER)."""
+    if not settings.redis_url:
+        return None
+    url = settings.redis_url
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=1.0, max_connections=256
+        )
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=0.5,
+        socket_timeout=1.0,
+        health_check_interval=0,
+        max_connections=256,
+    )
 
 
 async def start_state(
@@ -71,15 +97,8 @@ async def start_state(
             on_attempt=observer.metrics.upstream_attempt,
             on_cooldown=observer.metrics.target_cooldown,
         )
-        redis: aioredis.Redis | None = None
-        if settings.redis_url:
-            redis = aioredis.Redis.from_url(
-                settings.redis_url,
-                socket_connect_timeout=0.5,
-                socket_timeout=1.0,
-                health_check_interval=0,
-                max_connections=256,
-            )
+        redis = open_redis(settings)
+        if redis is not None:
             closers.append(redis.aclose)
         http = aiohttp.ClientSession()
         closers.append(http.close)
@@ -88,23 +107,42 @@ async def start_state(
             ledger = await embedded_ledger(settings, config.guard.prefix, redis)
             closers.append(ledger.close)
         guard: Guard | None = None
+        reserve = config.guard.mode is GuardMode.RESERVE
         if redis is not None:
-            provider = (
+            provider: SnapshotSource | None = (
                 SnapshotClient(settings.credit_snapshot_url, config.guard.provider_timeout_s, http)
                 if settings.credit_snapshot_url
                 else None
             )
-            guard = CreditBalanceGuard(
-                redis,
-                config.guard,
+            if provider is None and ledger is not None and reserve:
+                provider = ledger  # a user Redis does not know is the books' to decide
+            guard_config = config.guard
+            if isinstance(redis, RedisCluster):
+                # Both are one-node matters: an MGET across users spans slots, and
+                # client tracking is per node. Each check reads its user's slot.
+                guard_config = dataclasses.replace(guard_config, coalesce=False, local_cache=False)
+            check_guard = CreditBalanceGuard(
+                redis,  # type: ignore[arg-type]  # a cluster client serves the same calls
+                guard_config,
                 provider,
                 on_cache_lookup=observer.metrics.guard_cache_lookup,
                 on_cache_live=observer.metrics.guard_cache_state,
             )
-            guard.start()
-            closers.append(guard.close)
+            reservations = RedisReservations(
+                check_guard,
+                guard_config,
+                on_reservation=observer.metrics.reservation,
+                on_held=observer.metrics.held_credit,
+            )
+            reservations.start()
+            closers.append(reservations.close)
+            guard = reservations
         elif ledger is not None:
-            guard = BooksGuard(ledger, config.guard)
+            books = BooksGuard(ledger, config.guard)
+            books.on_reservation = observer.metrics.reservation
+            books.on_held = observer.metrics.held_credit
+            ledger.on_applied(books.release_applied)
+            guard = books
         limiter: RateLimiter | None = None
         if config.limits.enabled:
             if redis is None:
@@ -217,10 +255,15 @@ def _log_startup(state: ProxyState) -> None:
     guard = state.guard
     if guard is None:
         log.info("guard: off (no REDIS_URL)")
-    elif isinstance(guard, CreditBalanceGuard):
-        log.info("guard: redis, local cache %s", "on" if guard.cache is not None else "off")
+    elif isinstance(guard, RedisReservations):
+        log.info(
+            "guard: redis%s, mode %s, local cache %s",
+            " cluster" if state.settings.redis_cluster else "",
+            c.guard.mode,
+            "on" if guard.cache is not None else "off",
+        )
     else:
-        log.info("guard: the embedded ledger's balances (no REDIS_URL)")
+        log.info("guard: the embedded ledger's balances (no REDIS_URL), mode %s", c.guard.mode)
     worker = state.settings.worker_index
     log.info(
         "charge events: outbox %s -> %s%s",

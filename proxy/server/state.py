@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from proxy.billing.auth import Authenticator
 from proxy.billing.books_guard import Guard
@@ -32,7 +33,7 @@ class ProxyState:
     auth: Authenticator
     guard: Guard | None
     limiter: RateLimiter | None
-    redis: aioredis.Redis | None
+    redis: aioredis.Redis | RedisCluster | None
     encodings: EncodingRegistry
     outbox: Outbox
     publisher: OutboxPublisher

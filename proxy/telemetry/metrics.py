@@ -54,6 +54,7 @@ OVERHEAD_BUCKETS = (
 )
 
 GUARD_RESULTS = tuple(GuardDecision)
+RESERVATION_RESULTS = ("admitted", "refused", "clamped", "expired")
 CHARGE_RESULTS = ("enqueued", "enqueue_failed", "published", "publish_failed")
 UPSTREAM_ERROR_KINDS = tuple(ErrorKind)
 TOKEN_KINDS = ("prompt", "completion", "cached", "reasoning")
@@ -166,6 +167,22 @@ class ProxyMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.reservations = Counter(
+            "llm_proxy_reservations_total",
+            "Credit reservations at admission (guard.mode: reserve) by result: admitted, "
+            "refused, clamped (served with a lower output limit), expired (holds purged "
+            "at their expiry: a proxy that died mid-request, or a ledger lagging more "
+            "than guard.hold_ttl_s).",
+            ("result",),
+            registry=r,
+        )
+        self.credit_held = Gauge(
+            "llm_proxy_credit_held",
+            "Credits held by this process's requests in flight (reserved at admission, "
+            "not yet settled; settled holds are the ledger's until it applies them).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.charge_events = Counter(
             "llm_proxy_charge_events_total",
             "Charge events by result: enqueued/enqueue_failed into the outbox, "
@@ -235,6 +252,7 @@ class ProxyMetrics:
         # Children created up front so that rate() sees a 0 before the first event.
         self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
         self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
+        self._reservations = {res: self.reservations.labels(res) for res in RESERVATION_RESULTS}
         charge = {res: self.charge_events.labels(res) for res in CHARGE_RESULTS}
         self._enqueued = charge["enqueued"]
         self._enqueue_failed = charge["enqueue_failed"]
@@ -349,6 +367,14 @@ class ProxyMetrics:
 
     def guard_cache_lookup(self, hit: bool) -> None:
         (self._cache_hit if hit else self._cache_miss).inc()
+
+    def reservation(self, result: str, count: int = 1) -> None:
+        child = self._reservations.get(result)
+        if child is not None:
+            child.inc(count)
+
+    def held_credit(self, delta: int) -> None:
+        self.credit_held.inc(delta)
 
     def guard_cache_state(self, live: bool) -> None:
         self.guard_cache_live.set(1 if live else 0)

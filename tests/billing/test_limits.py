@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
+from proxy.billing.estimate import prompt_bound
 from proxy.billing.limits import (
     ALLOW,
     FAIL_CLOSED,
@@ -154,11 +155,17 @@ async def test_fail_open_and_closed(redis_prefix: str) -> None:
 async def test_admission_tokens_and_reset_format() -> None:
     from proxy.config.model import Alias
 
-    alias = Alias("a", None, "m", None)  # type: ignore[arg-type]
-    chat = ChatRequest(alias, {"max_tokens": 100}, False, False)
-    assert admission_tokens(chat, 400, 4096) == 201
-    assert admission_tokens(replace(chat, body={}), 40, 4096) == 4107
-    assert admission_tokens(replace(chat, body={"max_completion_tokens": 7}), 0, 9) == 8
+    alias = Alias("a", None, "m", None, reserve_output_tokens=300)  # type: ignore[arg-type]
+    msgs = [{"role": "user", "content": "x" * 40}]
+    chat = ChatRequest(alias, {"messages": msgs, "max_tokens": 100}, False, False)
+    # The reservation's estimate: the prompt's byte bound (OpenAI's chat framing +
+    # 40 bytes + the role) plus the output allowance.
+    prompt = prompt_bound(chat)
+    assert prompt >= 40
+    assert admission_tokens(chat) == prompt + 100
+    assert admission_tokens(replace(chat, body={"messages": msgs})) == prompt + 300
+    two = {"messages": msgs, "max_completion_tokens": 7, "n": 2}
+    assert admission_tokens(replace(chat, body=two)) == prompt + 14
     assert [format_reset(ms) for ms in (0, 20, 1000, 1001, 61_000, 3_723_000)] == [
         "0s",
         "20ms",

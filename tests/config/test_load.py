@@ -358,3 +358,70 @@ def test_bad_endpoints_name_the_key(tmp_path: Path, new: str, message: str | Non
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env={})
     assert message in str(info.value)
+
+
+ADMISSION = (
+    GOOD.replace(
+        "smart: {provider: openai, model: gpt-4o, price_rule: gpt4o}",
+        "smart: {provider: openai, model: gpt-4o, price_rule: gpt4o, reserve_output_tokens: 800,"
+        " on_insufficient: clamp, clamp_min_tokens: 32}",
+    )
+    + "guard: {mode: reserve, hold_ttl_s: 120, fail: closed}\n"
+)
+
+
+def test_admission_settings(tmp_path: Path) -> None:
+    from proxy.config.model import (
+        DEFAULT_RESERVE_OUTPUT_TOKENS,
+        FailPolicy,
+        GuardMode,
+        OnInsufficient,
+    )
+
+    config = load_config(write(tmp_path, ADMISSION), env={})
+    smart = config.aliases["smart"]
+    assert (smart.reserve_output_tokens, smart.on_insufficient, smart.clamp_min_tokens) == (
+        800,
+        OnInsufficient.CLAMP,
+        32,
+    )
+    assert (config.guard.mode, config.guard.hold_ttl_s, config.guard.fail) == (
+        GuardMode.RESERVE,
+        120.0,
+        FailPolicy.CLOSED,
+    )
+    default = load_config(write(tmp_path, GOOD), env={})
+    assert default.guard.mode is GuardMode.RESERVE and default.guard.fail is FailPolicy.OPEN
+    assert default.aliases["smart"].reserve_output_tokens == DEFAULT_RESERVE_OUTPUT_TOKENS
+    assert default.aliases["smart"].on_insufficient is OnInsufficient.REFUSE
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("mode: reserve", "mode: hold", "guard.mode: must be 'reserve' or 'check', got 'hold'"),
+        ("fail: closed", "fail: shut", "guard.fail: must be 'open' or 'closed', got 'shut'"),
+        ("hold_ttl_s: 120", "hold_ttl_s: 0", "guard.hold_ttl_s: must be a positive number, got 0"),
+        (
+            "on_insufficient: clamp",
+            "on_insufficient: beg",
+            "aliases.smart.on_insufficient: must be 'refuse' or 'clamp', got 'beg'",
+        ),
+        (
+            "reserve_output_tokens: 800",
+            "reserve_output_tokens: 0",
+            "aliases.smart.reserve_output_tokens: must be a positive whole number, got 0",
+        ),
+    ],
+)
+def test_bad_admission_settings_name_the_key(
+    tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ADMISSION.replace(old, new)), env={})
+    assert str(info.value).endswith(message)
+
+
+def test_redis_cluster_flag_from_env() -> None:
+    assert EnvSettings.from_env({"LLM_PROXY_REDIS_CLUSTER": "true"}).redis_cluster
+    assert not EnvSettings.from_env({}).redis_cluster

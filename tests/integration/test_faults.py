@@ -368,6 +368,18 @@ async def test_concurrent_mixed_faults_stay_with_their_request(start_proxy: Star
 # -- Redis ------------------------------------------------------------------------------
 
 
+async def _fund(server: RedisServer, prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from tests.fixtures_redis import fund
+
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        await fund(client, prefix, 7)
+    finally:
+        await client.aclose()
+
+
 async def test_redis_stopped_guard_fails_open_and_requests_are_charged(
     start_proxy: StartProxy,
     redis_server: RedisServer,
@@ -376,6 +388,7 @@ async def test_redis_stopped_guard_fails_open_and_requests_are_charged(
 ) -> None:
     obs = RecordingObserver()
     h = await start_proxy(redis_url=redis_server.url, guard_prefix=redis_prefix, observer=obs)
+    await _fund(redis_server, redis_prefix)  # reserve mode: the payer needs a snapshot
     try:
         status, _, _ = await h.chat(chat_body())
         assert status == 200
@@ -389,6 +402,7 @@ async def test_redis_stopped_guard_fails_open_and_requests_are_charged(
             # Degraded, still ready: Redis is not needed to serve.
             assert resp.status == 200 and report["checks"]["redis"]["status"] == "degraded"
         redis_server.start()
+        await _fund(redis_server, redis_prefix)  # a restarted test Redis may be empty
         status, _, _ = await h.chat(chat_body())
         assert status == 200
     finally:
@@ -416,6 +430,7 @@ async def test_redis_hanging_guard_gives_up_within_its_budget(
         extra_yaml="  budget_ms: 50\n",  # appended under `guard:`
         observer=obs,
     )
+    await _fund(redis_server, redis_prefix)
     try:
         assert (await h.chat(chat_body()))[0] == 200
         redis_server.pause()

@@ -16,6 +16,7 @@ from proxy.ledger.apikeys import ApiKeyStore
 from tests.fixtures_proxy import SERVICE_KEY, StartProxy
 
 REQ = {"model": "smart", "messages": [{"role": "user", "content": "hi"}]}
+CHECK_MODE = {"mode": "check"}  # the original pre-check (for the tests of it)
 
 
 def snapshot(credit: int) -> bytes:
@@ -139,6 +140,8 @@ async def test_user_key_pays_for_itself_and_cannot_act_for_others(
     start_proxy: StartProxy, redis_server, redis_client, redis_prefix: str
 ) -> None:
     h = await guarded(start_proxy, redis_server, redis_prefix)
+    for user in (55, 56):  # reserve mode: a user without a snapshot has no credit
+        await redis_client.set(RedisKeys(redis_prefix).snapshot(user), snapshot(10**6))
     created = await ApiKeyStore(redis_client, prefix=redis_prefix).create(55)
     user = {"Authorization": f"Bearer {created.api_key}"}
     status, _, _ = await h.chat(REQ, user)
@@ -175,7 +178,7 @@ async def test_cached_guard_serves_then_sees_a_block(
     to Redis afterwards still stops the next requests before the upstream."""
     from tests.integration.test_observability import scrape, value
 
-    h = await guarded(start_proxy, redis_server, redis_prefix)
+    h = await guarded(start_proxy, redis_server, redis_prefix, guard=CHECK_MODE)
     guard = h.state.guard
     assert guard is not None and guard.cache is not None
     for _ in range(300):

@@ -24,7 +24,7 @@ from tests.fixtures_proxy import (
     StartProxy,
     service_key_yaml,
 )
-from tests.fixtures_redis import RedisServer
+from tests.fixtures_redis import RedisServer, fund
 
 REQ = {"model": "smart", "messages": [{"role": "user", "content": "hi"}]}
 OWNER = 55  # the user the user key belongs to
@@ -50,10 +50,14 @@ async def user_key(redis_client: aioredis.Redis, redis_prefix: str) -> str:
 
 @pytest.fixture
 async def proxy(
-    start_proxy: StartProxy, redis_server: RedisServer, redis_prefix: str
+    start_proxy: StartProxy,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
 ) -> tuple[ProxyHarness, RecordingObserver]:
     obs = RecordingObserver()
     h = await start_proxy(redis_url=redis_server.url, guard_prefix=redis_prefix, observer=obs)
+    await fund(redis_client, redis_prefix, OWNER, VICTIM, 42)
     return h, obs
 
 
@@ -282,7 +286,10 @@ async def test_service_key_non_canonical_header_user_is_400(
 
 
 async def test_skip_charge_is_a_permission_of_its_own(
-    start_proxy: StartProxy, redis_server: RedisServer, redis_prefix: str
+    start_proxy: StartProxy,
+    redis_server: RedisServer,
+    redis_client: aioredis.Redis,
+    redis_prefix: str,
 ) -> None:
     obs = RecordingObserver()
     h = await start_proxy(
@@ -291,6 +298,7 @@ async def test_skip_charge_is_a_permission_of_its_own(
         guard_prefix=redis_prefix,
         observer=obs,
     )
+    await fund(redis_client, redis_prefix, 42)
     svc = ("Authorization", f"Bearer {SERVICE_KEY}")
     status, body = await post(h, [svc, ("X-User-Id", "42"), ("X-Skip-Charge", "true")])
     assert (status, body["error"]["code"], body["error"]["param"]) == (

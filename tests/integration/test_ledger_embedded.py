@@ -19,7 +19,13 @@ from tests.fixtures_proxy import StartProxy
 from tests.fixtures_redis import RedisServer
 from tests.ledger_events import charge_event
 
-REQ = {"model": "premium", "messages": [{"role": "user", "content": "what do figs cost?"}]}
+# 10 credits a token; the output limit keeps the admission estimate (prompt bytes +
+# 16 output tokens, ~450 credits) within the grants below (guard.mode: reserve).
+REQ = {
+    "model": "premium",
+    "messages": [{"role": "user", "content": "what do figs cost?"}],
+    "max_tokens": 16,
+}
 
 
 async def test_debits_blocks_and_history_without_kafka_or_redis(
@@ -39,7 +45,7 @@ async def test_debits_blocks_and_history_without_kafka_or_redis(
     await grant(book, 7, 1000, "welcome")
     served = 0
     for _ in range(20):
-        status, _, _ = await h.chat(REQ, h.headers(user_id=7))
+        status, body, _ = await h.chat(REQ, h.headers(user_id=7))
         if status == 402:
             break
         assert status == 200
@@ -48,8 +54,10 @@ async def test_debits_blocks_and_history_without_kafka_or_redis(
     else:
         raise AssertionError("never blocked")
     assert served >= 2
+    # Refused before the credit ran out: what is left does not cover the estimate.
+    assert isinstance(body, dict) and "may cost up to" in body["error"]["message"]
     account = await reader.account(7)
-    assert account.balance <= 0 and account.lifetime_charged == 1000 - account.balance
+    assert account.balance >= 0 and account.lifetime_charged == 1000 - account.balance
     history = (await reader.history(7, limit=100)).entries
     assert [e.kind for e in history].count("charge") == served
     usage = await reader.usage(7, "24h")

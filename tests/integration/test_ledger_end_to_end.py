@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.contract.charge_event import ChargeEvent
+from proxy.contract.redis_keys import RedisKeys
 from proxy.ledger.book import Book, grant
 from proxy.ledger.consumer import LedgerConsumer, LedgerSettings
 from proxy.ledger.projection import Projection
@@ -18,7 +19,12 @@ from proxy.ledger.reads import Reader
 from tests.fixtures_kafka import consume_messages
 from tests.fixtures_proxy import StartProxy
 
-REQ = {"model": "premium", "messages": [{"role": "user", "content": "what do figs cost?"}]}
+# The output limit keeps the admission estimate (~450 credits) within the grant.
+REQ = {
+    "model": "premium",
+    "messages": [{"role": "user", "content": "what do figs cost?"}],
+    "max_tokens": 16,
+}
 USER = 7
 
 
@@ -83,7 +89,14 @@ async def test_grant_charge_block_grant_serve(
         spent = sum(ChargeEvent.from_json(m.value).credits for m in msgs)
         assert len(msgs) == served
         balance = (await reader.account(USER)).balance
-        assert balance == 1000 - spent <= 0
+        # Reserve mode: refused while what is left no longer covers an estimate,
+        # never overdrawn; the consumer's projection released every hold.
+        assert 0 <= balance == 1000 - spent
+        for _ in range(250):
+            if not await redis_client.hgetall(RedisKeys(redis_prefix).holds(USER)):
+                break
+            await asyncio.sleep(0.02)
+        assert await redis_client.hgetall(RedisKeys(redis_prefix).holds(USER)) == {}
         upstream_calls = len(h.recorder.requests)
         status, _, _ = await h.chat(REQ, h.headers(user_id=USER))
         assert status == 402 and len(h.recorder.requests) == upstream_calls

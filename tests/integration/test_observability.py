@@ -28,7 +28,7 @@ from tests.fixtures_proxy import (
     StartProxy,
     service_key_yaml,
 )
-from tests.fixtures_redis import RedisServer, free_port
+from tests.fixtures_redis import RedisServer, free_port, fund
 
 PROMPT_MARKER = "zebra-PROMPT-MARKER-7f3a"
 MESSAGES = [{"role": "user", "content": f"Say something about {PROMPT_MARKER}."}]
@@ -102,6 +102,7 @@ async def test_metrics_after_a_known_set_of_requests(
         behaviour=Behaviour(cached_tokens=3), redis_url=redis_server.url, guard_prefix=redis_prefix
     )
     await redis_client.set(RedisKeys(redis_prefix).blocked(8), b"1")
+    await fund(redis_client, redis_prefix, 7)
     body = {"model": "smart", "messages": MESSAGES}
 
     status, reply, _ = await h.chat(body)  # 1: completed, non-streamed
@@ -297,6 +298,7 @@ async def test_access_log_lines_and_no_secrets(
     caplog.set_level(logging.DEBUG)  # everything, every logger
     h = await start_proxy(redis_url=redis_server.url, guard_prefix=redis_prefix)
     await redis_client.set(RedisKeys(redis_prefix).blocked(8), b"1")
+    await fund(redis_client, redis_prefix, 7)
     body = {"model": "smart", "messages": MESSAGES, "user": PROMPT_MARKER}
     assert (await h.chat(body, h.headers(**{"X-Request-Id": "req-nonstream"})))[0] == 200
     stream = {**body, "stream": True}

@@ -43,6 +43,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 def shots_dir(tmp_path: Path) -> Path:
     return DOCS if os.environ.get("STORE_SCREENSHOTS") == "docs" else tmp_path
+
+
 USER = 7
 STORE_KEY = "sk-llmp-store-page-test-key"
 HOUR_MS = 3_600_000

@@ -154,8 +154,20 @@ def test_grant_writes_the_projection_and_the_prefix_comes_from_the_config(
         snapshot = orjson.loads(client.get(f"{prefix}credit:{{61}}:snapshot") or b"{}")
         assert snapshot["available_credit"] == 9
         assert client.get(f"{prefix}credit:{{61}}:blocked") is None
+        # `credits show` adds what the user's requests in progress hold (live holds).
+        now_ms = int(client.time()[0]) * 1000
+        client.hset(
+            f"{prefix}credit:{{61}}:holds",
+            mapping={"live": f"4:{now_ms + 60_000}", "gone": f"3:{now_ms - 1}"},
+        )
+        capsys.readouterr()
+        assert run_cli(["credits", "show", "61", "--json", *common]) == 0
+        shown = orjson.loads(capsys.readouterr().out)
+        assert (shown["balance"], shown["held"]) == (9, 4)
+        assert run_cli(["credits", "show", "61", *common]) == 0
+        assert "held     4 (requests in progress; available 5)" in capsys.readouterr().out
     finally:
-        client.delete(f"{prefix}credit:{{61}}:snapshot")
+        client.delete(f"{prefix}credit:{{61}}:snapshot", f"{prefix}credit:{{61}}:holds")
         client.close()
     capsys.readouterr()
 

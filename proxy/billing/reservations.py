@@ -1,0 +1,289 @@
+"""Reservations on Redis: admission holds credit before the call, settlement rewrites
+the hold to the charge, the ledger deletes it when it debits (proxy.ledger.projection).
+
+One script per step, touching one user's keys only (snapshot, blocked, holds share
+the user's hash tag, so the scripts run on a Redis Cluster too). Holds live in the
+hash `credit:{uid}:holds`, request id -> "<credits>:<expires_at_ms>" (Redis clock;
+proxy.contract.redis_keys). The reserve script, atomically:
+
+1. purges the holds past their expiry (returned, for the `expired` metric);
+2. refuses when the user is blocked or has no snapshot (the caller then asks the
+   ledger, through the snapshot provider, and tries once more);
+3. admits iff `available - held >= estimate`, writing the hold with expiry
+   now + hold_ttl_s; in clamp mode, when only `floor <= available - held` holds, it
+   holds all of `available - held` and the caller lowers the output limit to fit.
+
+The settle script rewrites a hold that still exists (the ledger may have applied the
+charge already: then it is not brought back) to the actual charge, with a fresh
+expiry covering the ledger's lag, or deletes it when the charge is 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from proxy.billing.guard import CreditBalanceGuard, GuardDecision
+from proxy.billing.hold import Hold, Reservation, Reserved
+from proxy.billing.payer import BillingContext
+from proxy.billing.script_batcher import ScriptBatcher
+from proxy.config.model import FailPolicy, GuardConfig
+from proxy.contract.redis_keys import RedisKeys
+from proxy.logs import ThrottledLog
+
+log = logging.getLogger(__name__)
+
+# KEYS: snapshot, blocked, holds. ARGV[1]: "<estimate> <floor> <ttl ms> <blocked ttl s>
+# <request id>" (one argument: redis-py's packing is most of a call's CPU): floor is
+# the least clamp mode may hold (0: refuse below the estimate); the blocked marker is
+# set when the snapshot says no credit at all.
+# Returns {code, available, held by others, expired purged, credits held}; codes:
+# 1 admitted, 2 clamped, 0 refused, 3 request id already holding, -1 no snapshot,
+# -2 blocked, -3 unreadable snapshot.
+_RESERVE_LUA = """
+local est, flo, ttl_ms, bttl, rid = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (.*)$')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = redis.call('HGETALL', KEYS[3])
+local held, expired, mine = 0, 0, false
+for i = 1, #fields, 2 do
+  local c, e = string.match(fields[i + 1], '^(%d+):(%d+)$')
+  if c == nil or tonumber(e) <= now then
+    redis.call('HDEL', KEYS[3], fields[i])
+    if c ~= nil then expired = expired + 1 end
+  elseif fields[i] == rid then
+    mine = true
+    held = held + tonumber(c)
+  else
+    held = held + tonumber(c)
+  end
+end
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {-1, 0, held, expired, 0} end
+local ok, data = pcall(cjson.decode, raw)
+local available = nil
+if ok and type(data) == 'table' then
+  local v = data['available_credit']
+  if type(v) == 'number' or type(v) == 'string' then available = tonumber(v) end
+end
+if available == nil or available ~= available then return {-3, 0, held, expired, 0} end
+available = math.ceil(available)
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-2, available, held, expired, 0} end
+if available <= 0 then
+  -- the marker lets every proxy's cache refuse this user without I/O
+  redis.call('SET', KEYS[2], 'snapshot', 'EX', bttl)
+  return {-2, available, held, expired, 0}
+end
+if mine then return {3, available, held, expired, 0} end
+local estimate, floor = tonumber(est), tonumber(flo)
+local room = available - held
+local take, code = 0, 0
+if room >= estimate then
+  take, code = estimate, 1
+elseif floor > 0 and room >= floor then
+  take, code = room, 2
+else
+  return {0, available, held, expired, 0}
+end
+if take > 0 then
+  local ttl = tonumber(ttl_ms)
+  redis.call('HSET', KEYS[3], rid, string.format('%d:%d', take, now + ttl))
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+return {code, available, held, expired, take}
+"""
+
+# KEYS: holds. ARGV[1]: "<credits (0: release)> <ttl ms> <request id>". 1 if it existed.
+_SETTLE_LUA = """
+local credits, ttl_ms, rid = string.match(ARGV[1], '^(%d+) (%d+) (.*)$')
+if redis.call('HEXISTS', KEYS[1], rid) == 0 then return 0 end
+if credits == '0' then
+  redis.call('HDEL', KEYS[1], rid)
+  return 1
+end
+local t = redis.call('TIME')
+local ttl = tonumber(ttl_ms)
+local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+redis.call('HSET', KEYS[1], rid, credits .. ':' .. string.format('%d', expires))
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+_CODES = {1: Reserved.ADMITTED, 2: Reserved.CLAMPED, 0: Reserved.REFUSED, 3: Reserved.CONFLICT}
+_MISSING, _BLOCKED, _UNREADABLE = -1, -2, -3
+
+# reservation results (and "expired") -> counter; credit held by this process, delta
+OnReservation = Callable[[str, int], None]
+OnHeld = Callable[[int], None]
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
+class RedisReservations:
+    """The reserve-mode guard on Redis; `check` stays the original pre-check."""
+
+    def __init__(
+        self,
+        guard: CreditBalanceGuard,
+        config: GuardConfig,
+        *,
+        on_reservation: OnReservation = _ignore,
+        on_held: OnHeld = _ignore,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.guard = guard
+        self._config = config
+        self._keys = RedisKeys(config.prefix)
+        redis: Any = guard.redis
+        self._reserve_script = redis.register_script(_RESERVE_LUA)
+        self._settle_script = redis.register_script(_SETTLE_LUA)
+        flush_s = max(config.budget_ms / 1000.0, config.provider_timeout_s)
+        self._reserves = ScriptBatcher(redis, self._reserve_script, flush_s)
+        self._settles = ScriptBatcher(redis, self._settle_script, flush_s)
+        self._budget_s = config.budget_ms / 1000.0
+        self._ttl_ms = int(config.hold_ttl_s * 1000)
+        self._on_reservation = on_reservation
+        self._on_held = on_held
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = ThrottledLog(log, config.fail_open_log_interval_s, clock)
+
+    @property
+    def cache(self) -> Any:
+        return self.guard.cache
+
+    def start(self) -> None:
+        """Start the cache's subscription and load the scripts (so that the first
+        request does not pay for it within its budget); needs the running loop."""
+        self.guard.start()
+        task = asyncio.get_running_loop().create_task(self._load_scripts())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load_scripts(self) -> None:
+        redis: Any = self.guard.redis
+        try:
+            async with asyncio.timeout(5):
+                for script in (self._reserve_script, self._settle_script):
+                    await redis.script_load(script.script)
+        except Exception as exc:  # loaded on first use instead
+            log.info("credit guard: scripts not preloaded (%s)", type(exc).__name__)
+
+    async def check(self, ctx: BillingContext) -> GuardDecision:
+        return await self.guard.check(ctx)
+
+    async def reserve(self, hold: Hold, estimate: int, floor: int) -> Reservation:
+        user = hold.user_id
+        keys = (self._keys.snapshot(user), self._keys.blocked(user), self._keys.holds(user))
+        cache = self.guard.cache
+        if cache is not None:
+            cached = cache.lookup((keys[1],))
+            if cached is not None and cached[0] is not None:
+                return self._count(Reservation(Reserved.REFUSED))  # blocked: no I/O
+        stage = f"reservation exceeded its {self._config.budget_ms:g} ms budget"
+        try:
+            async with asyncio.timeout(self._budget_s):
+                reply = await self._first_run(keys, hold, estimate, floor)
+            if reply[0] in (_MISSING, _UNREADABLE) and self.guard.has_provider:
+                # Decided from the ledger, within the provider's own time bound: its
+                # answer is written back, then the script runs again on it (a user
+                # the ledger does not know has 0).
+                stage = "the snapshot provider timed out"
+                async with asyncio.timeout(self._config.provider_timeout_s + self._budget_s):
+                    snap = await self.guard.fetch_snapshot(user, overwrite=reply[0] != _MISSING)
+                    reply = await self._run(keys, hold, estimate, floor)
+                if reply[0] in (_MISSING, _UNREADABLE):  # the back-fill failed
+                    if snap.is_blocked or snap.balance < estimate:
+                        return self._count(Reservation(Reserved.REFUSED, 0, snap.balance))
+                    return self._fail("snapshot back-fill did not land")
+        except TimeoutError:
+            return self._fail(stage)
+        except (RedisError, OSError) as exc:
+            return self._fail(f"Redis error {type(exc).__name__}")
+        except Exception as exc:  # a provider failure (SnapshotError), a guard bug
+            self._log.warning("credit guard: reservation failed", exc_info=True)
+            return self._fail(f"{type(exc).__name__}")
+        code, available, held, expired, taken = (int(v) for v in reply)
+        if expired:
+            self._on_reservation("expired", expired)
+        if code == _MISSING:
+            return self._count(Reservation(Reserved.REFUSED, 0, 0, held))  # nobody's credit
+        if code == _BLOCKED:
+            return self._count(Reservation(Reserved.REFUSED, 0, available, held))
+        if code == _UNREADABLE:
+            return self._fail("unreadable snapshot and no snapshot provider")
+        result = Reservation(_CODES[code], taken, available, held)
+        if taken:
+            hold.credits = taken
+            self._on_held(taken)
+        return self._count(result)
+
+    async def _first_run(
+        self, keys: tuple[str, str, str], hold: Hold, estimate: int, floor: int
+    ) -> Any:
+        """The script, read through the cache: a blocked answer is remembered (the
+        next request of this user is refused without I/O until Redis says the marker
+        changed), under the cache's rules for reads that race an invalidation."""
+        cache = self.guard.cache
+        if cache is None or not cache.live:
+            return await self._run(keys, hold, estimate, floor)
+        replies: list[Any] = []
+
+        async def read(_: Any) -> list[Any]:
+            reply = await self._run(keys, hold, estimate, floor)
+            replies.append(reply)
+            return [b"1" if int(reply[0]) == _BLOCKED else None]
+
+        await cache.read_through((keys[1],), read)
+        return replies[0]
+
+    async def _run(self, keys: tuple[str, str, str], hold: Hold, estimate: int, floor: int) -> Any:
+        arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
+        return await self._reserves.submit(keys, (arg,))
+
+    def _count(self, r: Reservation) -> Reservation:
+        if r.result in (Reserved.ADMITTED, Reserved.CLAMPED, Reserved.REFUSED):
+            self._on_reservation(r.result.value, 1)
+        return r
+
+    def _fail(self, reason: str) -> Reservation:
+        closed = self._config.fail is FailPolicy.CLOSED
+        self._log.warning(f"credit guard failing {'closed' if closed else 'open'}: {reason}")
+        return Reservation(Reserved.UNAVAILABLE if closed else Reserved.FAIL_OPEN)
+
+    def settle(self, hold: Hold, credits: int) -> None:
+        """Rewrite the hold to `credits` (0: release it), in the background: the
+        answer does not wait for it. Runs once per hold."""
+        if hold.settled:
+            return
+        hold.settled = True
+        if hold.credits:
+            self._on_held(-hold.credits)
+        fut = self._settles.submit(
+            (self._keys.holds(hold.user_id),),
+            (f"{max(credits, 0)} {self._ttl_ms} {hold.request_id}",),
+        )
+        fut.add_done_callback(self._settled)
+
+    def _settled(self, fut: asyncio.Future[Any]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            # The hold keeps its admission value until it expires: the safe side.
+            self._log.warning(f"credit guard: settling a hold failed ({type(exc).__name__})")
+
+    async def close(self) -> None:
+        """Let pending settlements finish (briefly), then close the guard."""
+        await self._settles.aclose(self._config.provider_timeout_s)
+        await self._reserves.aclose(0)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self._config.provider_timeout_s)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.guard.close()
