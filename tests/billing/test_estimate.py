@@ -68,7 +68,30 @@ def test_output_allowance_is_the_requests_limit_else_the_aliases() -> None:
     assert (
         estimate_request(chat({"messages": MSG, "max_tokens": 50, "n": 3}, a)).output_tokens == 150
     )
-    assert output_limit({"max_tokens": True}) is None and output_limit({"max_tokens": 0}) is None
+    fields = ("max_tokens",)
+    assert output_limit({"max_tokens": True}, fields) is None
+    assert output_limit({"max_tokens": 0}, fields) is None
+
+
+def test_each_endpoint_has_its_prompt_bound_and_output_limit() -> None:
+    from dataclasses import replace
+
+    from proxy.billing.wire_formats import COMPLETIONS, EMBEDDINGS, RESPONSES
+
+    a = alias(reserve_output_tokens=300)
+    text = "y" * 90
+    emb = replace(chat({"input": [text, text]}, a), format=EMBEDDINGS)
+    est = estimate_request(emb)
+    assert est.prompt_tokens >= 180 and est.output_tokens == 0  # embeddings: no output
+    assert with_output_limit(emb, 5) is emb
+    resp = replace(chat({"input": text, "max_output_tokens": 40}, a), format=RESPONSES)
+    est = estimate_request(resp)
+    assert est.prompt_tokens >= 90 and est.output_tokens == 40
+    clamped = with_output_limit(resp, 10)
+    assert clamped.body["max_output_tokens"] == 10 and clamped.format is RESPONSES
+    comp = replace(chat({"prompt": text}, a), format=COMPLETIONS)
+    assert estimate_request(comp).output_tokens == 300
+    assert with_output_limit(comp, 12).body["max_tokens"] == 12
 
 
 def test_prompt_bound_is_bytes_not_tokens() -> None:
