@@ -103,6 +103,7 @@ class Router:
                     self._breakers[t.key] = Breaker(
                         lambda cooling, t=t: on_cooldown(t, cooling)  # type: ignore[misc]
                     )
+                    on_cooldown(t, False)  # every target's series exists from the start
                 if t.max_concurrency is not None and t.key not in self._slots:
                     self._slots[t.key] = Slots(t.max_concurrency)
 
