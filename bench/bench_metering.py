@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import orjson
-
 from bench import scenarios
-from bench.stack import Stack
+from bench.stack import Stack, run_on_stack
 
 CONCURRENCY = 32
 INTERVAL_MS = 2.0
@@ -87,14 +83,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     plan = QUICK if args.quick else Plan()
-    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
-        stack = Stack(Path(tmp))
-        try:
-            stack.start_base()
-            result = run(stack, plan)
-        finally:
-            stack.close()
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    run_on_stack(lambda stack: run(stack, plan))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@ Run: python -m bench.bench_reserve [--quick]
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bench import scenarios
-from bench.stack import Stack, Target
+from bench.stack import Stack, Target, timed_main
 
 LEDGER_LAG_S = 0.2
 
@@ -90,17 +88,7 @@ def run(stack: Stack, seconds: float, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="guard.mode reserve vs check")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
-        stack = Stack(Path(tmp))
-        try:
-            stack.start_base()
-            result = run(stack, 2.0 if args.quick else 8.0, 1 if args.quick else 3)
-        finally:
-            stack.close()
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    timed_main("guard.mode reserve vs check", run, 2.0, 8.0)
 
 
 if __name__ == "__main__":

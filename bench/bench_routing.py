@@ -15,17 +15,13 @@ Run: python -m bench.bench_routing [--quick]
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from bench import scenarios
 from bench.harness import free_port
-from bench.stack import SERVICE_KEY, Stack, Target
+from bench.stack import SERVICE_KEY, Stack, Target, timed_main
 from proxy.contract.redis_keys import key_sha256
 
 CONFIG = """
@@ -108,17 +104,7 @@ def run(stack: Stack, seconds: float, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="routing and rate limits: cost and outage")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
-        stack = Stack(Path(tmp))
-        try:
-            stack.start_base()
-            result = run(stack, 1.0 if args.quick else 5.0, 1 if args.quick else 3)
-        finally:
-            stack.close()
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    timed_main("routing and rate limits: cost and outage", run, 1.0, 5.0)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,11 @@ Run: python -m bench.bench_variants [--quick]
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from bench import scenarios
-from bench.stack import Stack, Target
+from bench.stack import Stack, Target, timed_main
 
 
 def _no_hiredis_dir(workdir: Path) -> Path:
@@ -48,17 +44,7 @@ def run(stack: Stack, seconds: float, rounds: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="uvloop / hiredis variants of the full proxy")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
-        stack = Stack(Path(tmp))
-        try:
-            stack.start_base()
-            result = run(stack, 1.0 if args.quick else 6.0, 1 if args.quick else 3)
-        finally:
-            stack.close()
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    timed_main("uvloop / hiredis variants of the full proxy", run, 1.0, 6.0)
 
 
 if __name__ == "__main__":

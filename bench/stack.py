@@ -6,11 +6,16 @@ upstream, Redis and the load generators on core 1.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import tempfile
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from bench.harness import REPO, Proc, free_port, pinned, python
 from proxy.contract.redis_keys import key_sha256 as hash_key
@@ -210,3 +215,27 @@ class Stack:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+
+
+def run_on_stack(run: Callable[[Stack], object]) -> None:
+    """Start the base stack in a temporary directory, run, print the JSON result."""
+    with tempfile.TemporaryDirectory(prefix="llm-proxy-bench-") as tmp:
+        stack = Stack(Path(tmp))
+        try:
+            stack.start_base()
+            result = run(stack)
+        finally:
+            stack.close()
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+def timed_main(
+    description: str, run: Callable[[Stack, float, int], object], quick_s: float, full_s: float
+) -> None:
+    """`main()` of a benchmark run(stack, seconds per round, rounds); --quick: one short."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    run_on_stack(
+        lambda stack: run(stack, quick_s if args.quick else full_s, 1 if args.quick else 3)
+    )
