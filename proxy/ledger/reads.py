@@ -101,7 +101,8 @@ class Page:
         return {"entries": [e.as_dict() for e in self.entries], "next_cursor": self.next_cursor}
 
 
-def _totals(row: Any) -> dict[str, Any]:
+def usage_totals(row: Any) -> dict[str, Any]:
+    """(credits, requests, prompt, completion, cached, reasoning) as the usage JSON."""
     credits, requests, prompt, completion, cached, reasoning = (int(v or 0) for v in row)
     return {
         "credits": credits,
@@ -198,10 +199,10 @@ class Reader:
         return {
             "user_id": user_id,
             "period": period,
-            **_totals(total),
-            "by_alias": {r[0]: _totals(r[1:]) for r in by_alias},
-            "by_scene": {r[0]: _totals(r[1:]) for r in by_scene},
-            "by_endpoint": {r[0]: _totals(r[1:]) for r in by_endpoint},
+            **usage_totals(total),
+            "by_alias": {r[0]: usage_totals(r[1:]) for r in by_alias},
+            "by_scene": {r[0]: usage_totals(r[1:]) for r in by_scene},
+            "by_endpoint": {r[0]: usage_totals(r[1:]) for r in by_endpoint},
         }
 
     async def balances(self, page: int = 1000) -> AsyncIterator[list[tuple[int, int]]]:

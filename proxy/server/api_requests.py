@@ -18,7 +18,7 @@ from proxy.config.request_params import (
     RESPONSES_NEUTRAL_PARAMS,
 )
 from proxy.errors import invalid_request
-from proxy.server.chat_request import lookup_alias, parse_stream
+from proxy.server.chat_request import lookup_alias, parse_stream, usage_option
 
 
 def parse_responses_request(
@@ -75,12 +75,7 @@ def parse_completions_request(
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_request("'suffix' must be a string", param="suffix", code="invalid_type")
     stream = parse_stream(body)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid_request(
-            "'stream_options' must be an object", param="stream_options", code="invalid_type"
-        )
-    usage_requested = bool(options and options.get("include_usage") is True)
+    usage_requested = usage_option(body)
     tier = check_price_params(body, alias, started_ms, COMPLETIONS_NEUTRAL_PARAMS, "completions")
     return ChatRequest(alias, body, stream, usage_requested, tier, COMPLETIONS)
 

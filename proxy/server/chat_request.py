@@ -109,6 +109,16 @@ def parse_stream(body: Mapping[str, Any]) -> bool:
     return stream
 
 
+def usage_option(body: Mapping[str, Any]) -> bool:
+    """Whether the caller asked for the usage chunk itself (`stream_options`)."""
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid_request(
+            "'stream_options' must be an object", param="stream_options", code="invalid_type"
+        )
+    return bool(options and options.get("include_usage") is True)
+
+
 def parse_chat_request(
     body: dict[str, Any], aliases: Mapping[str, Alias], *, started_ms: int
 ) -> ChatRequest:
@@ -130,12 +140,7 @@ def parse_chat_request(
                 code="invalid_type",
             )
     stream = parse_stream(body)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid_request(
-            "'stream_options' must be an object", param="stream_options", code="invalid_type"
-        )
-    usage_requested = bool(options and options.get("include_usage") is True)
+    usage_requested = usage_option(body)
     service_tier = check_price_params(body, alias, started_ms)
     return ChatRequest(
         alias=alias,

@@ -12,7 +12,7 @@ from typing import Any, Final
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.ledger.reads import PERIODS
+from proxy.ledger.reads import PERIODS, usage_totals
 from proxy.ledger.schema import usage_hourly
 
 _COLUMNS: Final = ("credits", "requests", "prompt", "completion", "cached", "reasoning")
@@ -29,21 +29,6 @@ def _iso(value: datetime) -> str:
     return value.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _totals(sums: list[int]) -> dict[str, Any]:
-    credits, requests, prompt, completion, cached, reasoning = sums
-    return {
-        "credits": credits,
-        "requests": requests,
-        "tokens": {
-            "prompt": prompt,
-            "completion": completion,
-            "cached": cached,
-            "reasoning": reasoning,
-            "total": prompt + completion,
-        },
-    }
-
-
 def _add(into: list[int], values: Iterable[int]) -> None:
     for i, v in enumerate(values):
         into[i] += v
@@ -51,7 +36,7 @@ def _add(into: list[int], values: Iterable[int]) -> None:
 
 def _breakdown(groups: dict[str, list[int]], name: str) -> list[dict[str, Any]]:
     ordered = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))
-    return [{name: key, **_totals(sums)} for key, sums in ordered]
+    return [{name: key, **usage_totals(sums)} for key, sums in ordered]
 
 
 async def usage_report(
@@ -106,7 +91,7 @@ async def usage_report(
     return {
         "user_id": user_id,
         "period": period,
-        **_totals(total),
+        **usage_totals(total),
         "by_alias": _breakdown(by_alias, "alias"),
         "by_scene": _breakdown(by_scene, "scene"),
         "series": series,
