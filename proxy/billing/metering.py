@@ -29,7 +29,7 @@ import tiktoken
 
 from proxy.billing.counting import TokenCounter
 from proxy.billing.tokens import count_chat_prompt, count_completion
-from proxy.billing.usage_report import UsageReport, choices_of, find_report
+from proxy.billing.usage_report import MAPPING, UsageReport, choices_of, find_report
 from proxy.contract.charge_event import MAX_TOKENS
 from proxy.contract.usage import Usage, UsageSource
 
@@ -179,7 +179,7 @@ def stream_reply(events: Iterable[Mapping[str, Any]]) -> Reply:
     for obj in events:
         for choice in choices_of(obj):
             delta = choice.get("delta")
-            if not isinstance(delta, Mapping):
+            if not isinstance(delta, MAPPING):
                 continue
             _texts(delta, texts)
             legacy = delta.get("function_call")  # the pre-tools API, still served
@@ -206,7 +206,7 @@ def message_reply(obj: Mapping[str, Any]) -> Reply:
     tools: list[tuple[str, str]] = []
     for choice in choices_of(obj):
         message = choice.get("message")
-        if not isinstance(message, Mapping):
+        if not isinstance(message, MAPPING):
             continue
         _texts(message, texts)
         legacy = message.get("function_call")

@@ -7,8 +7,8 @@ proxy.billing.auth); `X-Billing-Scene`, `X-Request-Id`, `X-Conversation-Id` and
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from dataclasses import dataclass
 
 from proxy.config.model import SCENE_RE
@@ -106,7 +106,17 @@ def parse_request_id(raw: str | None) -> str:
     text = (raw or "").strip()
     if 0 < len(text) <= MAX_REQUEST_ID_LEN and VISIBLE_ASCII_RE.fullmatch(text):
         return text
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+# A UUIDv4's fixed bits: version 4 (bits 76-79), RFC 4122 variant (bits 62-63).
+_V4_CLEAR = ~(0xF << 76 | 0x3 << 62)
+_V4_SET = 0x4 << 76 | 0x2 << 62
+
+
+def new_request_id() -> str:
+    """`uuid.uuid4().hex`, without building a UUID object (~3 µs less a request)."""
+    return f"{int.from_bytes(os.urandom(16)) & _V4_CLEAR | _V4_SET:032x}"
 
 
 def parse_conversation_id(raw: str | None) -> str | None:

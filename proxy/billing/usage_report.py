@@ -50,6 +50,9 @@ CACHED: Final[tuple[Path, ...]] = (
 REASONING: Final[tuple[Path, ...]] = (("completion_tokens_details", "reasoning_tokens"),)
 
 _ABSENT: Final = object()
+# isinstance(x, (dict, Mapping)): a dict (what orjson decodes to) passes on its exact
+# type, ~4x faster than through the ABC's __instancecheck__ alone.
+MAPPING: Final = (dict, Mapping)
 
 
 class _Implausible(Exception):
@@ -73,7 +76,7 @@ def choices_of(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     single choice object, or an object of choices keyed by index."""
     choices = obj.get("choices")
     if isinstance(choices, list):
-        return [c for c in choices if isinstance(c, Mapping)]
+        return [c for c in choices if isinstance(c, MAPPING)]
     if isinstance(choices, Mapping):
         if any(k in choices for k in ("delta", "message", "index", "finish_reason")):
             return [choices]
@@ -97,7 +100,7 @@ def has_report(obj: Mapping[str, Any]) -> bool:
 
 def normalise(raw: Any) -> Usage | None:
     """One report object → Usage, or None when it is implausible."""
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, MAPPING):
         return None
     try:
         prompt = _first(raw, PROMPT)
@@ -138,7 +141,7 @@ def _at_location(obj: Any, path: Path) -> Any:
             if not isinstance(obj, list) or len(obj) <= step:
                 return _ABSENT
             obj = obj[step]
-        elif not isinstance(obj, Mapping) or step not in obj:
+        elif not isinstance(obj, MAPPING) or step not in obj:
             return _ABSENT
         elif step == "choices":
             obj = choices_of(obj)
