@@ -4,9 +4,9 @@ and the full pipeline, at saturation (wrk, 64 connections) and at a fixed rate.
     python -m bench.bench_profile [--seconds 8] [--rate 500] [--out DIR] [--top 25]
 
 Each target runs pinned to core 0 alone (as in bench.run) while `py-spy record`
-samples it (`--native` off: time in C extensions and the event loop's C code is
-charged to the Python frame that called it; the event loop's own C work shows as
-self time of `run_forever`/`run`). Prints, per target and load, the functions with
+samples it (`--nonblocking` unless --blocking; `--native` off: time in C extensions
+and the event loop's C code is charged to the Python frame that called it; the event
+loop's own C work shows as self time of `run_app`). Prints, per target and load, the functions with
 the most self time and the most inclusive time (share of samples), and writes the
 collapsed stacks (`<out>/<target>-<load>.txt`, flamegraph.pl / speedscope input).
 Needs py-spy (`pip install py-spy`) and ptrace rights (root, or --nonblocking).
@@ -62,12 +62,16 @@ def summarise(collapsed: str, top: int) -> dict[str, Any]:
     return {"samples": total, "self": share(self_t), "inclusive": share(incl)}
 
 
-def record(target: Target, load: Any, seconds: float, out: Path, rate: int) -> dict[str, Any]:
+def record(
+    target: Target, load: Any, seconds: float, out: Path, rate: int, nonblocking: bool
+) -> dict[str, Any]:
     assert target.proc is not None
     argv = [
         "py-spy", "record", "--pid", str(target.proc.pid), "--rate", str(rate),
         "--format", "raw", "--output", str(out), "--duration", str(int(seconds)),
     ]  # fmt: skip
+    if nonblocking:
+        argv.append("--nonblocking")
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)  # py-spy attached
     result: dict[str, Any] = {}
@@ -80,7 +84,15 @@ def record(target: Target, load: Any, seconds: float, out: Path, rate: int) -> d
     return result
 
 
-def run(stack: Stack, seconds: float, rate: int, top: int, out: Path, sample_hz: int) -> dict:
+def run(
+    stack: Stack,
+    seconds: float,
+    rate: int,
+    top: int,
+    out: Path,
+    sample_hz: int,
+    nonblocking: bool = True,
+) -> dict[str, Any]:
     targets = {
         "bare": stack.bare(),
         "relay": stack.proxy("relay", full=False),
@@ -97,7 +109,7 @@ def run(stack: Stack, seconds: float, rate: int, top: int, out: Path, sample_hz:
             }
             for load_name, load in loads.items():
                 path = out / f"{name}-{load_name}.txt"
-                res = record(t, load, seconds + 1, path, sample_hz)
+                res = record(t, load, seconds + 1, path, sample_hz, nonblocking)
                 summary = summarise(path.read_text(), top) if path.exists() else {}
                 summary["rps"] = res.get("rps")
                 summary["cpu_ms_per_req"] = res.get("cpu_ms_per_req")
@@ -132,6 +144,11 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--hz", type=int, default=250, help="py-spy sampling rate")
     p.add_argument("--out", default=None, help="where the collapsed stacks go")
+    p.add_argument(
+        "--blocking",
+        action="store_true",
+        help="pause the target for each sample (exact stacks, but it slows the target)",
+    )
     args = p.parse_args()
     if shutil.which("py-spy") is None:
         raise SystemExit("py-spy not found: pip install py-spy")
@@ -141,7 +158,7 @@ def main() -> None:
         stack = Stack(Path(tmp) / "work")
         try:
             stack.start_base()
-            report = run(stack, args.seconds, args.rate, args.top, out, args.hz)
+            report = run(stack, args.seconds, args.rate, args.top, out, args.hz, not args.blocking)
         finally:
             stack.close()
     print(markdown(report, args.top))
