@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import StrEnum
 from typing import Any, Final
 
@@ -31,6 +31,7 @@ from proxy.billing.counting import TokenCounter
 from proxy.billing.tokens import count_chat_prompt, count_completion
 from proxy.billing.usage_report import MAPPING, UsageReport, choices_of, find_report
 from proxy.contract.charge_event import MAX_TOKENS
+from proxy.contract.records import record
 from proxy.contract.usage import Usage, UsageSource
 
 # Request + reply characters counted on the event loop; measured worst cases at
@@ -46,14 +47,14 @@ class MeterFlag(StrEnum):
     BOUNDED = "bounded"  # too large to count on the loop: UTF-8 byte bound
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Metered:
     usage: Usage
     source: UsageSource
     flags: frozenset[MeterFlag] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reply:
     """What the client received of the reply: text and (name, arguments) tool calls."""
 

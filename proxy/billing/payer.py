@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 from proxy.config.model import SCENE_RE
 from proxy.config.readers import flag_word
 from proxy.contract.payers import MAX_USER_ID
+from proxy.contract.records import record
 from proxy.errors import invalid_request, invalid_user
 
 MAX_REQUEST_ID_LEN = 128
@@ -26,7 +26,7 @@ DIGITS_RE = re.compile(r"[0-9]{1,19}")
 CANONICAL_USER_RE = re.compile(r"[1-9][0-9]{0,18}", re.ASCII)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BillingContext:
     user_id: int  # > 0; 0 means there is nobody to charge
     scene: str

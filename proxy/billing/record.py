@@ -5,7 +5,6 @@ ended, what was used). `proxy.billing.settlement` turns it into a charge."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -16,6 +15,7 @@ from proxy.billing.metering import Metered, estimate_prompt_only
 from proxy.billing.payer import BillingContext
 from proxy.config.model import Alias
 from proxy.contract.outcome import Outcome
+from proxy.contract.records import record
 
 
 class ErrorKind(StrEnum):
@@ -27,7 +27,7 @@ class ErrorKind(StrEnum):
     MID_STREAM = "mid_stream"  # the connection broke while the body was read
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChatRequest:
     """A chat.completions body validated against the configured aliases."""
 

@@ -6,17 +6,16 @@ handler hands the event to the durable outbox before anything can cancel it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from proxy.billing.payer import BillingContext
 from proxy.billing.pricing import Charge, price
 from proxy.billing.record import ChatRequest, Exchange
 from proxy.contract.charge_event import ChargeEvent
 from proxy.contract.outcome import Outcome
+from proxy.contract.records import record
 from proxy.contract.usage import Usage
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Settlement:
     charge: Charge | None
     event: ChargeEvent | None

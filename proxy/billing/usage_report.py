@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from proxy.billing.usage_parts import with_priced_parts
 from proxy.contract.charge_event import MAX_TOKENS
+from proxy.contract.records import record
 from proxy.contract.usage import Usage
 
 Path = tuple[str | int, ...]
@@ -59,7 +59,7 @@ class _Implausible(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UsageReport:
     """A report found in a response; `usage` is None when it was implausible."""
 
@@ -153,7 +153,10 @@ def _at_location(obj: Any, path: Path) -> Any:
 def _first(raw: Mapping[str, Any], paths: Sequence[Path]) -> int | None:
     """The first count present at one of `paths` (None when none is)."""
     for path in paths:
-        value = _at_location(raw, path)
+        if len(path) == 1 and type(raw) is dict:  # a top-level count: a plain lookup
+            value = raw.get(path[0])
+        else:
+            value = _at_location(raw, path)
         if value is _ABSENT or value is None:
             continue
         return _tokens_value(value)
