@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import UTC, datetime
+import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
@@ -27,29 +27,28 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
     ctx = ex.ctx
     chat = ex.chat
     metered = ex.metered
-    charged = settlement is not None and settlement.event is not None
-    line: dict[str, Any] = {
-        "time": datetime.now(UTC),
-        "request_id": ctx.request_id if ctx else None,
-        "user_id": ctx.user_id if ctx else None,
-        "scene": ctx.scene if ctx else None,
-        "principal": ctx.principal if ctx else None,
-        "alias": chat.alias.name if chat else None,
-        "provider": chat.alias.provider.name if chat else None,
-        "stream": chat.stream if chat else None,
-        "status": ex.status,
-        "outcome": ex.outcome,
-        "error_kind": ex.error_kind,
-        "guard": ex.guard_decision,
-        "tokens": None,
-        "usage_source": None,
-        "metering_flags": [],
-        "client_disconnected": ex.client_disconnected,
-        "credits": settlement.charge.credits if settlement and settlement.charge and charged else 0,
-        "charged": charged,
-        "latency_ms": ex.latency_ms(now),
-        "ttft_ms": ex.ttft_ms(),
-    }
+    event = settlement.event if settlement is not None else None
+    charge = settlement.charge if settlement is not None else None
+    first = ex.first_byte_at
+    line: dict[str, Any] = {"time": _now_text()}
+    if ctx is not None:
+        line["request_id"] = ctx.request_id
+        line["user_id"] = ctx.user_id
+        line["scene"] = ctx.scene
+        line["principal"] = ctx.principal
+    else:
+        line["request_id"] = line["user_id"] = line["scene"] = line["principal"] = None
+    if chat is not None:
+        alias = chat.alias
+        line["alias"] = alias.name
+        line["provider"] = alias.provider.name
+        line["stream"] = chat.stream
+    else:
+        line["alias"] = line["provider"] = line["stream"] = None
+    line["status"] = ex.status
+    line["outcome"] = ex.outcome
+    line["error_kind"] = ex.error_kind
+    line["guard"] = ex.guard_decision
     if metered is not None:
         usage = metered.usage
         line["tokens"] = {
@@ -59,8 +58,33 @@ def access_line(ex: Exchange, settlement: Settlement | None, now: float) -> str:
             "reasoning": usage.reasoning_tokens,
         }
         line["usage_source"] = metered.source
-        line["metering_flags"] = sorted(metered.flags)
-    return orjson.dumps(line, option=orjson.OPT_UTC_Z).decode()
+        line["metering_flags"] = sorted(metered.flags) if metered.flags else []
+    else:
+        line["tokens"] = line["usage_source"] = None
+        line["metering_flags"] = []
+    line["client_disconnected"] = ex.client_disconnected
+    line["credits"] = charge.credits if charge is not None and event is not None else 0
+    line["charged"] = event is not None
+    line["latency_ms"] = round((now - ex.started) * 1000, 3)
+    line["ttft_ms"] = None if first is None else round((first - ex.started) * 1000, 3)
+    return orjson.dumps(line).decode()
+
+
+# The last second formatted: one strftime a second, not one a line.
+_second: tuple[int, str] = (-1, "")
+
+
+def _now_text() -> str:
+    """Now, as orjson writes `datetime.now(UTC)` with OPT_UTC_Z:
+    `2024-05-01T12:00:00.123456Z` (no fraction when the microseconds are 0)."""
+    global _second
+    seconds, ns = divmod(time.time_ns(), 1_000_000_000)
+    last, text = _second
+    if seconds != last:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = (seconds, text)
+    micros = ns // 1000
+    return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
 
 
 class AccessWriter:
