@@ -17,6 +17,9 @@ from proxy.contract.usage import Usage
 
 @record
 class Settlement:
+    """`event`: the charge to record (None: nothing to charge); `charge`: its price
+    (None when there is no event)."""
+
     charge: Charge | None
     event: ChargeEvent | None
 
@@ -31,10 +34,12 @@ def settle(ex: Exchange, now: float) -> Settlement:
         return Settlement(None, None)
     usage = ex.metered.usage
     alias = ex.chat.alias
-    charge = _price(ex.chat, usage, ex.started_ms)
     ctx = ex.ctx
     if not _chargeable(ctx, usage):
-        return Settlement(charge, None)
+        # Nobody to charge (no payer, skip_charge, no token): no event, so no price
+        # either (pricing it cost ~23k interpreter instructions a request for nothing).
+        return Settlement(None, None)
+    charge = _price(ex.chat, usage, ex.started_ms)
     event = ChargeEvent.create(
         request_id=ctx.request_id,
         user_id=ctx.user_id,
