@@ -72,6 +72,19 @@ def run(stack: Stack, base_tree: Path, seconds: float, rounds: int) -> dict[str,
         b, h = out[f"base {kind}"]["cpu_ms_per_req"], out[f"head {kind}"]["cpu_ms_per_req"]
         if b and h:
             out[f"{kind} change"] = f"{(h - b) / b * 100:+.1f} % CPU/request"
+        b, h = out[f"base {kind}"]["cpu_ms_per_req_min"], out[f"head {kind}"]["cpu_ms_per_req_min"]
+        if b and h:
+            out[f"{kind} change (least)"] = f"{(h - b) / b * 100:+.1f} % CPU/request"
+        bare = out["bare"]
+        for side in ("base", "head"):
+            mine = out[f"{side} {kind}"]
+            if bare["cpu_ms_per_req_min"] and mine["cpu_ms_per_req_min"]:
+                out[f"{side} {kind} / bare"] = {
+                    "cpu (least)": round(
+                        mine["cpu_ms_per_req_min"] / bare["cpu_ms_per_req_min"], 3
+                    ),
+                    "rps (most)": round(mine["rps_max"] / bare["rps_max"], 3),
+                }
     return out
 
 

@@ -27,6 +27,38 @@ def _get(row: dict[str, Any], target: str, *path: str) -> Any:
     return value
 
 
+def ratios(result: dict[str, Any]) -> dict[str, float | None]:
+    """The proxy against the bare aiohttp relay of the same run: throughput at
+    saturation (relay only, full pipeline) and CPU per relayed chunk (full, c64)."""
+    rows = {r["id"]: r for r in result["scenarios"]}
+
+    def ratio(row_id: str, target: str, key: str) -> float | None:
+        row = rows.get(row_id)
+        if row is None:
+            return None
+        mine, bare = _get(row, target, key), _get(row, "bare", key)
+        return round(mine / bare, 3) if mine and bare else None
+
+    return {
+        "relay_vs_bare_rps": ratio("nonstream_max", "relay", "rps"),
+        "full_vs_bare_rps": ratio("nonstream_max", "full", "rps"),
+        "relay_vs_bare_cpu_per_req": ratio("nonstream_max", "relay", "cpu_ms_per_req"),
+        "full_vs_bare_cpu_per_req": ratio("nonstream_max", "full", "cpu_ms_per_req"),
+        "full_vs_bare_cpu_per_chunk": ratio("stream_c64", "full", "cpu_us_per_chunk"),
+    }
+
+
+def ratio_line(result: dict[str, Any]) -> str:
+    r = result.get("ratios") or ratios(result)
+    return (
+        f"Against the bare relay (same run): relay only {_f(r['relay_vs_bare_rps'], 2)}x "
+        f"its throughput at saturation ({_f(r['relay_vs_bare_cpu_per_req'], 2)}x its CPU "
+        f"per request), full pipeline {_f(r['full_vs_bare_rps'], 2)}x "
+        f"({_f(r['full_vs_bare_cpu_per_req'], 2)}x); CPU per relayed chunk (full, c64) "
+        f"{_f(r['full_vs_bare_cpu_per_chunk'], 2)}x. Targets: >= 0.85x, >= 0.65x, <= 1.15x."
+    )
+
+
 def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = {r["id"]: r for r in result["scenarios"]}
     checks: list[dict[str, Any]] = []
@@ -60,6 +92,22 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         m = result.get("metering", {}).get(mode)
         if m:
             check(f"metering CPU overhead, 500-chunk stream ({mode})", m["overhead_pct"], 5.0, "%")
+    r = ratios(result)
+
+    def short(ratio: float | None) -> float | None:  # shortfall against the bare relay
+        return None if ratio is None else round((1 - ratio) * 100, 1)
+
+    check("relay-only throughput below the bare relay's", short(r["relay_vs_bare_rps"]), 15.0, "%")
+    check(
+        "full-pipeline throughput below the bare relay's", short(r["full_vs_bare_rps"]), 35.0, "%"
+    )
+    chunk = r["full_vs_bare_cpu_per_chunk"]
+    check(
+        "CPU per relayed chunk over the bare relay's (full, c64)",
+        None if chunk is None else round((chunk - 1) * 100, 1),
+        15.0,
+        "%",
+    )
     return checks
 
 
@@ -72,6 +120,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{' '.join(m.get('loadavg_at_start', []))} / {' '.join(m.get('loadavg_at_end', []))}"
         f" (other work on the box shows here; CPU/request is the robust figure)."
         + (" **Quick mode: numbers are not meaningful.**" if result.get("quick") else ""),
+        "",
+        ratio_line(result),
         "",
         "Non-streaming small request (latency: client send → full body; added = target - direct)",
         "",

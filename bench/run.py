@@ -151,6 +151,7 @@ def run(plan: Plan, workdir: Path, *, loop: str, log_level: str) -> dict[str, An
             if row["kind"] == "stream":
                 row["added_ttft_ms"] = added(row["results"], "ttft_ms")
         result["scenarios"] = rows
+        result["ratios"] = report.ratios(result)
         result["rss"] = rss_run(full, plan)
         for t in targets[1:]:
             stack.stop(t.proc)  # type: ignore[arg-type]
@@ -240,6 +241,8 @@ def main() -> None:
     md = report.markdown(result)
     (out / "latest.md").write_text(md)
     print(md)
+    # Last, on its own line: a regression shows at a glance (no test fails on timing).
+    print(report.ratio_line(result))
 
 
 if __name__ == "__main__":

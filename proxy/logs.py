@@ -24,12 +24,21 @@ def setup_logging(level: str) -> None:
     plain_access_log(sys.stdout)
 
 
+class PlainLineHandler(logging.StreamHandler[TextIO]):
+    """The message alone, one per line: what `plain_access_log` installs. The access
+    writer (proxy.telemetry.access_log) writes straight to its stream while it is the
+    access logger's only handler (no LogRecord, formatter or flush per line)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+
 def plain_access_log(stream: TextIO) -> logging.Handler:
     """Write the access log to `stream` as bare JSON lines (no time/level prefix, not
     repeated by the root handlers), so a log shipper can parse every line as one
     object. Returns the handler (to remove it)."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler = PlainLineHandler(stream)
     access = logging.getLogger(ACCESS_LOGGER)
     access.addHandler(handler)
     access.propagate = False

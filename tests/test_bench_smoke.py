@@ -68,3 +68,7 @@ def test_quick_run_produces_results_of_the_documented_shape(tmp_path: Path) -> N
     ]
     assert "| 500 RPS | proxy, full pipeline |" in markdown
     assert "Quick mode" in markdown
+    # The relay-only/bare ratio is printed (last line) and recorded; no timing is asserted.
+    assert done.stdout.decode().strip().splitlines()[-1].startswith("Against the bare relay")
+    assert set(result["ratios"]) >= {"relay_vs_bare_rps", "full_vs_bare_rps"}
+    assert result["ratios"]["relay_vs_bare_rps"] is not None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
 
@@ -29,8 +29,9 @@ import tiktoken
 
 from proxy.billing.counting import TokenCounter
 from proxy.billing.tokens import count_chat_prompt, count_completion
-from proxy.billing.usage_report import UsageReport, choices_of, find_report
+from proxy.billing.usage_report import MAPPING, UsageReport, choices_of, find_report
 from proxy.contract.charge_event import MAX_TOKENS
+from proxy.contract.records import record
 from proxy.contract.usage import Usage, UsageSource
 
 if TYPE_CHECKING:
@@ -49,14 +50,14 @@ class MeterFlag(StrEnum):
     BOUNDED = "bounded"  # too large to count on the loop: UTF-8 byte bound
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Metered:
     usage: Usage
     source: UsageSource
     flags: frozenset[MeterFlag] = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reply:
     """What the client received of the reply: text and (name, arguments) tool calls."""
 
@@ -196,7 +197,7 @@ def stream_reply(events: Iterable[Mapping[str, Any]]) -> Reply:
     for obj in events:
         for choice in choices_of(obj):
             delta = choice.get("delta")
-            if not isinstance(delta, Mapping):
+            if not isinstance(delta, MAPPING):
                 continue
             _texts(delta, texts)
             legacy = delta.get("function_call")  # the pre-tools API, still served
@@ -223,7 +224,7 @@ def message_reply(obj: Mapping[str, Any]) -> Reply:
     tools: list[tuple[str, str]] = []
     for choice in choices_of(obj):
         message = choice.get("message")
-        if not isinstance(message, Mapping):
+        if not isinstance(message, MAPPING):
             continue
         _texts(message, texts)
         legacy = message.get("function_call")

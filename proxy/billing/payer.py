@@ -7,13 +7,13 @@ proxy.billing.auth); `X-Billing-Scene`, `X-Request-Id`, `X-Conversation-Id` and
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
-from dataclasses import dataclass
 
 from proxy.config.model import SCENE_RE
 from proxy.config.readers import flag_word
 from proxy.contract.payers import MAX_USER_ID
+from proxy.contract.records import record
 from proxy.errors import invalid_request, invalid_user
 
 MAX_REQUEST_ID_LEN = 128
@@ -26,7 +26,7 @@ DIGITS_RE = re.compile(r"[0-9]{1,19}")
 CANONICAL_USER_RE = re.compile(r"[1-9][0-9]{0,18}", re.ASCII)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BillingContext:
     user_id: int  # > 0; 0 means there is nobody to charge
     scene: str
@@ -106,7 +106,16 @@ def parse_request_id(raw: str | None) -> str:
     text = (raw or "").strip()
     if 0 < len(text) <= MAX_REQUEST_ID_LEN and VISIBLE_ASCII_RE.fullmatch(text):
         return text
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """`uuid.uuid4().hex`, without building a UUID object (18.7k -> 5.1k interpreter
+    instructions): 16 random bytes with the version (4) and RFC 4122 variant bits set."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40
+    b[8] = b[8] & 0x3F | 0x80
+    return b.hex()
 
 
 def parse_conversation_id(raw: str | None) -> str | None:

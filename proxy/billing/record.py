@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -20,6 +19,7 @@ from proxy.billing.payer import BillingContext
 from proxy.billing.wire_formats import CHAT, WireFormat
 from proxy.config.model import Alias
 from proxy.contract.outcome import Outcome
+from proxy.contract.records import record
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ErrorKind(StrEnum):
     MID_STREAM = "mid_stream"  # the connection broke while the body was read
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChatRequest:
     """A request body validated against the configured aliases: chat.completions
     (whence the name) or any other endpoint, which `format` names (its metering

@@ -6,18 +6,20 @@ handler hands the event to the durable outbox before anything can cancel it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from proxy.billing.payer import BillingContext
 from proxy.billing.pricing import Charge, price
 from proxy.billing.record import ChatRequest, Exchange
 from proxy.contract.charge_event import ChargeEvent
 from proxy.contract.outcome import Outcome
+from proxy.contract.records import record
 from proxy.contract.usage import Usage
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Settlement:
+    """`event`: the charge to record (None: nothing to charge); `charge`: its price
+    (None when there is no event)."""
+
     charge: Charge | None
     event: ChargeEvent | None
 
@@ -32,10 +34,12 @@ def settle(ex: Exchange, now: float) -> Settlement:
         return Settlement(None, None)
     usage = ex.metered.usage
     alias = ex.chat.alias
-    charge = _price(ex.chat, usage, ex.started_ms)
     ctx = ex.ctx
     if not _chargeable(ctx, usage):
-        return Settlement(charge, None)
+        # Nobody to charge (no payer, skip_charge, no token): no event, so no price
+        # either (pricing it cost ~23k interpreter instructions a request for nothing).
+        return Settlement(None, None)
+    charge = _price(ex.chat, usage, ex.started_ms)
     event = ChargeEvent.create(
         request_id=ctx.request_id,
         user_id=ctx.user_id,

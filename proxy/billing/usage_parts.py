@@ -29,11 +29,12 @@ def with_priced_parts(
     cache writes, then cached tokens (a cached token must not make audio cheap).
     A count that is not a number is ignored, like a missing one.
     """
-    pd = pdetails if isinstance(pdetails, Mapping) else {}
-    cd = cdetails if isinstance(cdetails, Mapping) else {}
-    write = next((v for k in _CACHE_WRITE_DETAILS if (v := _part(pd.get(k)))), 0)
+    pd = _mapping(pdetails)
+    cd = _mapping(cdetails)
+    write = next((v for k in _CACHE_WRITE_DETAILS if (v := _part(pd.get(k)))), 0) if pd else 0
     write = write or _part(report.get("cache_creation_input_tokens"))
-    audio_in, audio_out = _part(pd.get("audio_tokens")), _part(cd.get("audio_tokens"))
+    audio_in = _part(pd.get("audio_tokens")) if pd else 0
+    audio_out = _part(cd.get("audio_tokens")) if cd else 0
     if not (write or audio_in or audio_out):
         return usage
     prompt, completion = usage.prompt_tokens, usage.completion_tokens
@@ -48,6 +49,18 @@ def with_priced_parts(
         audio_completion_tokens=audio_out,
         reasoning_tokens=min(usage.reasoning_tokens, completion - audio_out),
     )
+
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """`value` when it is an object, else empty (a dict or None without the ABC check)."""
+    if type(value) is dict:
+        return value
+    if value is None or not isinstance(value, Mapping):
+        return _EMPTY
+    return value
 
 
 def _part(value: Any) -> int:

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from proxy.billing.usage_parts import with_priced_parts
 from proxy.contract.charge_event import MAX_TOKENS
+from proxy.contract.records import record
 from proxy.contract.usage import Usage
 
 Path = tuple[str | int, ...]
@@ -103,13 +104,16 @@ EMBEDDINGS_USAGE: Final = UsageFields(
 )
 
 _ABSENT: Final = object()
+# isinstance(x, (dict, Mapping)): a dict (what orjson decodes to) passes on its exact
+# type, ~4x faster than through the ABC's __instancecheck__ alone.
+MAPPING: Final = (dict, Mapping)
 
 
 class _Implausible(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UsageReport:
     """A report found in a response; `usage` is None when it was implausible."""
 
@@ -126,7 +130,7 @@ def choices_of(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     single choice object, or an object of choices keyed by index."""
     choices = obj.get("choices")
     if isinstance(choices, list):
-        return [c for c in choices if isinstance(c, Mapping)]
+        return [c for c in choices if isinstance(c, MAPPING)]
     if isinstance(choices, Mapping):
         if any(k in choices for k in ("delta", "message", "index", "finish_reason")):
             return [choices]
@@ -150,7 +154,7 @@ def has_report(obj: Mapping[str, Any]) -> bool:
 
 def normalise(raw: Any, fields: UsageFields = CHAT_USAGE) -> Usage | None:
     """One report object → Usage, or None when it is implausible."""
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, MAPPING):
         return None
     try:
         prompt = _first(raw, fields.prompt)
@@ -193,7 +197,7 @@ def _at_location(obj: Any, path: Path) -> Any:
             if not isinstance(obj, list) or len(obj) <= step:
                 return _ABSENT
             obj = obj[step]
-        elif not isinstance(obj, Mapping) or step not in obj:
+        elif not isinstance(obj, MAPPING) or step not in obj:
             return _ABSENT
         elif step == "choices":
             obj = choices_of(obj)
@@ -205,7 +209,10 @@ def _at_location(obj: Any, path: Path) -> Any:
 def _first(raw: Mapping[str, Any], paths: Sequence[Path]) -> int | None:
     """The first count present at one of `paths` (None when none is)."""
     for path in paths:
-        value = _at_location(raw, path)
+        if len(path) == 1 and type(raw) is dict:  # a top-level count: a plain lookup
+            value = raw.get(path[0])
+        else:
+            value = _at_location(raw, path)
         if value is _ABSENT or value is None:
             continue
         return _tokens_value(value)

@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Final
 
 import orjson
@@ -50,6 +50,7 @@ from proxy.contract.event_fields import (
     v1_started_at,
 )
 from proxy.contract.outcome import Outcome
+from proxy.contract.records import record
 from proxy.contract.timestamps import format_timestamp
 from proxy.contract.usage import Usage, UsageSource
 
@@ -129,7 +130,7 @@ FIELDS_V1: Final = tuple(f for f in FIELDS_V2 if f not in _V2_ONLY)
 _FIELD_SETS: Final = {1: frozenset(FIELDS_V1), 2: frozenset(FIELDS_V2), 3: frozenset(FIELDS)}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChargeEvent:
     event_id: str  # 32 lowercase hex digits, UUIDv7 layout (time-ordered to the ms)
     occurred_at: str  # ISO-8601 UTC, milliseconds, "Z": 2024-05-01T12:00:00.123Z

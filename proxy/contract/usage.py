@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+
+from proxy.contract.records import record
 
 
 class UsageSource(StrEnum):
@@ -11,7 +12,7 @@ class UsageSource(StrEnum):
     ESTIMATED = "estimated"  # counted locally with the alias's tokenizer
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Usage:
     """Token counts in OpenAI's sense.
 

@@ -6,7 +6,12 @@ outcome, token kind, usage source, guard result — never user or request ids.
 
 Hot path: `observe_request` runs once per request and does every update in one go.
 Labelled children are looked up once and cached in plain dicts keyed by label tuples,
-because `Metric.labels(...)` costs about a microsecond per call.
+because `Metric.labels(...)` costs about a microsecond per call. The request path does
+not touch prometheus_client's values at all (each `inc`/`observe` takes a lock, ~1 µs;
+a request made ~12 of them): it adds to plain numbers (`_Count`, `_Buckets`) that
+`flush()` hands to the children in one go per series, before every scrape (the
+registry's first collector, and `set_live`) and every second with several worker
+processes (the observer's refresh loop), so a scrape always sees every finished request.
 
 Multiprocess: when `PROMETHEUS_MULTIPROC_DIR` is set (before prometheus_client is
 imported, as its value class is chosen at import), every value is written to per-process
@@ -17,7 +22,8 @@ gauges (in-flight, outbox) are per-process values merged with `livesum`/`livemax
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -67,6 +73,70 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "unknown"
 
 
+class _Count:
+    """A counter child's increments, summed until the next flush (no lock: the
+    event loop's thread is the only writer, and flushes run on it too)."""
+
+    __slots__ = ("child", "n")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.n: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.n += amount
+
+    def flush(self) -> None:
+        n = self.n
+        if n:
+            self.n = 0
+            self.child.inc(n)
+
+
+class _Buckets:
+    """A histogram child's observations, binned until the next flush, the way
+    `Histogram.observe` bins them (the first bucket whose bound is >= the value)."""
+
+    __slots__ = ("bounds", "child", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        self.counts = [0] * len(counts)
+        total, self.total = self.total, 0.0
+        child = self.child
+        child._sum.inc(total)
+        for bucket, n in zip(child._buckets, counts, strict=True):
+            if n:
+                bucket.inc(n)
+
+
+class _Flusher:
+    """Registered first in the app's registry: pending updates reach the children
+    before any collector reads them (render, `get_sample_value`)."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []  # no series of its own
+
+    def collect(self) -> Iterator[Any]:
+        self._metrics.flush()
+        return iter(())
+
+
 class _AliasSeries:
     """The children of one (alias, stream) pair, resolved once."""
 
@@ -75,17 +145,17 @@ class _AliasSeries:
     def __init__(self, m: ProxyMetrics, alias: str, provider: str, stream: bool) -> None:
         s = "true" if stream else "false"
         self.provider = provider  # the alias's primary; another target's errors are looked up
-        self.duration = m.request_duration.labels(alias, s)
-        self.ttfb = m.upstream_ttfb.labels(alias, s)
-        self.credits = m.credits.labels(alias)
+        self.duration = m._buckets(m.request_duration.labels(alias, s))
+        self.ttfb = m._buckets(m.upstream_ttfb.labels(alias, s))
+        self.credits = m._count(m.credits.labels(alias))
         # source -> (prompt, completion, cached, reasoning) counters
         self.tokens = {
-            src: tuple(m.tokens.labels(alias, kind, src) for kind in TOKEN_KINDS)
+            src: tuple(m._count(m.tokens.labels(alias, kind, src)) for kind in TOKEN_KINDS)
             for src in USAGE_SOURCES
         }
         # Requests without an alias never reach a provider: no error series for them.
         self.errors = (
-            {k: m.upstream_errors.labels(provider, k) for k in UPSTREAM_ERROR_KINDS}
+            {k: m._count(m.upstream_errors.labels(provider, k)) for k in UPSTREAM_ERROR_KINDS}
             if alias != NO_ALIAS
             else {}
         )
@@ -99,6 +169,8 @@ class ProxyMetrics:
     ) -> None:
         self.multiprocess_dir = multiprocess_dir
         self.registry = r = CollectorRegistry()
+        self._pending: list[_Count | _Buckets] = []
+        r.register(_Flusher(self))  # first: runs before the others
         self.requests = Counter(
             "llm_proxy_requests_total",
             "Chat completion requests by alias, stream, HTTP status class and outcome.",
@@ -240,7 +312,7 @@ class ProxyMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        self._attempts: dict[tuple[str, str], Any] = {}
+        self._attempts: dict[tuple[str, str], _Count] = {}
         self.rate_limits = Counter(
             "llm_proxy_rate_limit_decisions_total",
             "Rate-limit checks by result: allow, limited (429), fail_open (Redis "
@@ -248,25 +320,53 @@ class ProxyMetrics:
             ("result",),
             registry=r,
         )
-        self._rate_limits = {res: self.rate_limits.labels(res) for res in RATE_LIMIT_DECISIONS}
+        self._rate_limits = {
+            res: self._count(self.rate_limits.labels(res)) for res in RATE_LIMIT_DECISIONS
+        }
         # Children created up front so that rate() sees a 0 before the first event.
-        self._guard = {res: self.guard.labels(res) for res in GUARD_RESULTS}
-        self._cache_hit, self._cache_miss = (self.guard_cache.labels(r) for r in ("hit", "miss"))
-        self._reservations = {res: self.reservations.labels(res) for res in RESERVATION_RESULTS}
+        self._guard = {res: self._count(self.guard.labels(res)) for res in GUARD_RESULTS}
+        self._cache_hit, self._cache_miss = (
+            self._count(self.guard_cache.labels(r)) for r in ("hit", "miss")
+        )
+        self._reservations = {
+            res: self._count(self.reservations.labels(res)) for res in RESERVATION_RESULTS
+        }
         charge = {res: self.charge_events.labels(res) for res in CHARGE_RESULTS}
-        self._enqueued = charge["enqueued"]
-        self._enqueue_failed = charge["enqueue_failed"]
-        self._published = charge["published"]
+        self._enqueued = self._count(charge["enqueued"])
+        self._enqueue_failed = self._count(charge["enqueue_failed"])
+        self._published = charge["published"]  # once per outbox batch: direct
         self._publish_failed = charge["publish_failed"]
-        self._before, self._after, self._total = (self.overhead.labels(p) for p in OVERHEAD_PHASES)
-        self._fallbacks = {flag: self.metering_fallbacks.labels(flag) for flag in MeterFlag}
+        self._before, self._after, self._total = (
+            self._buckets(self.overhead.labels(p)) for p in OVERHEAD_PHASES
+        )
+        self._fallbacks = {
+            flag: self._count(self.metering_fallbacks.labels(flag)) for flag in MeterFlag
+        }
         for provider in providers:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.upstream_errors.labels(provider, kind)
             for result in ATTEMPT_RESULTS:
                 self.upstream_attempt_child(provider, result)
-        self._requests: dict[tuple[str, bool, int, str], Any] = {}
+        self._requests: dict[tuple[str, bool, int, str], _Count] = {}
         self._series: dict[tuple[str, bool], _AliasSeries] = {}
+
+    # -- pending updates ---------------------------------------------------------------
+
+    def _count(self, child: Any) -> _Count:
+        c = _Count(child)
+        self._pending.append(c)
+        return c
+
+    def _buckets(self, child: Any) -> _Buckets:
+        b = _Buckets(child)
+        self._pending.append(b)
+        return b
+
+    def flush(self) -> None:
+        """Hand every pending update to prometheus_client (call on the event loop's
+        thread: the request path's numbers are not locked)."""
+        for p in self._pending:
+            p.flush()
 
     # -- updates ---------------------------------------------------------------------
 
@@ -306,13 +406,15 @@ class ProxyMetrics:
             else:
                 error = series.errors.get(kind)
                 if error is None:  # not pre-created: still counted
-                    error = series.errors[kind] = self.upstream_errors.labels(provider, kind)
+                    error = series.errors[kind] = self._count(
+                        self.upstream_errors.labels(provider, kind)
+                    )
                 error.inc()
         decision = ex.guard_decision
         if decision is not None:
             guard = self._guard.get(decision)
             if guard is None:
-                guard = self._guard[decision] = self.guard.labels(decision)
+                guard = self._guard[decision] = self._count(self.guard.labels(decision))
             guard.inc()
         metered = ex.metered
         if metered is not None:
@@ -338,10 +440,12 @@ class ProxyMetrics:
         series = self._series[(alias, stream)] = _AliasSeries(self, alias, provider, stream)
         return series
 
-    def _new_request_counter(self, key: tuple[str, bool, int, str]) -> Any:
+    def _new_request_counter(self, key: tuple[str, bool, int, str]) -> _Count:
         alias, stream, status, outcome = key
-        child = self.requests.labels(
-            alias, "true" if stream else "false", status_class(status), str(outcome)
+        child = self._count(
+            self.requests.labels(
+                alias, "true" if stream else "false", status_class(status), str(outcome)
+            )
         )
         self._requests[key] = child
         return child
@@ -359,7 +463,8 @@ class ProxyMetrics:
         child.inc()
 
     def upstream_attempt_child(self, provider: str, result: str) -> Any:
-        child = self._attempts[(provider, result)] = self.upstream_attempts.labels(provider, result)
+        child = self._count(self.upstream_attempts.labels(provider, result))
+        self._attempts[(provider, result)] = child
         return child
 
     def target_cooldown(self, target: Target, cooling: bool) -> None:
@@ -393,7 +498,9 @@ class ProxyMetrics:
         outbox_uncommitted: int = 0,
     ) -> None:
         """The gauges that describe "now"; set right before a scrape (and, with several
-        processes, periodically, since another process may be the one scraped)."""
+        processes, periodically, since another process may be the one scraped), with
+        the pending updates."""
+        self.flush()
         self.in_flight.set(in_flight)
         self.outbox_pending.set(outbox_pending)
         self.outbox_oldest_age.set(oldest_age_s or 0.0)
@@ -405,7 +512,9 @@ class ProxyMetrics:
         """(body, content type): Prometheus text, or OpenMetrics when `accept` asks."""
         encoder, content_type = choose_encoder(accept or "")
         if self.multiprocess_dir is None:
-            return encoder(self.registry), content_type
+            return encoder(self.registry), content_type  # flushes first (_Flusher)
+        # Several processes: this may run in a worker thread, so it reads the files
+        # as `set_live` (run on the loop right before) left them.
         # A fresh registry per scrape, as prometheus_client's multiprocess docs require.
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)
@@ -413,5 +522,7 @@ class ProxyMetrics:
 
     def forget_process(self, pid: int | None = None) -> None:
         """Drop this (or a dead) process's live gauges from the merged view."""
+        if pid is None:
+            self.flush()  # this process's last requests stay counted in its files
         if self.multiprocess_dir is not None:
             mark_process_dead(os.getpid() if pid is None else pid, self.multiprocess_dir)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.logs import ACCESS_LOGGER, ThrottledLog
-from proxy.telemetry.access_log import access_line
+from proxy.logs import ThrottledLog
+from proxy.telemetry.access_log import AccessWriter, access_line
 from proxy.telemetry.metrics import ProxyMetrics
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from proxy.billing.settlement import Settlement
     from proxy.delivery.outbox import Outbox
 
-access_log = logging.getLogger(ACCESS_LOGGER)
 log = logging.getLogger(__name__)
 
 # Metering fallbacks are logged at most this often (each is counted in a metric).
@@ -42,6 +41,7 @@ class Observer:
         self._outbox: Outbox | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._fallback_log = ThrottledLog(log, FALLBACK_LOG_INTERVAL_S)
+        self.access = AccessWriter()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -57,6 +57,7 @@ class Observer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
+        self.access.flush()
         # A cleanly stopped worker takes its live gauges out of the merged view.
         self.metrics.forget_process()
 
@@ -115,8 +116,9 @@ class Observer:
                 f"request {ex.request_id}: charged on a fallback "
                 f"({', '.join(sorted(ex.metered.flags))}); see llm_proxy_metering_fallbacks_total"
             )
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(access_line(ex, settlement, now))
+        access = self.access
+        if access.enabled():
+            access.write(access_line(ex, settlement, now))
 
     # -- /metrics ----------------------------------------------------------------------
 

@@ -295,3 +295,39 @@ def test_price_matches_rational_reference(
     expected = 0 if sum(counts) == 0 else max(math.ceil(raw), min_charge)
     # Capped so every ledger can apply it (proxy.contract.charge_event.MAX_CREDITS).
     assert price(r, usage).credits == min(expected, MAX_CREDITS)
+
+
+# The integer path (`_terms`) against the Decimal formula it replaces, every term used.
+_fine = st.decimals(min_value=0, max_value=10**6, places=8, allow_nan=False, allow_infinity=False)
+
+
+@given(
+    rates=st.tuples(*([_fine] * 7)),
+    multiplier=_fine,
+    fee=_fine,
+    min_charge=st.integers(min_value=0, max_value=50),
+    counts=st.tuples(*([_counts] * 7)),
+)
+def test_integer_pricing_matches_the_decimal_formula(
+    rates: tuple[Decimal, ...],
+    multiplier: Decimal,
+    fee: Decimal,
+    min_charge: int,
+    counts: tuple[int, ...],
+) -> None:
+    from proxy.billing.pricing import _credits, _credits_decimal
+
+    r = Rates(*rates)
+    schedule = PriceSchedule(r, multiplier=multiplier, min_charge=min_charge, request_fee=fee)
+    assert _credits(schedule, None, 0, counts) == (
+        0 if sum(counts) == 0 else _credits_decimal(schedule, r, multiplier, counts)
+    )
+
+
+def test_integer_pricing_keeps_rules_apart() -> None:
+    # Cached per rates object: two rules priced in turn each keep their own price.
+    cheap, dear = rule(input=1, output=1), rule(input=1000, output=1000)
+    usage = Usage(prompt_tokens=10**6, completion_tokens=10**6)
+    for _ in range(3):
+        assert price(cheap, usage).credits == 2
+        assert price(dear, usage).credits == 2000
