@@ -16,12 +16,13 @@ import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
+from redis.asyncio import Redis
 
 from proxy.billing.payer import BillingContext
 from proxy.contract.redis_keys import key_sha256
 from proxy.devtools.fake_upstream import Behaviour, build_fake_app
 from tests.fixtures_proxy import SERVICE_KEY, ProxyHarness, StartProxy
-from tests.fixtures_redis import RedisServer
+from tests.fixtures_redis import RedisServer, fund
 from tests.servers import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -119,12 +120,23 @@ limits:
         "PYTHONPATH": REPO_ROOT,
     }
     proxies = Proxies(tmp_path, config, env)
+    await funded(redis_server.url, redis_prefix)
     try:
         await proxies.start(2)
         yield proxies, redis_prefix
     finally:
         await proxies.stop()
         await fake.close()
+
+
+async def funded(redis_url: str, prefix: str) -> None:
+    """Credit for every user these tests use: with guard.mode reserve (the default) a
+    user the books do not know is refused before the limits are asked."""
+    client = Redis.from_url(redis_url)
+    try:
+        await fund(client, prefix, *range(1, 101))
+    finally:
+        await client.aclose()
 
 
 async def post(
@@ -181,6 +193,7 @@ async def test_requests_per_minute_hold_exactly_across_two_processes(
 
 async def limited_proxies(start_proxy: StartProxy, redis_url: str, prefix: str, tpm: int):
     yaml = f"\nlimits:\n  user: {{tpm: {tpm}}}\n  budget_ms: 2000\n"
+    await funded(redis_url, prefix)
     return [
         await start_proxy(redis_url=redis_url, guard_prefix=prefix, extra_yaml=yaml)
         for _ in range(2)
@@ -245,6 +258,7 @@ async def test_concurrency_slot_released_when_the_client_leaves(
         extra_yaml=yaml,
         behaviour=Behaviour(chunks=50, chunk_delay=0.05),
     )
+    await funded(redis_server.url, redis_prefix)
     body = {"model": "smart", "messages": MESSAGES, "stream": True}
     async with h.session.post(
         f"{h.url}/v1/chat/completions", json=body, headers=h.headers(user_id=44)
@@ -268,16 +282,21 @@ async def test_official_sdk_retries_a_429_after_retry_after(
 ) -> None:
     yaml = "\nlimits:\n  user: {concurrency: 1}\n  budget_ms: 2000\n"
     h = await start_proxy(redis_url=redis_server.url, guard_prefix=redis_prefix, extra_yaml=yaml)
+    await funded(redis_server.url, redis_prefix)
     limiter = h.state.limiter
     assert limiter is not None
     # Another request of user 45 holds the only slot until the SDK was refused once.
     ctx = BillingContext.normalize(user_id=45, scene="chat", principal="test-service")
     held = await limiter.admit(ctx, 1, "holder")
     assert held.result == "allow"
-    limited = h.state.observer.metrics.rate_limits.labels("limited")
+    metrics = h.state.observer.metrics
+    limited = metrics.rate_limits.labels("limited")
 
     async def release_after_first_refusal() -> None:
-        while limited._value.get() < 1:
+        while True:
+            metrics.flush()  # the request path's counts reach prometheus_client per scrape
+            if limited._value.get() >= 1:
+                break
             await asyncio.sleep(0.01)
         limiter.finish(held, 0, "holder")
 
