@@ -3,7 +3,7 @@ the hold to the charge, the ledger deletes it when it debits (proxy.ledger.proje
 
 One script per step, touching one user's keys only (snapshot, blocked, holds share
 the user's hash tag, so the scripts run on a Redis Cluster too). Holds live in the
-hash `credit:{uid}:holds`, request id -> "<credits>:<expires_at_ms>" (Redis clock;
+hash `holds:{uid}`, request id -> "<credits>:<expires_at_ms>" (Redis clock;
 proxy.contract.redis_keys). The reserve script, atomically:
 
 1. purges the holds past their expiry (returned, for the `expired` metric);

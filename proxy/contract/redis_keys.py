@@ -4,11 +4,15 @@ snapshot codec. The one place that spells key names and the snapshot JSON.
 Keys (prefix default `llmproxy:`):
 - `credit:{<uid>}:blocked`   any value = blocked (the guard refuses the user)
 - `credit:{<uid>}:snapshot`  JSON `{"available_credit": int, "updated_at": iso8601}`
-- `credit:{<uid>}:holds`     hash request id -> `"<credits>:<expires_at_ms>"`: credit
+- `holds:{<uid>}`            hash request id -> `"<credits>:<expires_at_ms>"`: credit
                              reserved by requests in flight or settled but not yet
                              applied by the ledger (which deletes the field in the
                              same script that rewrites the snapshot). A hold past its
-                             expiry (Unix ms, Redis clock) counts for nothing.
+                             expiry (Unix ms, Redis clock) counts for nothing. Same
+                             slot as the credit keys (the hash tag), but outside the
+                             `credit:{` prefix the guard cache tracks: the holds
+                             change twice a request, and every change would be an
+                             invalidation pushed to every proxy.
 - `limits:{<uid>}:override`  hash rpm/tpm/concurrency: the user's own limits (over the
                              `limits.user` defaults; -1 = unlimited), set by
                              `llm-proxy limits set`
@@ -59,7 +63,7 @@ class RedisKeys:
         return f"{self.prefix}credit:{{{user_id}}}:snapshot"
 
     def holds(self, user_id: int) -> str:
-        return f"{self.prefix}credit:{{{user_id}}}:holds"
+        return f"{self.prefix}holds:{{{user_id}}}"
 
     @property
     def credit_prefix(self) -> str:

@@ -103,4 +103,14 @@ def test_live_held_counts_only_unexpired_readable_holds() -> None:
     values = [encode_hold(100, 2_000), encode_hold(50, 1_000), b"junk", encode_hold(7, 1_001)]
     assert live_held(values, now_ms=1_000) == 107
     assert live_held(values, now_ms=2_000) == 0
-    assert RedisKeys("p:").holds(9) == "p:credit:{9}:holds"
+    assert RedisKeys("p:").holds(9) == "p:holds:{9}"
+
+
+def test_holds_share_the_users_slot_but_not_the_tracked_prefix() -> None:
+    keys = RedisKeys("p:")
+    # Same hash tag: one script may touch snapshot, blocked marker and holds on a cluster.
+    assert "{9}" in keys.holds(9) and "{9}" in keys.snapshot(9)
+    # Not under the guard cache's tracked prefix: a hold written twice a request must not
+    # push an invalidation to every proxy.
+    assert not keys.holds(9).startswith(keys.credit_prefix)
+    assert keys.blocked(9).startswith(keys.credit_prefix)

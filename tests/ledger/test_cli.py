@@ -157,7 +157,7 @@ def test_grant_writes_the_projection_and_the_prefix_comes_from_the_config(
         # `credits show` adds what the user's requests in progress hold (live holds).
         now_ms = int(client.time()[0]) * 1000
         client.hset(
-            f"{prefix}credit:{{61}}:holds",
+            f"{prefix}holds:{{61}}",
             mapping={"live": f"4:{now_ms + 60_000}", "gone": f"3:{now_ms - 1}"},
         )
         capsys.readouterr()
@@ -167,7 +167,7 @@ def test_grant_writes_the_projection_and_the_prefix_comes_from_the_config(
         assert run_cli(["credits", "show", "61", *common]) == 0
         assert "held     4 (requests in progress; available 5)" in capsys.readouterr().out
     finally:
-        client.delete(f"{prefix}credit:{{61}}:snapshot", f"{prefix}credit:{{61}}:holds")
+        client.delete(f"{prefix}credit:{{61}}:snapshot", f"{prefix}holds:{{61}}")
         client.close()
     capsys.readouterr()
 
