@@ -49,6 +49,7 @@ async def admit(guard: Guard | None, mode: GuardMode, ex: Exchange) -> ChatReque
             raise insufficient_credit()
         return chat
     estimate = estimate_request(chat, started_ms=ex.started_ms)
+    ex.prompt_bound = estimate.prompt_tokens
     alias = chat.alias
     floor = 0
     if alias.on_insufficient is OnInsufficient.CLAMP and estimate.output_tokens > 0:

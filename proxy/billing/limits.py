@@ -45,12 +45,14 @@ NONE = -1  # "no limit" on the wire of the scripts and in overrides
 DIMENSIONS = ("user rpm", "user tpm", "user concurrency", "key rpm", "key tpm", "key concurrency")
 
 
-def admission_tokens(chat: ChatRequest) -> int:
+def admission_tokens(chat: ChatRequest, prompt: int | None = None) -> int:
     """The tokens a request is admitted on (TPM) before its usage is known: the
     reservation's estimate (proxy.billing.estimate: the prompt's byte bound plus the
     output allowance, the alias's `reserve_output_tokens` when the request names no
     limit); corrected with the actual usage when the request ends."""
-    return prompt_bound(chat) + output_allowance(chat, chat.alias.reserve_output_tokens)[0]
+    if prompt is None:  # the reservation computed it already in guard.mode reserve
+        prompt = prompt_bound(chat)
+    return prompt + output_allowance(chat, chat.alias.reserve_output_tokens)[0]
 
 
 # KEYS: override, user rpm, user tpm, user conc, key rpm, key tpm, key conc

@@ -72,6 +72,7 @@ class Exchange:
         "hold",
         "metered",
         "outcome",
+        "prompt_bound",
         "request_bytes",
         "started",
         "started_ms",
@@ -90,6 +91,8 @@ class Exchange:
         self.encoding: tiktoken.Encoding | None = None
         self.guard_decision: GuardDecision | None = None
         self.hold: Hold | None = None  # admission's reservation (guard.mode: reserve)
+        # The admission estimate's prompt bound, once computed (rate limits reuse it).
+        self.prompt_bound: int | None = None
         self.outcome: Outcome | None = None
         self.status: int = 0
         self.error_kind: ErrorKind | None = None

@@ -19,7 +19,7 @@ async def check_limits(request: web.Request, state: ProxyState, ex: Exchange) ->
     if limiter is None:
         return
     assert ex.ctx is not None and ex.chat is not None
-    tokens = admission_tokens(ex.chat)
+    tokens = admission_tokens(ex.chat, ex.prompt_bound)
     admission = await limiter.admit(ex.ctx, tokens, ex.request_id)
     if admission.headers:
         request[RATE_LIMIT_HEADERS] = admission.headers

@@ -166,6 +166,8 @@ async def test_admission_tokens_and_reset_format() -> None:
     assert admission_tokens(replace(chat, body={"messages": msgs})) == prompt + 300
     two = {"messages": msgs, "max_completion_tokens": 7, "n": 2}
     assert admission_tokens(replace(chat, body=two)) == prompt + 14
+    # The reservation's prompt bound, when admission computed it, is reused as it is.
+    assert admission_tokens(chat, prompt) == admission_tokens(chat) == prompt + 100
     assert [format_reset(ms) for ms in (0, 20, 1000, 1001, 61_000, 3_723_000)] == [
         "0s",
         "20ms",
