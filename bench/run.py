@@ -8,7 +8,8 @@ Targets, each hit by the same load generator in turn:
   direct  the bench upstream itself (bench/upstream.py)
   bare    a bare aiohttp relay (bench/bare_relay.py): the floor for any Python relay
   relay   the proxy with only the relay: no Redis, free alias, no payer, no charge
-  full    the proxy with the full pipeline: service key + X-User-Id, Redis guard,
+  full    the proxy with the full pipeline: service key + X-User-Id, Redis guard
+          (reservations), rate limits per user and key (never reached), routing,
           metering, pricing, durable outbox (SQLite) relayed to a JSON-lines sink
 """
 

@@ -52,6 +52,14 @@ auth:
 guard: {{hold_ttl_s: 0.2}}
 """
 
+# The full pipeline runs with rate limits on (issue 23 measures it so), limits far
+# above what a run can reach: their cost is measured, never a refusal.
+FULL_LIMITS = """
+limits:
+  user: {rpm: 1000000000, tpm: 1000000000000, concurrency: 100000}
+  key: {rpm: 1000000000, concurrency: 100000}
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -73,6 +81,7 @@ class Stack:
     upstream_port: int = 0
     redis_port: int = 0
     config_path: Path | None = None
+    full_config_path: Path | None = None  # config_path + FULL_LIMITS (needs Redis)
 
     # -- pieces ------------------------------------------------------------------
 
@@ -134,6 +143,8 @@ class Stack:
                 upstream_port=self.upstream_port, key_hash=hash_key(SERVICE_KEY)
             )
         )
+        self.full_config_path = self.workdir / "bench_aliases_full.yaml"
+        self.full_config_path.write_text(self.config_path.read_text() + FULL_LIMITS)
 
     def _seed_credit(self) -> None:
         import redis
@@ -193,9 +204,10 @@ class Stack:
             env["REDIS_URL"] = self.redis_url
             headers["X-User-Id"] = str(USER_ID)
         env.update(extra_env or {})
+        config = config or (self.full_config_path if full else self.config_path)
         argv = python(
             "-m", "proxy", "--log-level", self.log_level, "serve",
-            "--config", str(config or self.config_path), "--port", str(port), "--loop", self.loop,
+            "--config", str(config), "--port", str(port), "--loop", self.loop,
         )  # fmt: skip
         if workers != 1:
             argv += ["--workers", str(workers)]
