@@ -70,7 +70,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     finally:
         # Runs on every exit, the client's disconnect (CancelledError) and shutdown
         # included. The charge is enqueued before any await, so no cancellation can
-        # lose it; then the request waits (shielded) for its batch to be on disk.
+        # lose it; then the request waits for its batch to be on disk.
         now = time.perf_counter()
         committed, settlement = _settle(state, ex, now)
         settle_hold(state.guard, ex, settlement)  # the hold becomes the charge
@@ -157,7 +157,9 @@ def _settle(
 
 async def _wait_committed(committed: asyncio.Future[None], ex: Exchange, state: ProxyState) -> None:
     try:
-        await asyncio.shield(committed)
+        # Not shielded: the future is this request's alone, and a cancelled wait only
+        # cancels it; the batch still commits (the outbox skips futures already done).
+        await committed
     except Exception as exc:
         # The outbox keeps the event and retries the commit; this request only
         # reports that its charge is not on disk yet.

@@ -25,15 +25,13 @@ async def pass_through(
     query: Mapping[str, str],
     request_id: str,
 ) -> web.Response:
-    session = pools.sessions[provider.name]
-    headers = pools.headers_for(provider, request_id)
-    del headers["Content-Type"]  # no body
     try:
         async with asyncio.timeout(provider.timeouts.first_byte + provider.timeouts.idle):
-            async with session.request(
-                method, provider.url(path), params=dict(query), headers=headers
-            ) as up:
+            up = await pools.call(provider, method, path, query, request_id)
+            try:
                 body = await up.read()
+            finally:
+                up.close()
     except TimeoutError:
         raise upstream_timeout(provider.name, "no complete reply in time") from None
     except (aiohttp.ClientError, OSError) as exc:

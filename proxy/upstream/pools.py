@@ -4,16 +4,16 @@ response headers relayed back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.billing.record import ChatRequest
 from proxy.config.model import Provider
 from proxy.errors import invalid_request
+from proxy.upstream.http_client import ConnectionPool, UpstreamResponse
 
 # Response headers worth passing back to the caller. Everything else (hop-by-hop
 # headers, cookies, the provider account's org and rate-limit headers) stays here.
@@ -26,72 +26,68 @@ RELAYED_HEADERS = (
 )
 
 
-class _UpstreamRequest(aiohttp.ClientRequest):
-    """aiohttp's request without a User-Agent. The same headers as
-    `skip_auto_headers=("User-Agent",)` gave, without the per-request copy of the
-    headers and of the skip set that option costs (5% of the relay's samples at
-    saturation in bench/bench_profile.py)."""
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        headers = self.headers
-        for name, value in self.DEFAULT_HEADERS.items():  # Accept (Accept-Encoding: ours)
-            if name not in headers:
-                headers[name] = value
-
-
 @dataclass(frozen=True, slots=True)
 class UpstreamPools:
-    """One ClientSession per provider so each has its own bounded keep-alive pool."""
+    """One keep-alive pool per provider (proxy.upstream.http_client), each bounded by
+    the provider's `max_connections`."""
 
-    sessions: Mapping[str, aiohttp.ClientSession]
+    pools: Mapping[str, ConnectionPool]
 
     @classmethod
     def create(cls, providers: Mapping[str, Provider]) -> UpstreamPools:
-        sessions = {}
-        for name, p in providers.items():
-            connector = aiohttp.TCPConnector(
-                limit=p.max_connections,
-                limit_per_host=p.max_connections,
-                keepalive_timeout=30,
-                ttl_dns_cache=300,
-            )
-            sessions[name] = aiohttp.ClientSession(
-                connector=connector,
-                # total: enforced by the request's Watchdog (see there).
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=p.timeouts.connect),
-                # Upstream cookies must not travel from one caller's request to the
-                # next one's: every caller shares this session.
-                cookie_jar=aiohttp.DummyCookieJar(),
-                # The body is relayed as received; decompressing and re-sending
-                # would cost CPU for nothing on the usual internal links.
-                auto_decompress=False,
-                request_class=_UpstreamRequest,  # no User-Agent
-                raise_for_status=False,
-            )
-        return cls(sessions)
+        return cls(
+            {
+                name: ConnectionPool(
+                    p.base_url,
+                    limit=p.max_connections,
+                    connect_timeout_s=p.timeouts.connect,
+                    keepalive_s=30.0,
+                    static_headers=static_headers(p),
+                )
+                for name, p in providers.items()
+            }
+        )
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.sessions.values()))
+        await asyncio.gather(*(p.close() for p in self.pools.values()))
 
     def headers_for(self, provider: Provider, request_id: str) -> dict[str, str]:
-        headers = {
+        """Every header a request with a body carries upstream (the pool adds Host
+        and Accept, the request its Content-Length)."""
+        return {
             "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
+            **static_headers(provider),
             "X-Client-Request-Id": request_id,
         }
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        return headers
 
     async def post(
         self, provider: Provider, body: bytes, request_id: str, path: str = "/chat/completions"
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send the request to `path` under the provider's base URL; returns once the
         response head arrived. Failures raise aiohttp's/the OS's exceptions;
         proxy.upstream.failures classifies them."""
-        return await self.sessions[provider.name].post(
-            provider.url(path), data=body, headers=self.headers_for(provider, request_id)
+        return await self.pools[provider.name].request(
+            "POST",
+            path,
+            body,
+            {"Content-Type": "application/json", "X-Client-Request-Id": request_id},
         )
+
+    async def call(
+        self, provider: Provider, method: str, path: str, query: Mapping[str, str], request_id: str
+    ) -> UpstreamResponse:
+        """A request without a body (the stored-response pass-through)."""
+        return await self.pools[provider.name].request(
+            method, path, None, {"X-Client-Request-Id": request_id}, query
+        )
+
+
+def static_headers(provider: Provider) -> dict[str, str]:
+    """The headers every request to `provider` carries: never anything of the caller's."""
+    headers = {"Accept-Encoding": "identity"}  # relayed as received: no re-compressing
+    if provider.api_key:
+        headers["Authorization"] = f"Bearer {provider.api_key}"
+    return headers
 
 
 def relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:

@@ -36,6 +36,7 @@ from proxy.upstream.failures import (
     classify,
     status_failure,
 )
+from proxy.upstream.http_client import UpstreamResponse
 from proxy.upstream.pools import relay_headers
 from proxy.upstream.stream_meter import StreamMeter, estimate_reply, meter_stream
 from proxy.upstream.watchdog import Watchdog
@@ -45,9 +46,7 @@ log = logging.getLogger(__name__)
 _UNMETERED = Metered(Usage(completion_tokens=1), UsageSource.ESTIMATED)
 
 
-async def relay_error_status(
-    up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog
-) -> web.Response:
+async def relay_error_status(up: UpstreamResponse, ex: Exchange, wd: Watchdog) -> web.Response:
     """Upstream answered 4xx/5xx: relay its status and (OpenAI-shaped, redacted)
     error body; a 401/403 (our provider key refused) becomes a neutral 502."""
     assert ex.chat is not None
@@ -67,6 +66,7 @@ async def relay_error_status(
         raise failure.error from None  # the error body stalled: our timeout
     finally:
         wd.cancel()
+        up.close()  # read to its end it is back in the pool; else not reusable
     failure = status_failure(up.status, provider.name)
     ex.finish(failure.outcome, failure.status, failure.kind)
     if failure.error is not None:
@@ -91,22 +91,22 @@ async def relay_error_status(
 
 
 async def relay_json(
-    up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog, quote: Quote | None = None
+    up: UpstreamResponse, ex: Exchange, wd: Watchdog, quote: Quote | None = None
 ) -> web.Response:
     """`quote` (cost in band, opt-in per alias): the body's usage gains `cost` and the
     response the `X-Credits-Charged` header."""
     assert ex.chat is not None and ex.encoding is not None
     parts: list[bytes] = []  # read here, not by up.read(): a drain goes on from them
     try:
-        async for data in up.content.iter_any():
+        async for data in up.iter_any():
             parts.append(data)
         body = b"".join(parts)
     except BaseException as exc:
         try:
             await _json_failed(exc, up, ex, wd, parts)
         finally:
-            # As up.read() would: a half-read connection is closed, never reused (a
-            # fully drained one is back in the pool already; closing it is a no-op).
+            # A half-read connection is closed, never reused (a fully drained one is
+            # back in the pool already; closing it is a no-op).
             up.close()
         raise  # _json_failed raises the caller's error, or nothing for a client that left
     finally:
@@ -125,7 +125,7 @@ async def relay_json(
 
 
 async def _json_failed(
-    exc: BaseException, up: aiohttp.ClientResponse, ex: Exchange, wd: Watchdog, parts: list[bytes]
+    exc: BaseException, up: UpstreamResponse, ex: Exchange, wd: Watchdog, parts: list[bytes]
 ) -> None:
     """Reading a non-streamed body failed: classify; a client that left is charged
     (its prompt, or under `drain` the body read to its end). Raises the caller's
@@ -155,7 +155,7 @@ async def _json_failed(
 
 async def relay_stream(
     request: web.Request,
-    up: aiohttp.ClientResponse,
+    up: UpstreamResponse,
     ex: Exchange,
     wd: Watchdog,
     *,
@@ -177,7 +177,7 @@ async def relay_stream(
     try:
         await out.prepare(request)
         first = True
-        async for data in up.content.iter_any():
+        async for data in up.iter_any():
             if first:
                 wd.first_byte()
                 ex.mark_first_byte()
@@ -249,14 +249,14 @@ async def _refine(ex: Exchange, reply: Reply | None, body: bytes | None = None) 
 
 
 async def _drain_stream(
-    up: aiohttp.ClientResponse, meter: StreamMeter, wd: Watchdog, policy: DisconnectPolicy
+    up: UpstreamResponse, meter: StreamMeter, wd: Watchdog, policy: DisconnectPolicy
 ) -> None:
     """The caller left: keep reading, writing nothing, until the usage report arrived,
     the stream ended or a drain limit passed (disconnect policy `drain`)."""
     read = 0
     try:
         async with asyncio.timeout(policy.drain_timeout_s):
-            async for data in up.content.iter_any():
+            async for data in up.iter_any():
                 wd.touch()
                 meter.drain(data)
                 read += len(data)
@@ -270,14 +270,14 @@ async def _drain_stream(
 
 
 async def _drain_body(
-    up: aiohttp.ClientResponse, parts: list[bytes], wd: Watchdog, policy: DisconnectPolicy
+    up: UpstreamResponse, parts: list[bytes], wd: Watchdog, policy: DisconnectPolicy
 ) -> bytes | None:
     """The non-streamed body (`parts` read so far) read to its end after the caller
     left, within the drain limits; None when it could not be."""
     read = 0
     try:
         async with asyncio.timeout(policy.drain_timeout_s):
-            async for data in up.content.iter_any():
+            async for data in up.iter_any():
                 parts.append(data)
                 read += len(data)
                 if read >= policy.drain_max_bytes:

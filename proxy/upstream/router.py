@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-import aiohttp
-
 from proxy.billing.record import ErrorKind, Exchange
 from proxy.config.model import Alias, RoutingPolicy, Target
 from proxy.contract.outcome import Outcome
 from proxy.errors import ApiError, credentials_missing, upstream_busy, upstream_failed_status
 from proxy.upstream.cooldown import Breaker, Slots, monotonic
 from proxy.upstream.failures import Phase, classify
+from proxy.upstream.http_client import UpstreamResponse
 from proxy.upstream.pools import UpstreamPools, upstream_body
 from proxy.upstream.targets import weighted_order
 from proxy.upstream.watchdog import Watchdog
@@ -69,7 +68,7 @@ def backoff_s(policy: RoutingPolicy, tries: int, rng: random.Random, hint: float
 @dataclass(slots=True)
 class _Attempt:
     result: str  # one of ATTEMPT_RESULTS
-    up: aiohttp.ClientResponse | None = None  # the response to relay
+    up: UpstreamResponse | None = None  # the response to relay
     wd: Watchdog | None = None
     strip: bool = False
     error: ApiError | None = None  # what the caller gets should no later attempt answer
@@ -150,7 +149,7 @@ class Router:
 
     async def send(
         self, ex: Exchange, path: str = "/chat/completions"
-    ) -> tuple[aiohttp.ClientResponse, Watchdog, bool]:
+    ) -> tuple[UpstreamResponse, Watchdog, bool]:
         """Send the request to its targets in turn until one answers a head that is
         not retried; returns it, its Watchdog and whether the usage chunk is to be
         stripped. `ex.chat.alias` becomes the serving target's view, `ex.attempts`

@@ -46,12 +46,8 @@ def open_fds() -> int:
 
 def pool_counts(h: ProxyHarness) -> tuple[int, int]:
     """(connections handed out, idle keep-alive connections) of the upstream pool."""
-    connector = h.state.upstream.sessions["fake"].connector
-    assert isinstance(connector, aiohttp.TCPConnector)
-    # aiohttp offers no public view of its pool; these two are what it keeps.
-    acquired = len(connector._acquired)
-    idle = sum(len(conns) for conns in connector._conns.values())
-    return acquired, idle
+    pool = h.state.upstream.pools["fake"]
+    return pool.in_use, pool.idle
 
 
 async def poll(predicate: Any, within: float) -> bool:

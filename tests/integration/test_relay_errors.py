@@ -179,11 +179,12 @@ def closed_port() -> int:
 
 
 async def test_upstream_down_is_502(start_proxy: StartProxy) -> None:
-    h = await start_proxy()
-    port = closed_port()
-    # Point the provider at a port nobody listens on.
-    object.__setattr__(h.config.providers["fake"], "base_url", f"http://127.0.0.1:{port}/v1")
-    status, body, _ = await h.chat({"model": "smart", "messages": MESSAGES})
+    # A provider at a port nobody listens on.
+    h = await start_proxy(
+        extra_providers=f"  down: {{base_url: 'http://127.0.0.1:{closed_port()}/v1'}}\n",
+        extra_aliases="  dead: {provider: down, model: m, price_rule: std}\n",
+    )
+    status, body, _ = await h.chat({"model": "dead", "messages": MESSAGES})
     assert status == 502
     assert_openai_error(body, "upstream_unavailable")
 
