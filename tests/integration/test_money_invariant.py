@@ -191,7 +191,7 @@ def _fake(record: logging.LogRecord) -> bool:
     logs those too, and they are not the proxy's."""
     tb = record.exc_info[2] if record.exc_info else None
     files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
-    return any(f.endswith("fake_upstream.py") for f in files)
+    return any(f.endswith(("fake_upstream.py", "fake_endpoints.py")) for f in files)
 
 
 @pytest.mark.timeout(300)
