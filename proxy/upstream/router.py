@@ -95,6 +95,12 @@ class Router:
         self._slots: dict[str, Slots] = {}
         self._views: dict[tuple[str, str, str], Alias] = {}
         self._targets: dict[str, Target] = {}
+        # An alias with one target and no fallbacks has one candidate list, always.
+        self._single: dict[str, list[tuple[Alias, Target]]] = {
+            name: [(a, a.targets[0])]
+            for name, a in aliases.items()
+            if len(a.targets) == 1 and not a.fallbacks
+        }
         for alias in aliases.values():
             for t in alias.targets:
                 self._targets.setdefault(t.key, t)
@@ -129,6 +135,9 @@ class Router:
     def candidates(self, alias: Alias) -> list[tuple[Alias, Target]]:
         """Every target in the order to try: the alias's, then each fallback's; the ones
         cooling down moved last (tried only when nothing else answered)."""
+        single = self._single.get(alias.name)
+        if single is not None and single[0][0] is alias:
+            return single  # (callers only read it)
         rng = self._rng
         out = [(self._view(alias, alias, t), t) for t in weighted_order(alias.targets, rng)]
         for name in alias.fallbacks:
@@ -161,7 +170,11 @@ class Router:
         policy = alias.routing
         cands = self.candidates(alias)
         max_attempts = len(cands) if policy.retries is None else policy.retries + 1
-        sequence = [cands[i % len(cands)] for i in range(max(len(cands), max_attempts))]
+        sequence = (
+            cands
+            if max_attempts <= len(cands)
+            else [cands[i % len(cands)] for i in range(max_attempts)]
+        )
         deadline = None if policy.deadline_s is None else ex.started + policy.deadline_s
         tries: dict[str, int] = {}
         hints: dict[str, float] = {}

@@ -122,6 +122,20 @@ def has_event_end(data: bytes, start: int = 0, end: int | None = None) -> bool:
     return b"\r" in data and _EVENT_END.search(data, start, stop) is not None
 
 
+def last_event_end(data: bytes | bytearray, end: int) -> int:
+    """Where the event holding `data[end]` starts: just after the last blank line
+    before `end` (0 when there is none)."""
+    best = 0
+    for sep in (b"\n\n", b"\r\n\r\n"):
+        cut = data.rfind(sep, 0, end)
+        if cut >= 0:
+            best = max(best, cut + len(sep))
+    if b"\r" in data:  # mixed or lone-CR line ends after that
+        for m in _EVENT_END.finditer(data, best, end):
+            best = m.end()
+    return best
+
+
 def has_usage_object(event: bytes) -> bool:
     """True when the event carries `"usage": {...}` (not `"usage": null`)."""
     pos = event.find(USAGE_KEY)

@@ -40,12 +40,12 @@ class StreamMeter:
     """
 
     __slots__ = (
-        "_chunks",
         "_close",
         "_drain_framer",
         "_fmt",
         "_framer",
         "_null_tail",
+        "_relayed",
         "_report",
         "_sep_len",
         "strip_usage",
@@ -55,7 +55,9 @@ class StreamMeter:
         self.strip_usage = strip_usage
         self._fmt = fmt
         self._framer = sse.EventFramer() if strip_usage else None
-        self._chunks: list[bytes] = []  # what the client was sent (references, no copies)
+        # What the client was sent, in one growing buffer: the fallback estimate needs
+        # it, and one buffer costs less than keeping every read alive (issue 23).
+        self._relayed = bytearray()
         self._report: UsageReport | None = None
         # `,"usage":null}` + the stream's event separator, once that is known.
         self._null_tail: bytes | None = None
@@ -66,7 +68,7 @@ class StreamMeter:
     def relay(self, data: bytes) -> bytes:
         framer = self._framer
         if framer is None:
-            self._chunks.append(data)
+            self._relayed += data
             return data
         tail = self._null_tail
         if (
@@ -81,7 +83,7 @@ class StreamMeter:
             # member and nothing else needs looking at: ~0.25 us per chunk
             # instead of ~0.6 for framing + replace + scan (measured in-process).
             out = data[: -len(tail)] + self._close
-            self._chunks.append(out)
+            self._relayed += out
             return out
         out = framer.feed_complete(data)
         if not out:
@@ -104,7 +106,7 @@ class StreamMeter:
             out = b"".join(self._strip_event(e) for e in events) + split.pending
             if not out:
                 return b""
-        self._chunks.append(out)
+        self._relayed += out
         return out
 
     def drain(self, data: bytes) -> None:
@@ -113,10 +115,10 @@ class StreamMeter:
         framer = self._framer
         if framer is None:  # pass-through mode frames nothing; draining must
             framer = self._drain_framer = self._drain_framer or sse.EventFramer()
-            self._chunks.append(data)  # reads, contiguous with the relayed ones
+            self._relayed += data  # reads, contiguous with the relayed ones
         events = framer.feed(data)
         if self._framer is not None:
-            self._chunks.extend(events)  # whole events, like the relayed ones
+            self._relayed += b"".join(events)  # whole events, like the relayed ones
         for event in events:
             if sse.USAGE_KEY in event or sse.ESCAPE in event:
                 self._strip_event(event)
@@ -156,16 +158,16 @@ class StreamMeter:
             split = sse.EventFramer()
             events = split.feed(out, whole=True)
             out = b"".join(self._strip_event(e) for e in events) + split.pending
-        self._chunks.append(out)
+        self._relayed += out
         return out
 
     def relayed(self) -> bytes:
-        return b"".join(self._chunks)
+        return bytes(self._relayed)
 
     def report(self) -> UsageReport | None:
-        if self._report is None and self._framer is None and self._chunks:
+        if self._report is None and self._framer is None and self._relayed:
             # (After a drain in pass-through mode `_report` may be set already.)
-            self._report = _report_in_tail(self._chunks, self._fmt)
+            self._report = _report_in_tail(self._relayed, self._fmt)
         return self._report
 
     @property
@@ -178,33 +180,20 @@ class StreamMeter:
         return report.usage if report is not None else None
 
 
-def _report_in_tail(chunks: list[bytes], fmt: WireFormat = CHAT) -> UsageReport | None:
+def _report_in_tail(relayed: bytearray, fmt: WireFormat = CHAT) -> UsageReport | None:
     """Find the usage event near the end of a pass-through stream.
 
     It is the last data event before `[DONE]` (chat) or the last event
-    (`response.completed`, which repeats the whole output and may span many reads),
-    so scanning backwards over the last reads until one holds the end of the event
-    before it is enough; only events that name `"usage"` are JSON-decoded. (A
-    report under an escaped key is found by the estimate path, which decodes every
-    event.)
+    (`response.completed`, which repeats the whole output and may be large), so the
+    events from the last blank line before the last `"usage"` on are enough; only
+    events that name `"usage"` are JSON-decoded. (A report under an escaped key is
+    found by the estimate path, which decodes every event.)
     """
-    parts: list[bytes] = []
-    size = 0
-    seen = False
-    for chunk in reversed(chunks):
-        parts.append(chunk)
-        size += len(chunk)
-        if not seen:
-            pos = chunk.rfind(sse.USAGE_KEY)
-            seen = pos >= 0
-            if seen and size > 4096 and sse.has_event_end(chunk, 0, pos):
-                break
-        elif size > 4096 and sse.has_event_end(chunk):
-            break
-    tail = b"".join(reversed(parts))
-    if sse.USAGE_KEY not in tail:
+    pos = relayed.rfind(sse.USAGE_KEY)
+    if pos < 0:
         return None
-    for event in reversed(sse.EventFramer().feed(tail, whole=True)):
+    start = sse.last_event_end(relayed, pos)
+    for event in reversed(sse.EventFramer().feed(bytes(relayed[start:]), whole=True)):
         if sse.USAGE_KEY in event:
             obj = sse.decode_event(event)
             report = fmt.find_report(obj) if obj is not None else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.upstream import sse
 
@@ -100,3 +102,32 @@ def test_iter_event_objects_keeps_a_truncated_but_whole_last_event() -> None:
 )
 def test_is_usage_only_chunk(obj: dict[str, object], expected: bool) -> None:
     assert sse.is_usage_only_chunk(obj) is expected
+
+
+# -- last_event_end -------------------------------------------------------------------
+
+_SEPS = ("\n\n", "\r\n\r\n", "\r\r", "\n\r\n", "\r\n\n")
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(alphabet='ab: {}"', min_size=1, max_size=12), st.sampled_from(_SEPS)),
+        min_size=1,
+        max_size=8,
+    ),
+    st.data(),
+)
+def test_last_event_end_is_where_the_event_holding_a_byte_starts(
+    events: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    raw = b""
+    spans = []  # (start, end) of each event's data line, its separator excluded
+    for text, sep in events:
+        line = ("data: " + text).encode()
+        spans.append((len(raw), len(raw) + len(line)))
+        raw += line + sep.encode()
+    # A byte of an event's line (where a `"usage"` key can be), never of a separator.
+    start, end = spans[data.draw(st.integers(0, len(spans) - 1))]
+    pos = data.draw(st.integers(start, end - 1))
+    assert sse.last_event_end(raw, pos) == start
+    assert sse.last_event_end(bytearray(raw), pos) == start
