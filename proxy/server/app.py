@@ -31,7 +31,8 @@ def build_app(
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
-    app.on_response_prepare.append(add_rate_limit_headers)
+    if config.limits.enabled:  # (a signal costs every response a dispatch)
+        app.on_response_prepare.append(add_rate_limit_headers)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/responses", handlers.responses)
     app.router.add_post("/v1/embeddings", handlers.embeddings)
