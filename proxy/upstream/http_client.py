@@ -306,7 +306,9 @@ class ConnectionPool:
         connect_timeout_s: float | None,
         keepalive_s: float = 30.0,
         static_headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: for an https base URL; the system's CA store by default."""
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -325,7 +327,9 @@ class ConnectionPool:
         self._limit = max(1, limit)
         self._connect_timeout = connect_timeout_s
         self._keepalive = keepalive_s
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self._tls else None
+        self._ssl: ssl.SSLContext | None = None
+        if self._tls:
+            self._ssl = ssl_context or ssl.create_default_context()
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()  # every open connection, for close()
         self._open = 0

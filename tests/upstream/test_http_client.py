@@ -4,6 +4,8 @@ answer with exact bytes, so every framing and failure case is what the wire says
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -390,3 +392,60 @@ def test_a_header_with_a_line_break_is_refused() -> None:
         ConnectionPool(
             "http://x", limit=1, connect_timeout_s=None, static_headers={"A": "b\r\nEvil: 1"}
         )
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_goes_over_tls_and_checks_the_certificate(tls_files: tuple[str, str]) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    raw = RawServer(lambda req, w: _reply_ok(w))
+    raw.server = await asyncio.start_server(raw._serve, "127.0.0.1", 0, ssl=server_ctx)
+    raw.port = raw.server.sockets[0].getsockname()[1]
+    base = f"https://127.0.0.1:{raw.port}/v1"
+    trusting = ConnectionPool(
+        base, limit=1, connect_timeout_s=2, ssl_context=ssl.create_default_context(cafile=cert)
+    )
+    up = await trusting.request("POST", "/c", b"{}", {})
+    assert (up.status, await up.read()) == (200, b"tls")
+    await trusting.close()
+    default = ConnectionPool(base, limit=1, connect_timeout_s=2)  # the system's CAs only
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await default.request("POST", "/c", b"{}", {})
+    assert default.in_use == 0
+    await default.close()
+    await raw.close()
+
+
+async def _reply_ok(w: asyncio.StreamWriter) -> bool:
+    w.write(ok(b"tls"))
+    return True
+
+
+async def test_a_connect_past_its_bound_is_a_connection_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def never(*_: object, **__: object) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    pool = ConnectionPool("http://127.0.0.1:9", limit=1, connect_timeout_s=0.05)
+    with pytest.raises(aiohttp.ConnectionTimeoutError):
+        await pool.request("POST", "/c", b"{}", {})
+    assert pool.in_use == 0  # the slot is free again
+    await pool.close()
