@@ -1,0 +1,53 @@
+"""One script call as pre-packed bytes on one of redis-py's pooled connections.
+
+The batched script calls (proxy.billing.script_batcher) carry every call of a loop
+tick in one EVALSHA: tens of arguments, which redis-py packs one by one through its
+encoder (~10% of the full pipeline's CPU at saturation, bench/RESULTS.md). Packing
+them here is one format per argument. Only for a single Redis node; a cluster
+client routes by key and stays on redis-py's own path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+Arg = str | bytes | int
+
+
+def pack(args: Sequence[Arg]) -> bytes:
+    """The RESP array of bulk strings for `args`."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+async def execute(redis: aioredis.Redis, packed: bytes) -> Any:
+    """Send one packed command, return its reply (an error reply raises, as redis-py
+    does). No read timeout of its own: callers bound the whole call, and a cancelled
+    or failed read disconnects the connection (half-read, it is not reusable)."""
+    pool = redis.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(packed, check_health=False)
+        return await conn.read_response(timeout=math.inf)
+    finally:
+        await pool.release(conn)
+
+
+async def evalsha(
+    redis: aioredis.Redis, script: Any, keys: Sequence[Arg], args: Sequence[Arg]
+) -> Any:
+    """EVALSHA of a redis-py `Script`; a server that lost it gets it loaded first."""
+    packed = pack(["EVALSHA", script.sha, len(keys), *keys, *args])
+    try:
+        return await execute(redis, packed)
+    except NoScriptError:
+        await redis.script_load(script.script)
+        return await execute(redis, packed)
