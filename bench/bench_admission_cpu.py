@@ -54,7 +54,9 @@ async def _redis_cpu(client: aioredis.Redis) -> tuple[float, int]:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"]), calls
 
 
-async def _round(url: str, n: int, rps: float, concurrency: int) -> dict[str, float]:
+async def _round(
+    url: str, n: int, rps: float, concurrency: int, batch: int = 0
+) -> dict[str, float]:
     client = aioredis.Redis.from_url(
         url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=0,
         max_connections=256,
@@ -94,6 +96,37 @@ async def _round(url: str, n: int, rps: float, concurrency: int) -> dict[str, fl
                 await asyncio.sleep(delay)
             await one(w * 1_000_000 + k)
             counter[0] += 1
+
+    async def lockstep(count: int) -> None:
+        # `batch` requests at once, then wait for their settlements: each step's
+        # calls share one tick, so the batches are the same on every run.
+        for k in range(count // batch):
+            await asyncio.gather(*(one(k * batch + i) for i in range(batch)))
+            while limiter.pending or res._settles.pending:
+                await asyncio.sleep(0.0005)  # a poll costs a few us, a spin would not
+            counter[0] += batch
+
+    if batch:
+        await lockstep(batch * 20)
+        await asyncio.sleep(0.3)
+        r0, c0 = await _redis_cpu(admin)
+        p0, t0 = time.process_time(), time.monotonic()
+        await lockstep(n)
+        p1, t1 = time.process_time(), time.monotonic()
+        r1, c1 = await _redis_cpu(admin)
+        done = n // batch * batch
+        await limiter.close()
+        await res.close()
+        await client.aclose()
+        await admin.flushall()
+        await admin.aclose()
+        return {
+            "proxy_cpu_us_per_req": round((p1 - p0) / done * 1e6, 1),
+            "redis_cpu_us_per_req": round((r1 - r0) / done * 1e6, 1),
+            "redis_cmds_per_req": round((c1 - c0 - 2) / done, 3),
+            "rps": round(done / (t1 - t0)),
+            "live_holds_at_end": 0,
+        }
 
     # warm-up
     await asyncio.gather(*(worker(w, 5, time.monotonic()) for w in range(concurrency)))
@@ -144,7 +177,8 @@ async def _main(args: argparse.Namespace) -> None:
             await asyncio.sleep(0.05)
         await probe.aclose()
         rows = [
-            await _round(url, args.requests, args.rps, args.concurrency) for _ in range(args.rounds)
+            await _round(url, args.requests, args.rps, args.concurrency, args.batch)
+            for _ in range(args.rounds)
         ]
     finally:
         proc.terminate()
@@ -164,6 +198,9 @@ def main() -> None:
     p.add_argument("--rps", type=float, default=1500, help="0: as fast as it goes")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--batch", type=int, default=0, help="lockstep: this many requests at once, repeated"
+    )
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="uvloop")
     args = p.parse_args()
     if args.loop == "uvloop":
