@@ -281,7 +281,7 @@ class RedisReservations:
         redis: Any = self.guard.redis
         try:
             async with asyncio.timeout(5):
-                for script in (self._reserve_script, self._settle_script):
+                for script in (*self._reserves.scripts, *self._settles.scripts):
                     await redis.script_load(script.script)
         except Exception as exc:  # loaded on first use instead
             log.info("credit guard: scripts not preloaded (%s)", type(exc).__name__)

@@ -82,6 +82,11 @@ class ScriptBatcher:
         self._cluster = isinstance(redis, RedisCluster)
 
     @property
+    def scripts(self) -> tuple[Any, Any]:
+        """The script and its wrapper (to load them ahead of the first call)."""
+        return self._script, self._multi
+
+    @property
     def pending(self) -> int:
         """Calls queued or in flight (tests wait for 0)."""
         return len(self._pending) + len(self._tasks)

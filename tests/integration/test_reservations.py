@@ -520,6 +520,10 @@ async def test_script_batcher_groups_a_ticks_calls_by_slot(
     prefix = redis_target[2]
     script = target_client.register_script("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[2])}")
     batcher = ScriptBatcher(target_client, script, 5.0)
+    # A fresh cluster client's first commands, concurrent, can race inside redis-py
+    # while it connects (a connection's writer still None): the proxy loads its
+    # scripts at start-up, before any request; so does this test.
+    await target_client.script_load(script.script)
     calls = [
         ([f"{prefix}a:{{{u}}}", f"{prefix}n:{{{u}}}"], [str(i)])
         for i, u in enumerate([1, 2, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9])
