@@ -58,7 +58,8 @@ def admission_tokens(chat: ChatRequest, prompt: int | None = None) -> int:
 # KEYS: override, user rpm, user tpm, user conc, key rpm, key tpm, key conc
 # ARGV: six limits (-1: none), tokens, request id, slot ttl ms, read override (1/0)
 # Returns {refused dimension (0: admitted), retry after ms, the six limits in force,
-#          the six levels left (buckets floored; slots left), the six reset ms}.
+#          the six levels left (buckets floored; slots left, counting a dead proxy's
+#          expired slots until the limit is reached), the six reset ms}.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -84,8 +85,13 @@ for i = 1, 6 do
     local need = cost[i]
     local lv
     if i == 3 or i == 6 then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      -- expired slots (of a proxy that died) are purged only when they could
+      -- matter: below the limit with them counted, it is below without them
       lv = cap - redis.call('ZCARD', key)
+      if lv < 1 then
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+        lv = cap - redis.call('ZCARD', key)
+      end
       if lv < 1 then
         if refused == 0 then refused = i end
         if retry < 1000 then retry = 1000 end

@@ -4,12 +4,14 @@ the hold to the charge, the ledger deletes it when it debits (proxy.ledger.proje
 One script per step, touching one user's keys only (snapshot, blocked, holds share
 the user's hash tag, so the scripts run on a Redis Cluster too). Holds live in the
 hash `holds:{uid}`, request id -> "<credits>:<expires_at_ms>" (Redis clock;
-proxy.contract.redis_keys). The reserve script, atomically:
+proxy.contract.redis_keys), with their running total and an expiry index, so that
+no script walks a user's live holds. The reserve script, atomically:
 
-1. purges the holds past their expiry (returned, for the `expired` metric);
+1. purges the holds past their expiry, from the index (returned, for the `expired`
+   metric);
 2. refuses when the user is blocked or has no snapshot (the caller then asks the
    ledger, through the snapshot provider, and tries once more);
-3. admits iff `available - held >= estimate`, writing the hold with expiry
+3. admits iff `available - held >= estimate` (held: the total), writing the hold with expiry
    now + hold_ttl_s; in clamp mode, when only `floor <= available - held` holds, it
    holds all of `available - held` and the caller lowers the output limit to fit.
 
@@ -38,31 +40,115 @@ from proxy.logs import ThrottledLog
 
 log = logging.getLogger(__name__)
 
-# KEYS: snapshot, blocked, holds. ARGV[1]: "<estimate> <floor> <ttl ms> <blocked ttl s>
-# <request id>" (one argument: redis-py's packing is most of a call's CPU): floor is
-# the least clamp mode may hold (0: refuse below the estimate); the blocked marker is
-# set when the snapshot says no credit at all.
+# The holds of one user: the hash (request id -> "<credits>:<expires_at_ms>"), its
+# running total and its expiry index (proxy.contract.redis_keys), kept in step by
+# every script that writes them. `_HOLDS_LUA` is shared by the scripts:
+# - `bump`: the three keys live at least `ttl` ms more (2 x ttl when extended, so
+#   that it happens once per ttl, not on every write; they expire together);
+# - `recount`: sums the hash as a whole (purging what is unreadable or due),
+#   rebuilds the total and the index; returns (held, expired);
+# - `purge`: drops the holds due at `now`, found by the index (no walk over the
+#   live ones); returns (held, expired), recounting instead when the three are out
+#   of step (the hash deleted, or written by something that does not keep them:
+#   HLEN != ZCARD, a due index entry without its hold, a negative total) or when
+#   `audit` says so.
+# Sums are Lua numbers, as before (exact to 2^53), stored with INCRBYFLOAT
+# (keeps the key's TTL; never overflows).
+_HOLDS_LUA = """
+local function bump(H, S, X, now, ttl)
+  if redis.call('PTTL', H) < ttl then
+    local at = now + 2 * ttl  -- one instant for the three: they expire together
+    redis.call('PEXPIREAT', H, at)
+    redis.call('PEXPIREAT', S, at)
+    redis.call('PEXPIREAT', X, at)
+  end
+end
+local function recount(H, S, X, now)
+  redis.call('DEL', X, S)
+  local fields = redis.call('HGETALL', H)
+  local held, expired, live, last = 0, 0, 0, 0
+  for i = 1, #fields, 2 do
+    local c, e = string.match(fields[i + 1], '^(%d+):(%d+)$')
+    if c == nil or tonumber(e) <= now then
+      redis.call('HDEL', H, fields[i])
+      if c ~= nil then expired = expired + 1 end
+    else
+      held, live = held + tonumber(c), live + 1
+      last = math.max(last, tonumber(e))
+      redis.call('ZADD', X, e, fields[i])
+    end
+  end
+  if live > 0 then
+    redis.call('SET', S, string.format('%.17g', held))
+    local p = redis.call('PTTL', H)
+    if p > 0 then  -- one instant for the three, not before their last hold
+      local at = math.max(now + p, last)
+      redis.call('PEXPIREAT', H, at)
+      redis.call('PEXPIREAT', S, at)
+      redis.call('PEXPIREAT', X, at)
+    end
+  end
+  return held, expired
+end
+local function purge(H, S, X, now, audit)
+  local n = redis.call('HLEN', H)
+  if audit or n ~= redis.call('ZCARD', X) then return recount(H, S, X, now) end
+  if n == 0 then
+    redis.call('DEL', S)
+    return 0, 0
+  end
+  local held = tonumber(redis.call('GET', S) or 'x')
+  if held == nil or held < 0 then return recount(H, S, X, now) end
+  local due = redis.call('ZRANGEBYSCORE', X, '-inf', now)
+  if #due == 0 then return held, 0 end
+  local freed, expired, later = 0, 0, {}
+  for i = 1, #due, 500 do
+    local ids = {unpack(due, i, math.min(i + 499, #due))}
+    local vals = redis.call('HMGET', H, unpack(ids))
+    local gone = {}
+    for j = 1, #ids do
+      local v = vals[j]
+      if not v then return recount(H, S, X, now) end
+      local c, e = string.match(v, '^(%d+):(%d+)$')
+      if c ~= nil and tonumber(e) > now then
+        -- the hash says later (rewritten by something that left the index)
+        later[#later + 1] = e
+        later[#later + 1] = ids[j]
+      else
+        gone[#gone + 1] = ids[j]
+        if c ~= nil then
+          freed, expired = freed + tonumber(c), expired + 1
+        end
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', H, unpack(gone)) end
+  end
+  if freed > held then return recount(H, S, X, now) end
+  redis.call('ZREMRANGEBYSCORE', X, '-inf', now)
+  for i = 1, #later, 2 do redis.call('ZADD', X, later[i], later[i + 1]) end
+  if freed > 0 then redis.call('INCRBYFLOAT', S, string.format('%.17g', -freed)) end
+  return held - freed, expired
+end
+"""
+
+# KEYS: snapshot, blocked, holds, holds total, holds expiry. ARGV[1]: "<estimate>
+# <floor> <ttl ms> <blocked ttl s> <request id>" (one argument: redis-py's packing is
+# most of a call's CPU): floor is the least clamp mode may hold (0: refuse below the
+# estimate); the blocked marker is set when the snapshot says no credit at all.
 # Returns {code, available, held by others, expired purged, credits held}; codes:
 # 1 admitted, 2 clamped, 0 refused, 3 request id already holding, -1 no snapshot,
 # -2 blocked, -3 unreadable snapshot.
-_RESERVE_LUA = """
+_RESERVE_LUA = (
+    _HOLDS_LUA
+    + """
 local est, flo, ttl_ms, bttl, rid = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (.*)$')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local fields = redis.call('HGETALL', KEYS[3])
-local held, expired, mine = 0, 0, false
-for i = 1, #fields, 2 do
-  local c, e = string.match(fields[i + 1], '^(%d+):(%d+)$')
-  if c == nil or tonumber(e) <= now then
-    redis.call('HDEL', KEYS[3], fields[i])
-    if c ~= nil then expired = expired + 1 end
-  elseif fields[i] == rid then
-    mine = true
-    held = held + tonumber(c)
-  else
-    held = held + tonumber(c)
-  end
-end
+local H, S, X = KEYS[3], KEYS[4], KEYS[5]
+-- About one reservation in 1024 (by the clock's microseconds) sums the hash anyway:
+-- writers that keep the hash but not the total (older versions) can change a hold
+-- in place, which no count shows; this bounds how long such a drift lasts.
+local held, expired = purge(H, S, X, now, tonumber(t[2]) % 1024 == 0)
 local raw = redis.call('GET', KEYS[1])
 if not raw then return {-1, 0, held, expired, 0} end
 local ok, data = pcall(cjson.decode, raw)
@@ -79,7 +165,7 @@ if available <= 0 then
   redis.call('SET', KEYS[2], 'snapshot', 'EX', bttl)
   return {-2, available, held, expired, 0}
 end
-if mine then return {3, available, held, expired, 0} end
+if redis.call('HEXISTS', H, rid) == 1 then return {3, available, held, expired, 0} end
 local estimate, floor = tonumber(est), tonumber(flo)
 local room = available - held
 local take, code = 0, 0
@@ -92,27 +178,52 @@ else
 end
 if take > 0 then
   local ttl = tonumber(ttl_ms)
-  redis.call('HSET', KEYS[3], rid, string.format('%d:%d', take, now + ttl))
-  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+  local expires = now + ttl
+  redis.call('HSET', H, rid, string.format('%d:%d', take, expires))
+  redis.call('ZADD', X, expires, rid)
+  redis.call('INCRBYFLOAT', S, string.format('%.17g', take))
+  bump(H, S, X, now, ttl)
 end
 return {code, available, held, expired, take}
 """
+)
 
-# KEYS: holds. ARGV[1]: "<credits (0: release)> <ttl ms> <request id>". 1 if it existed.
-_SETTLE_LUA = """
+# KEYS: holds, holds total, holds expiry. ARGV[1]: "<credits (0: release)> <ttl ms>
+# <request id>". 1 if the hold existed. The total follows only a hold the index
+# knows (one written by something that does not keep them is rewritten alone: the
+# next reservation finds the keys out of step and recounts), and only while it
+# exists (else the next reservation recounts).
+_SETTLE_LUA = (
+    _HOLDS_LUA
+    + """
 local credits, ttl_ms, rid = string.match(ARGV[1], '^(%d+) (%d+) (.*)$')
-if redis.call('HEXISTS', KEYS[1], rid) == 0 then return 0 end
+local H, S, X = KEYS[1], KEYS[2], KEYS[3]
+local v = redis.call('HGET', H, rid)
+if not v then return 0 end
+local indexed = redis.call('ZSCORE', X, rid) and redis.call('EXISTS', S) == 1
+local old = tonumber(string.match(v, '^(%d+):') or '0')
 if credits == '0' then
-  redis.call('HDEL', KEYS[1], rid)
+  redis.call('HDEL', H, rid)
+  if indexed then
+    redis.call('ZREM', X, rid)
+    if old > 0 then redis.call('INCRBYFLOAT', S, string.format('%.17g', -old)) end
+  end
   return 1
 end
 local t = redis.call('TIME')
 local ttl = tonumber(ttl_ms)
-local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
-redis.call('HSET', KEYS[1], rid, credits .. ':' .. string.format('%d', expires))
-if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = now + ttl
+redis.call('HSET', H, rid, credits .. ':' .. string.format('%d', expires))
+if indexed then
+  redis.call('ZADD', X, expires, rid)
+  local delta = tonumber(credits) - old
+  if delta ~= 0 then redis.call('INCRBYFLOAT', S, string.format('%.17g', delta)) end
+end
+bump(H, S, X, now, ttl)
 return 1
 """
+)
 
 _CODES = {1: Reserved.ADMITTED, 2: Reserved.CLAMPED, 0: Reserved.REFUSED, 3: Reserved.CONFLICT}
 _MISSING, _BLOCKED, _UNREADABLE = -1, -2, -3
@@ -170,7 +281,7 @@ class RedisReservations:
         redis: Any = self.guard.redis
         try:
             async with asyncio.timeout(5):
-                for script in (self._reserve_script, self._settle_script):
+                for script in (*self._reserves.scripts, *self._settles.scripts):
                     await redis.script_load(script.script)
         except Exception as exc:  # loaded on first use instead
             log.info("credit guard: scripts not preloaded (%s)", type(exc).__name__)
@@ -180,7 +291,7 @@ class RedisReservations:
 
     async def reserve(self, hold: Hold, estimate: int, floor: int) -> Reservation:
         user = hold.user_id
-        keys = (self._keys.snapshot(user), self._keys.blocked(user), self._keys.holds(user))
+        keys = (self._keys.snapshot(user), self._keys.blocked(user), *self._keys.hold_keys(user))
         cache = self.guard.cache
         if cache is not None:
             cached = cache.lookup((keys[1],))
@@ -224,9 +335,7 @@ class RedisReservations:
             self._on_held(taken)
         return self._count(result)
 
-    async def _first_run(
-        self, keys: tuple[str, str, str], hold: Hold, estimate: int, floor: int
-    ) -> Any:
+    async def _first_run(self, keys: tuple[str, ...], hold: Hold, estimate: int, floor: int) -> Any:
         """The script, read through the cache: a blocked answer is remembered (the
         next request of this user is refused without I/O until Redis says the marker
         changed), under the cache's rules for reads that race an invalidation."""
@@ -243,7 +352,7 @@ class RedisReservations:
         await cache.read_through((keys[1],), read)
         return replies[0]
 
-    async def _run(self, keys: tuple[str, str, str], hold: Hold, estimate: int, floor: int) -> Any:
+    async def _run(self, keys: tuple[str, ...], hold: Hold, estimate: int, floor: int) -> Any:
         arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
         return await self._reserves.submit(keys, (arg,))
 
@@ -266,7 +375,7 @@ class RedisReservations:
         if hold.credits:
             self._on_held(-hold.credits)
         fut = self._settles.submit(
-            (self._keys.holds(hold.user_id),),
+            self._keys.hold_keys(hold.user_id),
             (f"{max(credits, 0)} {self._ttl_ms} {hold.request_id}",),
         )
         fut.add_done_callback(self._settled)

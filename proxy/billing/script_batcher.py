@@ -1,13 +1,20 @@
-"""Calls of one Lua script made in the same event-loop tick go out as one pipeline.
+"""Calls of one Lua script made in the same event-loop tick go out as one command.
 
 The reservation and rate-limit scripts run once or twice per request; sent one by
-one, redis-py's per-command overhead (~100-200 us CPU: bench/bench_reserve.py,
-bench/bench_routing.py) is most of their cost. The first call of a tick starts a
-flush task that yields once, so the calls that become ready in the same tick join,
-then sends them all: EVALSHA in a pipeline without MULTI (each script stays atomic
-on its own and touches one user's slot, so this is valid on a Redis Cluster too,
-where redis-py wants EVAL); a server that lost its scripts gets them loaded and the
-calls sent again. A lone call is sent on its own (a pipeline costs more for one).
+one, redis-py's per-command overhead (packing, the connection's retry and timeout
+wrappers, parsing: ~100-200 us CPU, bench/bench_reserve.py, bench/bench_routing.py)
+is most of their cost. The first call of a tick starts a flush task that yields
+once, so the calls that become ready in the same tick join, then sends them all as
+ONE EVALSHA of a wrapper script: the script's body as a function, run once per call
+with that call's KEYS and ARGV (each call under `pcall`, so one call's error is its
+own reply), the replies returned as one array. A lone call is sent as the script
+itself. The batch runs atomically as a whole (each call did on its own before: it
+still does). On a Redis Cluster every call touches one user's slot; the calls are
+grouped by slot, one wrapper call per slot, the groups sent concurrently. A server
+that lost its scripts gets them loaded and the calls sent again (redis-py's Script).
+
+The body must not start with a shebang line (`#!lua flags=...`): it becomes a
+function body. Every call names at least one key (the slot is its first key's).
 
 The sending is done by the task, not by the callers: a caller that stops waiting
 (its budget, its client leaving) never cancels the others' calls, and `on_orphan`
@@ -21,10 +28,40 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 Call = tuple[list[Any], list[Any]]
 Orphan = Callable[[Call, Any], None]
+
+# ARGV[1]: the number of calls m; ARGV[2 .. 2m+1]: each call's (number of keys,
+# number of args); then every call's args, in order. KEYS: every call's keys.
+_MULTI_TAIL = """
+local m = tonumber(ARGV[1])
+local ki, ai = 1, 2 + 2 * m
+local out = {}
+for c = 1, m do
+  local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
+  local ks, as = {}, {}
+  for i = 1, nk do ks[i] = KEYS[ki + i - 1] end
+  for i = 1, na do as[i] = ARGV[ai + i - 1] end
+  ki, ai = ki + nk, ai + na
+  local ok, r = pcall(one, ks, as)
+  if not ok then
+    if type(r) == 'table' and r.err then out[c] = r else out[c] = {err = tostring(r)} end
+  elseif r == nil then
+    out[c] = false
+  else
+    out[c] = r
+  end
+end
+return out
+"""
+
+
+def multi_body(body: str) -> str:
+    """The wrapper script that runs `body` once per call (see the module's doc)."""
+    return "local function one(KEYS, ARGV)\n" + body + "\nend\n" + _MULTI_TAIL
 
 
 def _no_orphan(_call: Call, _reply: Any) -> None:
@@ -37,11 +74,17 @@ class ScriptBatcher:
     ) -> None:
         self._redis = redis
         self._script = script  # redis-py Script (register_script)
+        self._multi = redis.register_script(multi_body(script.script))
         self._timeout = timeout_s
         self._on_orphan = on_orphan
         self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._cluster = isinstance(redis, RedisCluster)
+
+    @property
+    def scripts(self) -> tuple[Any, Any]:
+        """The script and its wrapper (to load them ahead of the first call)."""
+        return self._script, self._multi
 
     @property
     def pending(self) -> int:
@@ -91,25 +134,42 @@ class ScriptBatcher:
                 return [await self._script(keys=keys, args=args)]
             except Exception as exc:  # handed to the caller
                 return [exc]
-        replies = await self._pipeline(calls)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            await self._redis.script_load(self._script.script)
-            replies = await self._pipeline(calls)
+        if not self._cluster:
+            return await self._send_multi(calls)
+        slots: dict[int, list[int]] = {}
+        for i, (keys, _) in enumerate(calls):
+            slot = key_slot(keys[0].encode() if isinstance(keys[0], str) else keys[0])
+            slots.setdefault(slot, []).append(i)
+        if len(slots) == 1:
+            return await self._send_multi(calls)
+        groups = list(slots.values())
+        results = await asyncio.gather(
+            *(self._send([calls[i] for i in group]) for group in groups), return_exceptions=True
+        )
+        replies: list[Any] = [None] * len(calls)
+        for group, result in zip(groups, results, strict=True):
+            for n, i in enumerate(group):
+                replies[i] = result if isinstance(result, BaseException) else result[n]
         return replies
 
-    async def _pipeline(self, calls: list[Call]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            if self._cluster:
-                # redis-py refuses EVALSHA in cluster pipelines; EVAL it is (Redis
-                # caches the compiled body under its digest all the same).
-                body = self._script.script
-                for keys, args in calls:
-                    pipe.eval(body, len(keys), *keys, *args)
-            else:
-                sha = self._script.sha
-                for keys, args in calls:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _send_multi(self, calls: list[Call]) -> list[Any]:
+        """One wrapper call for `calls` (one slot); a failure of the whole call is
+        every call's reply."""
+        counts: list[Any] = [len(calls)]
+        keys: list[Any] = []
+        args: list[Any] = []
+        for k, a in calls:
+            counts.append(len(k))
+            counts.append(len(a))
+            keys.extend(k)
+            args.extend(a)
+        try:
+            replies = await self._multi(keys=keys, args=counts + args)
+        except Exception as exc:
+            return [exc] * len(calls)
+        if not isinstance(replies, list) or len(replies) != len(calls):
+            return [ResponseError(f"unexpected batch reply: {replies!r:.80}")] * len(calls)
+        return replies
 
     async def aclose(self, wait_s: float = 2.0) -> None:
         """Let calls in progress finish for up to `wait_s`, then cancel them."""

@@ -13,6 +13,15 @@ Keys (prefix default `llmproxy:`):
                              `credit:{` prefix the guard cache tracks: the holds
                              change twice a request, and every change would be an
                              invalidation pushed to every proxy.
+- `holds:{<uid>}:total`      integer: the sum of the credits of the fields of
+                             `holds:{<uid>}` (live or past expiry, not yet purged), so
+                             a reservation reads what is held without walking the holds
+- `holds:{<uid>}:expiry`     zset request id -> expires_at_ms, the same fields: the
+                             reservation purges what is due from its low end. Every
+                             script that writes a hold keeps the three in step (and the
+                             same TTL); a reservation that finds them out of step
+                             (HLEN != ZCARD: the hash deleted or written by something
+                             else) sums the hash and rebuilds the other two.
 - `limits:{<uid>}:override`  hash rpm/tpm/concurrency: the user's own limits (over the
                              `limits.user` defaults; -1 = unlimited), set by
                              `llm-proxy limits set`
@@ -64,6 +73,16 @@ class RedisKeys:
 
     def holds(self, user_id: int) -> str:
         return f"{self.prefix}holds:{{{user_id}}}"
+
+    def holds_total(self, user_id: int) -> str:
+        return f"{self.prefix}holds:{{{user_id}}}:total"
+
+    def holds_expiry(self, user_id: int) -> str:
+        return f"{self.prefix}holds:{{{user_id}}}:expiry"
+
+    def hold_keys(self, user_id: int) -> tuple[str, str, str]:
+        """The holds hash, its running total and its expiry index, in script order."""
+        return (self.holds(user_id), self.holds_total(user_id), self.holds_expiry(user_id))
 
     @property
     def credit_prefix(self) -> str:

@@ -32,7 +32,10 @@ RedisClient = Redis | RedisCluster
 # Marker value of a blocked key the ledger set (the guard sets its own, with a TTL).
 BLOCKED_BY_LEDGER = b"ledger"
 
-# KEYS: snapshot, blocked, holds. ARGV: snapshot, "1" blocked / "0", request ids...
+# KEYS: snapshot, blocked, holds, holds total, holds expiry (proxy.contract.redis_keys:
+# the total and the index follow every hold deleted). ARGV: snapshot, "1" blocked /
+# "0", request ids... A hold the index does not know is deleted alone: the total
+# never counted it (the next reservation finds the keys out of step and recounts).
 _PROJECT_LUA = """
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then
@@ -40,8 +43,24 @@ if ARGV[2] == '1' then
 else
   redis.call('DEL', KEYS[2])
 end
+if #ARGV < 3 then return 1 end
+local H, S, X = KEYS[3], KEYS[4], KEYS[5]
+local freed = 0
 for i = 3, #ARGV, 500 do
-  redis.call('HDEL', KEYS[3], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  local ids = {unpack(ARGV, i, math.min(i + 499, #ARGV))}
+  local vals = redis.call('HMGET', H, unpack(ids))
+  for j = 1, #ids do
+    local v = vals[j]
+    if v then
+      redis.call('HDEL', H, ids[j])
+      if redis.call('ZREM', X, ids[j]) == 1 then
+        freed = freed + (tonumber(string.match(v, '^(%d+):') or '0') or 0)
+      end
+    end
+  end
+end
+if freed > 0 and redis.call('EXISTS', S) == 1 then
+  redis.call('INCRBYFLOAT', S, string.format('%.17g', -freed))
 end
 return 1
 """
@@ -73,10 +92,10 @@ class Projection:
                 ]
                 pipe.eval(
                     _PROJECT_LUA,
-                    3,
+                    5,
                     keys.snapshot(user_id),
                     keys.blocked(user_id),
-                    keys.holds(user_id),
+                    *keys.hold_keys(user_id),
                     *args,
                 )
                 count += 1
