@@ -444,7 +444,9 @@ class ConnectionPool:
             raise aiohttp.ConnectionTimeoutError(
                 f"connecting to {self._host}:{self._port} timed out"
             ) from None
-        self._all.add(conn)
+        if conn.lost:  # closed again before it could be used (e.g. during a TLS handshake)
+            raise aiohttp.ServerDisconnectedError()
+        self._all.add(conn)  # from here on its loss frees its slot (`_lost`)
         return conn
 
     def _put(self, conn: _Connection) -> None:
@@ -457,7 +459,10 @@ class ConnectionPool:
         self._wake_one()
 
     def _lost(self, conn: _Connection) -> None:
-        """A connection closed (by either side): its slot is free."""
+        """A connection closed (by either side): its slot is free. One that never got
+        out of `_connect` (cancelled or failed there) was counted off by `_acquire`."""
+        if conn not in self._all:
+            return
         self._open -= 1
         self._all.discard(conn)
         if conn in self._idle:

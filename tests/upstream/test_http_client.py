@@ -449,3 +449,36 @@ async def test_a_connect_past_its_bound_is_a_connection_timeout(
         await pool.request("POST", "/c", b"{}", {})
     assert pool.in_use == 0  # the slot is free again
     await pool.close()
+
+
+@pytest.mark.parametrize("then", ["cancelled", "returns"])
+async def test_a_connection_lost_while_connecting_is_counted_once(
+    monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The transport made and closed inside `create_connection` (a cancelled connect,
+    a server hanging up at once): the slot comes back exactly once."""
+    loop = asyncio.get_running_loop()
+
+    class Transport(asyncio.Transport):
+        def close(self) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return True
+
+    async def connect_then_lose(factory: Callable[[], asyncio.Protocol], *_: object, **__: object):  # type: ignore[no-untyped-def]
+        proto = factory()
+        transport = Transport()
+        proto.connection_made(transport)
+        proto.connection_lost(None)
+        if then == "cancelled":
+            raise asyncio.CancelledError
+        return transport, proto
+
+    monkeypatch.setattr(loop, "create_connection", connect_then_lose)
+    pool = ConnectionPool("http://127.0.0.1:9", limit=2, connect_timeout_s=1.0)
+    for _ in range(3):
+        with pytest.raises((asyncio.CancelledError, aiohttp.ServerDisconnectedError)):
+            await pool.request("POST", "/c", b"{}", {})
+        assert (pool._open, pool.in_use, pool.idle) == (0, 0, 0)
+    await pool.close()
