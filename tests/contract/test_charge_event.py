@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +509,18 @@ def test_create_puts_every_argument_in_its_own_field() -> None:
     # A start after the end is clamped to the end, as before.
     late = ChargeEvent.create(**args, started_ms=now_ms + 5, now_ns=now_ms * 1_000_000)
     assert late.started_at == late.occurred_at
+
+
+def test_format_timestamp_remembers_seconds_within_a_bound() -> None:
+    from proxy.contract import timestamps
+
+    base = 1_714_564_800_000
+    for i in range(timestamps._SECONDS_MAX + 10):
+        ms = base + i * 1000 + i % 1000
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+        assert format_timestamp(ms) == f"{expected}.{ms % 1000:03d}Z"
+        assert len(timestamps._SECONDS) <= timestamps._SECONDS_MAX
+    # A start and an end seconds apart, alternating, are both remembered.
+    assert format_timestamp(base + 5) == "2024-05-01T12:00:00.005Z"
+    assert format_timestamp(base - 3_600_000 + 50) == "2024-05-01T11:00:00.050Z"
+    assert format_timestamp(base + 999) == "2024-05-01T12:00:00.999Z"
