@@ -25,12 +25,22 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Final
 
 import redis.asyncio as aioredis
+from multidict import istr
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-from proxy.billing.payer import BillingContext, body_user_id, parse_user_id
+from proxy.billing.payer import (
+    BillingContext,
+    body_user_id,
+    parse_bool,
+    parse_conversation_id,
+    parse_request_id,
+    parse_scene,
+    parse_user_id,
+)
 from proxy.config.model import AuthConfig, AuthMode, ServiceKey
 from proxy.contract.bearer import MalformedAuthorization, bearer_key
 from proxy.contract.payers import stored_user_id
@@ -38,6 +48,53 @@ from proxy.contract.redis_keys import RedisKeys, key_digest
 from proxy.errors import auth_unavailable, forbidden, unauthorized
 
 log = logging.getLogger(__name__)
+
+# Header names as multidict's case-insensitive strings: aiohttp's headers look them up
+# without folding the name again (a plain str key works the same in any Mapping).
+_AUTHORIZATION: Final = istr("Authorization")
+_X_USER_ID: Final = istr("X-User-Id")
+_X_BILLING_SCENE: Final = istr("X-Billing-Scene")
+_X_REQUEST_ID: Final = istr("X-Request-Id")
+_X_CONVERSATION_ID: Final = istr("X-Conversation-Id")
+_X_SKIP_CHARGE: Final = istr("X-Skip-Charge")
+
+# Authorization values that matched a service key, remembered (bounded) so that a
+# back-end's every call skips parsing, sha256 and the key comparison.
+SERVICE_MATCH_CACHE_SIZE: Final = 64
+
+
+class _ServiceKeyMatches:
+    """Authorization header value -> the service key it matched, at most `size` of them.
+
+    Only values that matched a configured key get in (a refused or unknown key never
+    does, so guessing fills nothing); a value is found only by being equal to one that
+    matched, so a hit authenticates exactly what a full check would. The oldest entry
+    leaves when full (a service key has a few header spellings at most). Holds header
+    values, which contain keys: never logged or shown (no __repr__ of the values).
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = SERVICE_MATCH_CACHE_SIZE) -> None:
+        self._size = size
+        self._entries: dict[str, ServiceKey] = {}
+
+    def __repr__(self) -> str:
+        return f"<_ServiceKeyMatches {len(self._entries)}/{self._size}>"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, header: str) -> ServiceKey | None:
+        return self._entries.get(header)
+
+    def put(self, header: str, key: ServiceKey) -> None:
+        if self._size <= 0:
+            return
+        entries = self._entries
+        while len(entries) >= self._size:
+            del entries[next(iter(entries))]
+        entries[header] = key
 
 
 class _UserKeyCache:
@@ -83,6 +140,7 @@ class Authenticator:
         self._redis = redis
         self._keys = RedisKeys(prefix)
         self._cache = _UserKeyCache(config.user_key_cache_size, clock)
+        self._service_matches = _ServiceKeyMatches()
         # One Redis lookup per key at a time, however many requests carry it.
         self._inflight: dict[str, asyncio.Task[int | None]] = {}
 
@@ -125,10 +183,16 @@ class Authenticator:
         """`headers` must be case-insensitive (aiohttp's CIMultiDictProxy is)."""
         if self._config.mode is AuthMode.NONE:
             return self._acting_for(headers, body_user, principal="anonymous", key=None)
-        key = _bearer_key(headers.get("Authorization"))
+        header = headers.get(_AUTHORIZATION)
+        service = None if header is None else self._service_matches.get(header)
+        if service is not None:  # this very value matched a service key before
+            return self._acting_for(headers, body_user, principal=service.name, key=service)
+        key = _bearer_key(header)
         digest = key_digest(key)
         service = self._match_service_key(digest)
         if service is not None:
+            assert header is not None  # a key was read from it
+            self._service_matches.put(header, service)
             return self._acting_for(headers, body_user, principal=service.name, key=service)
         user_id = await self._user_for(digest.hex())
         if user_id is None:
@@ -153,7 +217,7 @@ class Authenticator:
         principal: str,
         key: ServiceKey | None,
     ) -> BillingContext:
-        header_user = (headers.get("X-User-Id") or "").strip(" \t")
+        header_user = (headers.get(_X_USER_ID) or "").strip(" \t")
         # Precedence: X-User-Id header, then the body `user`, else nobody (0). Both
         # follow one canonical rule (payer.parse_user_id); a bad one is a 400.
         user_id = parse_user_id(header_user) if header_user else body_user_id(body_user)
@@ -176,7 +240,7 @@ class Authenticator:
     # -- user keys -------------------------------------------------------------------
 
     def _for_user(self, headers: Mapping[str, str], user_id: int) -> BillingContext:
-        claimed = (headers.get("X-User-Id") or "").strip()
+        claimed = (headers.get(_X_USER_ID) or "").strip()
         if claimed and parse_user_id(claimed) != user_id:
             raise forbidden("a user API key cannot act for another user", param="X-User-Id")
         ctx = _context(headers, user_id, "user")
@@ -224,13 +288,14 @@ class Authenticator:
 
 
 def _context(headers: Mapping[str, str], user_id: int, principal: str) -> BillingContext:
-    return BillingContext.normalize(
-        user_id=user_id,
-        scene=headers.get("X-Billing-Scene"),
-        request_id=headers.get("X-Request-Id"),
-        conversation_id=headers.get("X-Conversation-Id"),
-        skip_charge=headers.get("X-Skip-Charge"),
-        principal=principal,
+    # BillingContext.normalize, positionally and with user_id already parsed.
+    return BillingContext(
+        parse_user_id(user_id),
+        parse_scene(headers.get(_X_BILLING_SCENE)),
+        parse_request_id(headers.get(_X_REQUEST_ID)),
+        parse_conversation_id(headers.get(_X_CONVERSATION_ID)),
+        parse_bool(headers.get(_X_SKIP_CHARGE), param="X-Skip-Charge"),
+        principal,
     )
 
 

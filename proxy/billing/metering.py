@@ -71,6 +71,8 @@ class Reply:
     @property
     def floor(self) -> int:
         """Fewest completion tokens a report may claim: one per relayed piece of text."""
+        if not self.tool_calls:
+            return 1 if self.text else 0
         return int(bool(self.text)) + sum(1 for _, args in self.tool_calls if args)
 
 
@@ -219,7 +221,38 @@ def completion_parts(
     return reply.text, list(reply.tool_calls)
 
 
+# Message keys that carry nothing `message_reply` counts (besides `content`).
+_PLAIN_MESSAGE_KEYS: Final = frozenset({"role", "content", "refusal", "annotations"})
+_EMPTY_REPLY: Final = Reply()
+
+
 def message_reply(obj: Mapping[str, Any]) -> Reply:
+    """Text and tool calls of a non-streaming body's choices."""
+    choices = obj.get("choices")
+    if type(choices) is list and len(choices) == 1:
+        plain = _plain_message(choices[0])  # one text choice: the common reply
+        if plain is not None:
+            return plain
+    return _message_reply(obj)
+
+
+def _plain_message(choice: Any) -> Reply | None:
+    """`_message_reply` of a body whose only choice is this one, when its message is
+    plain text (no refusal, tool or audio part); None for anything else."""
+    if type(choice) is not dict:
+        return None
+    message = choice.get("message")
+    if type(message) is not dict or not _PLAIN_MESSAGE_KEYS.issuperset(message):
+        return None
+    if message.get("refusal") is not None:
+        return None
+    content = message.get("content")
+    if type(content) is not str:
+        return None if content is not None else _EMPTY_REPLY
+    return Reply(content) if content else _EMPTY_REPLY
+
+
+def _message_reply(obj: Mapping[str, Any]) -> Reply:
     texts: list[str] = []
     tools: list[tuple[str, str]] = []
     for choice in choices_of(obj):

@@ -82,7 +82,9 @@ def parse_user_id(raw: int | str | None, *, param: str = "X-User-Id") -> int:
         text = raw.strip(" \t")  # HTTP's optional whitespace; nothing else is trimmed
         if not text:
             return 0
-        if not CANONICAL_USER_RE.fullmatch(text):
+        # CANONICAL_USER_RE without the regex: ASCII digits (isdigit alone would take
+        # other scripts' digits), no leading zero, at most 19 of them.
+        if not (text.isascii() and text.isdigit() and text[0] != "0" and len(text) <= 19):
             raise invalid_user(param)
         value = int(text)
     if not 0 < value <= MAX_USER_ID:

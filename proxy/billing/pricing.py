@@ -102,13 +102,36 @@ def price(
     that exceed their whole) or a service tier the version does not price. Pricing
     never guesses: the caller (metering) decides whether to clamp such a report.
     """
-    prompt = _count(usage.prompt_tokens, "prompt_tokens")
-    cached = _count(usage.cached_tokens, "cached_tokens")
-    write = _count(usage.cache_write_tokens, "cache_write_tokens")
-    audio_in = _count(usage.audio_prompt_tokens, "audio_prompt_tokens")
-    completion = _count(usage.completion_tokens, "completion_tokens")
-    reasoning = _count(usage.reasoning_tokens, "reasoning_tokens")
-    audio_out = _count(usage.audio_completion_tokens, "audio_completion_tokens")
+    prompt = usage.prompt_tokens
+    cached = usage.cached_tokens
+    write = usage.cache_write_tokens
+    audio_in = usage.audio_prompt_tokens
+    completion = usage.completion_tokens
+    reasoning = usage.reasoning_tokens
+    audio_out = usage.audio_completion_tokens
+    if not (
+        type(prompt) is int
+        and type(cached) is int
+        and type(write) is int
+        and type(audio_in) is int
+        and type(completion) is int
+        and type(reasoning) is int
+        and type(audio_out) is int
+        and prompt >= 0
+        and cached >= 0
+        and write >= 0
+        and audio_in >= 0
+        and completion >= 0
+        and reasoning >= 0
+        and audio_out >= 0
+    ):  # checked one by one, for the error that names the count (or an int subclass)
+        prompt = _count(prompt, "prompt_tokens")
+        cached = _count(cached, "cached_tokens")
+        write = _count(write, "cache_write_tokens")
+        audio_in = _count(audio_in, "audio_prompt_tokens")
+        completion = _count(completion, "completion_tokens")
+        reasoning = _count(reasoning, "reasoning_tokens")
+        audio_out = _count(audio_out, "audio_completion_tokens")
     if cached > prompt:
         raise ValueError(f"cached_tokens ({cached}) exceeds prompt_tokens ({prompt})")
     if reasoning > completion:
@@ -131,17 +154,10 @@ def price(
         text_out = completion - reasoning - audio_out
         counts = (text_in, cached, write, audio_in, text_out, reasoning, audio_out)
         credits = _credits(schedule, service_tier, prompt, counts)
+    # Positional, in field order (rule_id, prompt, cached, completion, reasoning,
+    # credits, rule_version, cache_write, audio_prompt, audio_completion): cheaper.
     return Charge(
-        rule_id=rule_id,
-        prompt_tokens=prompt,
-        cached_tokens=cached,
-        completion_tokens=completion,
-        reasoning_tokens=reasoning,
-        credits=credits,
-        rule_version=version,
-        cache_write_tokens=write,
-        audio_prompt_tokens=audio_in,
-        audio_completion_tokens=audio_out,
+        rule_id, prompt, cached, completion, reasoning, credits, version, write, audio_in, audio_out
     )
 
 
@@ -184,9 +200,9 @@ def _credits(
         return _credits_decimal(schedule, rates, multiplier, counts)
     weights, scale, fee = terms
     # raw = (sum(count * weight) + fee) / scale, exactly: integers only.
-    num = fee
-    for count, weight in zip(counts, weights, strict=True):
-        num += count * weight
+    c0, c1, c2, c3, c4, c5, c6 = counts
+    w0, w1, w2, w3, w4, w5, w6 = weights
+    num = fee + c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3 + c4 * w4 + c5 * w5 + c6 * w6
     credits = -(-num // scale)  # ceil (scale > 0)
     return min(max(credits, schedule.min_charge), MAX_CREDITS)
 

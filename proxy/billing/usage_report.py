@@ -140,6 +140,11 @@ def choices_of(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def find_report(obj: Mapping[str, Any], fields: UsageFields = CHAT_USAGE) -> UsageReport | None:
     """The usage report of a decoded chunk or body; None when it has none at all."""
+    if type(obj) is dict:
+        raw = obj.get("usage")
+        if type(raw) is dict and fields.locations[0] == ("openai", ("usage",)):
+            # The first location of every format, as a plain lookup: the same row wins.
+            return UsageReport(normalise(raw, fields), "openai")
     for where, path in fields.locations:
         raw = _at_location(obj, path)
         if raw is _ABSENT or raw is None:
@@ -154,6 +159,15 @@ def has_report(obj: Mapping[str, Any]) -> bool:
 
 def normalise(raw: Any, fields: UsageFields = CHAT_USAGE) -> Usage | None:
     """One report object → Usage, or None when it is implausible."""
+    if fields is CHAT_USAGE and type(raw) is dict:
+        plain = _plain_chat(raw)  # the common report, ~3x cheaper (same result)
+        if plain is not None:
+            return plain
+    return _normalise(raw, fields)
+
+
+def _normalise(raw: Any, fields: UsageFields) -> Usage | None:
+    """`normalise` for any report: the general, table-driven path."""
     if not isinstance(raw, MAPPING):
         return None
     try:
@@ -188,6 +202,71 @@ def normalise(raw: Any, fields: UsageFields = CHAT_USAGE) -> Usage | None:
     # Cache writes and audio: priced parts of the same report (proxy.billing.usage_parts).
     return with_priced_parts(
         usage, raw, raw.get(fields.prompt_details), raw.get(fields.completion_details)
+    )
+
+
+# Keys of a chat report that the plain path does not read: any of them sends the
+# report through the general path (they change cached or priced parts).
+_NOT_PLAIN_TOP: Final = ("prompt_cache_hit_tokens", "cached_tokens", "cache_creation_input_tokens")
+_NOT_PLAIN_PROMPT: Final = (
+    "cache_write_tokens",
+    "cache_creation_tokens",
+    "cache_creation_input_tokens",
+)
+
+
+def _plain_chat(raw: dict[str, Any]) -> Usage | None:
+    """`normalise(raw)` for the common chat report (exact non-negative integers in
+    range, a positive prompt, at most cached/reasoning details and zero audio), in a
+    few lookups; None when `raw` is anything else (then the general path decides,
+    tests/billing/test_usage_report.py checks both agree). Never None for a report
+    that is plain: a plain report is always plausible."""
+    prompt = raw.get("prompt_tokens")
+    completion = raw.get("completion_tokens")
+    total = raw.get("total_tokens")
+    if type(prompt) is not int or type(completion) is not int:
+        return None
+    if not (0 < prompt <= MAX_TOKENS and 0 <= completion <= MAX_TOKENS):
+        return None
+    if total is not None and (type(total) is not int or not 0 <= total <= MAX_TOKENS):
+        return None
+    for key in _NOT_PLAIN_TOP:
+        if key in raw:
+            return None
+    cached = reasoning = 0
+    pd = raw.get("prompt_tokens_details")
+    if pd is not None:
+        if type(pd) is not dict:
+            return None
+        for key in _NOT_PLAIN_PROMPT:
+            if key in pd:
+                return None
+        audio = pd.get("audio_tokens")
+        if audio is not None and (type(audio) is not int or audio > 0):
+            return None
+        value = pd.get("cached_tokens")
+        if value is not None:
+            if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+                return None
+            cached = value
+    cd = raw.get("completion_tokens_details")
+    if cd is not None:
+        if type(cd) is not dict:
+            return None
+        audio = cd.get("audio_tokens")
+        if audio is not None and (type(audio) is not int or audio > 0):
+            return None
+        value = cd.get("reasoning_tokens")
+        if value is not None:
+            if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+                return None
+            reasoning = value
+    if total is not None and total > prompt + completion:
+        hidden = total - prompt - completion  # Gemini, as in `normalise`
+        completion += hidden  # <= total - prompt < MAX_TOKENS
+        reasoning += hidden
+    return Usage(
+        prompt, completion, cached if cached < prompt else prompt, min(reasoning, completion)
     )
 
 

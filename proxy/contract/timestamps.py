@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import time
 
-# The last second formatted, and its text: most timestamps fall in the same second as
-# the one before (a request's start and end, one second's requests), and strftime +
-# gmtime is ~13k interpreter instructions.
-_last: tuple[int, str] = (-1, "")
+# Seconds already formatted, and their text: an event's start and end are often in
+# different seconds (any stream longer than the rest of its first second), and
+# strftime + gmtime is ~13k interpreter instructions. Bounded: cleared when full.
+_SECONDS: dict[int, str] = {}
+_SECONDS_MAX = 4096
 
 
 def format_timestamp(unix_ms: int) -> str:
     """`2024-05-01T12:00:00.123Z` — cheaper than datetime.isoformat() + replace."""
-    global _last
     seconds, millis = divmod(unix_ms, 1000)
-    last_s, text = _last
-    if seconds != last_s:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _last = (seconds, text)
+    text = _SECONDS.get(seconds)
+    if text is None:
+        if len(_SECONDS) >= _SECONDS_MAX:
+            _SECONDS.clear()
+        text = _SECONDS[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     return f"{text}.{millis:03d}Z"
 
 

@@ -89,7 +89,8 @@ def _now_text() -> str:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
         _second = (seconds, text)
     micros = ns // 1000
-    return f"{text}.{micros:06d}Z" if micros else f"{text}Z"
+    # str(10**6 + micros)[1:]: the six digits, zero-padded, without a format spec.
+    return f"{text}.{str(micros + 1_000_000)[1:]}Z" if micros else f"{text}Z"
 
 
 class AccessWriter:

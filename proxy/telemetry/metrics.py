@@ -383,21 +383,38 @@ class ProxyMetrics:
         series = self._series.get((alias, stream))
         if series is None:
             series = self._new_series(ex, alias, stream)
+        # The updates of `_Count.inc` / `_Buckets.observe`, inlined (a method call
+        # each cost more than the update itself).
         key = (alias, stream, ex.status, ex.outcome or "")
         counter = self._requests.get(key)
         if counter is None:
             counter = self._new_request_counter(key)
-        counter.inc()
-        series.duration.observe(now - ex.started)
+        counter.n += 1
+        started = ex.started
+        hist = series.duration
+        value = now - started
+        hist.counts[bisect_left(hist.bounds, value)] += 1
+        hist.total += value
         upstream_started = ex.upstream_started
         if upstream_started is not None:
-            before = upstream_started - ex.started
+            before = upstream_started - started
             after = done - now
-            self._before.observe(before)
-            self._after.observe(after)
-            self._total.observe(before + after)
-            if ex.first_byte_at is not None:
-                series.ttfb.observe(ex.first_byte_at - upstream_started)
+            total = before + after
+            hist = self._before
+            hist.counts[bisect_left(hist.bounds, before)] += 1
+            hist.total += before
+            hist = self._after
+            hist.counts[bisect_left(hist.bounds, after)] += 1
+            hist.total += after
+            hist = self._total
+            hist.counts[bisect_left(hist.bounds, total)] += 1
+            hist.total += total
+            first = ex.first_byte_at
+            if first is not None:
+                hist = series.ttfb
+                value = first - upstream_started
+                hist.counts[bisect_left(hist.bounds, value)] += 1
+                hist.total += value
         kind = ex.error_kind
         if kind is not None and chat is not None:
             provider = chat.alias.provider.name
@@ -409,31 +426,31 @@ class ProxyMetrics:
                     error = series.errors[kind] = self._count(
                         self.upstream_errors.labels(provider, kind)
                     )
-                error.inc()
+                error.n += 1
         decision = ex.guard_decision
         if decision is not None:
             guard = self._guard.get(decision)
             if guard is None:
                 guard = self._guard[decision] = self._count(self.guard.labels(decision))
-            guard.inc()
+            guard.n += 1
         metered = ex.metered
         if metered is not None:
             usage = metered.usage
             prompt, completion, cached, reasoning = series.tokens[metered.source]
-            prompt.inc(usage.prompt_tokens)
-            completion.inc(usage.completion_tokens)
+            prompt.n += usage.prompt_tokens
+            completion.n += usage.completion_tokens
             if usage.cached_tokens:
-                cached.inc(usage.cached_tokens)
+                cached.n += usage.cached_tokens
             if usage.reasoning_tokens:
-                reasoning.inc(usage.reasoning_tokens)
+                reasoning.n += usage.reasoning_tokens
             for flag in metered.flags:
-                self._fallbacks[flag].inc()
+                self._fallbacks[flag].n += 1
         if settlement is None:
-            self._enqueue_failed.inc()
+            self._enqueue_failed.n += 1
         elif settlement.event is not None:
-            self._enqueued.inc()
+            self._enqueued.n += 1
             if settlement.charge is not None:
-                series.credits.inc(settlement.charge.credits)
+                series.credits.n += settlement.charge.credits
 
     def _new_series(self, ex: Exchange, alias: str, stream: bool) -> _AliasSeries:
         provider = ex.chat.alias.provider.name if ex.chat is not None else NO_ALIAS

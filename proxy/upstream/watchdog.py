@@ -1,30 +1,115 @@
-"""The per-request watchdog: first-byte, idle and total bounds with one timer."""
+"""The per-request watchdog: first-byte, idle and total bounds, checked by one shared
+timer per event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import weakref
+from typing import Final
 
 from proxy.config.model import Timeouts
+
+# How late a bound may be noticed so that a request need not move the shared timer:
+# a deadline this close after the armed one waits for it. Bounds are seconds long
+# (config); sub-second ones (tests) still fire, at most this much later.
+SLACK_S: Final = 0.05
+
+
+class _Ticker:
+    """The live watchdogs of one event loop and the one timer that checks them.
+
+    The timer is armed for the earliest deadline it knows of; a new watchdog whose
+    deadline is later (the usual case: requests start one after another with the
+    same bounds) only joins the set, so a request costs a set add and a discard
+    instead of a `call_at` + cancel. When the timer fires it checks every live
+    watchdog (a chunk only stored the time it arrived), expires those whose bound
+    passed and re-arms for the next deadline.
+    """
+
+    __slots__ = ("_armed", "_dogs", "_when")
+
+    def __init__(self) -> None:
+        self._dogs: set[Watchdog] = set()
+        # The timer's handle is not kept (it would keep the loop alive from here):
+        # `_armed` counts arms, and a timer superseded by an earlier one finds its
+        # number stale when it fires and does nothing.
+        self._armed = 0
+        self._when: float | None = None  # when the current timer fires; None: none
+
+    def add(self, dog: Watchdog, deadline: float) -> None:
+        self._dogs.add(dog)
+        self.ensure(dog._loop, deadline)
+
+    def ensure(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Have the timer fire by `deadline` (+ SLACK_S)."""
+        when = self._when
+        if when is not None and deadline >= when - SLACK_S:
+            return
+        self._arm(loop, deadline)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._armed += 1
+        self._when = when
+        loop.call_at(when, self._fire, self._armed)
+
+    def discard(self, dog: Watchdog) -> None:
+        self._dogs.discard(dog)  # the timer stays: it finds nothing to do, or others
+
+    def _fire(self, armed: int) -> None:
+        if armed != self._armed:
+            return  # superseded by an earlier timer
+        self._when = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired: list[Watchdog] = []
+        next_deadline: float | None = None
+        for dog in self._dogs:
+            deadline = dog._deadline()
+            if now >= deadline:
+                expired.append(dog)
+            elif next_deadline is None or deadline < next_deadline:
+                next_deadline = deadline
+        for dog in expired:
+            self._dogs.discard(dog)
+            dog._expire()
+        if next_deadline is not None:
+            # Not sooner than SLACK_S from now: many streams' deadlines close together
+            # are checked in one pass, not one timer each.
+            self._arm(loop, max(next_deadline, now + SLACK_S))
+
+
+# One ticker per event loop (the loop is only weakly held: a closed loop goes away).
+_TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _ticker_of(loop: asyncio.AbstractEventLoop) -> _Ticker:
+    ticker = _TICKERS.get(loop)
+    if ticker is None:
+        ticker = _TICKERS[loop] = _Ticker()
+    return ticker
 
 
 class Watchdog:
     """Bounds the wait for the first byte, the gap between chunks and the whole exchange.
 
-    One timer per request that re-arms itself lazily: a chunk only stores the
-    time it arrived (no timer churn per chunk); when the timer fires it checks
-    that stamp and either re-arms or cancels the reading task, which the caller
-    turns into a timeout (`expired` tells a timeout from a client disconnect).
-    The total bound lives here too rather than in aiohttp's ClientTimeout, which
-    would arm a second timer per request (~8 us CPU, measured).
+    A chunk only stores the time it arrived (no timer churn per chunk); the loop's
+    shared timer (`_Ticker`) checks that stamp and, once a bound has passed, cancels
+    the reading task, which the caller turns into a timeout (`expired` tells a
+    timeout from a client disconnect). The total bound lives here too rather than in
+    aiohttp's ClientTimeout, which would arm a timer per request (~8 us CPU,
+    measured). A bound is noticed at most SLACK_S late.
     """
 
     __slots__ = (
         "_end",
-        "_handle",
         "_limit",
+        "_live",
         "_loop",
         "_streaming",
         "_task",
+        "_ticker",
         "expired",
         "idle",
         "last",
@@ -32,49 +117,50 @@ class Watchdog:
     )
 
     def __init__(self, timeouts: Timeouts) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self.idle = timeouts.idle
         self._limit = timeouts.first_byte
         self._streaming = False  # the first byte arrived: `_limit` is now `idle`
-        self.started = self.last = self._loop.time()
+        self.started = self.last = loop.time()
         self._end = self.started + timeouts.total
         self.expired: str | None = None
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(
-            min(self.last + self._limit, self._end), self._check
-        )
+        self._live = True
+        ticker = self._ticker = _ticker_of(loop)
+        ticker.add(self, self._deadline())
 
     def first_byte(self) -> None:
         self.last = self._loop.time()
-        if self._handle is not None and self.idle < self._limit:
-            # The armed timer still points at the first-byte deadline; a stall right
+        if self._live and self.idle < self._limit:
+            # The timer may still point at the first-byte deadline; a stall right
             # after the first chunk must be caught after `idle`, not after that.
-            self._handle.cancel()
-            self._handle = self._loop.call_at(min(self.last + self.idle, self._end), self._check)
+            self._ticker.ensure(self._loop, min(self.last + self.idle, self._end))
         self._limit = self.idle
         self._streaming = True
 
     def touch(self) -> None:
         self.last = self._loop.time()
 
-    def _check(self) -> None:
-        deadline = min(self.last + self._limit, self._end)
-        now = self._loop.time()
-        if now >= deadline:
-            self._handle = None
-            if now >= self._end:
-                self.expired = "total"
-            else:
-                self.expired = "idle" if self._streaming else "first byte"
-            if self._task is not None:
-                self._task.cancel()
+    def _deadline(self) -> float:
+        deadline = self.last + self._limit
+        return deadline if deadline < self._end else self._end
+
+    def _expire(self) -> None:
+        """Called by the ticker once a bound passed: name it, cancel the task."""
+        self._live = False
+        # The bound whose deadline came first (total on a tie), however late the
+        # check ran.
+        if self._end <= self.last + self._limit:
+            self.expired = "total"
         else:
-            self._handle = self._loop.call_at(deadline, self._check)
+            self.expired = "idle" if self._streaming else "first byte"
+        if self._task is not None:
+            self._task.cancel()
 
     def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self._live:
+            self._live = False
+            self._ticker.discard(self)
 
     def absorb(self) -> bool:
         """After a CancelledError: True if it was our timeout (and swallow it)."""

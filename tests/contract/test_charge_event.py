@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +470,57 @@ def test_serialised_events_satisfy_the_schema(
 def test_schema_walker_catches_violations(schema: dict[str, Any], path: str, value: Any) -> None:
     # Guards the guard: the schema test above would be vacuous if the walker passed anything.
     assert schema_errors(schema, _set(path, value)) != []
+
+
+def test_create_puts_every_argument_in_its_own_field() -> None:
+    """`create` builds the event positionally: each value lands in the field it names."""
+    usage = Usage(11, 7, 3, 2)
+    args: dict[str, Any] = {
+        "request_id": "req-a",
+        "user_id": 41,
+        "scene": "scene-b",
+        "conversation_id": "conv-c",
+        "alias": "alias-d",
+        "provider": "prov-e",
+        "upstream_model": "model-f",
+        "stream": True,
+        "usage": usage,
+        "usage_source": UsageSource.ESTIMATED,
+        "price_rule": "rule-g",
+        "credits": 1234,
+        "outcome": Outcome.CLIENT_ABORTED,
+        "latency_ms": 55.5,
+        "ttft_ms": 6.25,
+        "service_tier": "flex",
+        "price_version": "2024-01-01",
+        "client_disconnected": True,
+        "endpoint": "responses",
+        "attempts": 3,
+    }
+    now_ms = 1_714_564_800_123
+    event = ChargeEvent.create(**args, started_ms=now_ms - 2000, now_ns=now_ms * 1_000_000)
+    for name, value in args.items():
+        assert getattr(event, name) == value, name
+    assert event.occurred_at == "2024-05-01T12:00:00.123Z"
+    assert event.started_at == "2024-05-01T11:59:58.123Z"
+    assert len(event.event_id) == 32 and int(event.event_id[:12], 16) == now_ms
+    assert (event.event_type, event.schema_version) == (EVENT_TYPE, SCHEMA_VERSION)
+    assert ChargeEvent.from_json(event.to_json()) == event
+    # A start after the end is clamped to the end, as before.
+    late = ChargeEvent.create(**args, started_ms=now_ms + 5, now_ns=now_ms * 1_000_000)
+    assert late.started_at == late.occurred_at
+
+
+def test_format_timestamp_remembers_seconds_within_a_bound() -> None:
+    from proxy.contract import timestamps
+
+    base = 1_714_564_800_000
+    for i in range(timestamps._SECONDS_MAX + 10):
+        ms = base + i * 1000 + i % 1000
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000))
+        assert format_timestamp(ms) == f"{expected}.{ms % 1000:03d}Z"
+        assert len(timestamps._SECONDS) <= timestamps._SECONDS_MAX
+    # A start and an end seconds apart, alternating, are both remembered.
+    assert format_timestamp(base + 5) == "2024-05-01T12:00:00.005Z"
+    assert format_timestamp(base - 3_600_000 + 50) == "2024-05-01T11:00:00.050Z"
+    assert format_timestamp(base + 999) == "2024-05-01T12:00:00.999Z"
