@@ -25,7 +25,7 @@ from proxy.upstream.failures import Phase, classify
 from proxy.upstream.http_client import UpstreamResponse
 from proxy.upstream.pools import UpstreamPools, upstream_body
 from proxy.upstream.targets import weighted_order
-from proxy.upstream.watchdog import Watchdog
+from proxy.upstream.watchdog import Watchdog, WatchdogTicker
 
 # Results of one attempt (the `result` label of llm_proxy_upstream_attempts_total).
 ATTEMPT_RESULTS = ("ok", "connect", "timeout", "429", "5xx", "busy")
@@ -91,6 +91,7 @@ class Router:
         self._aliases = aliases
         self._rng = rng or random.Random()
         self._on_attempt = on_attempt
+        self._ticker = WatchdogTicker()  # one timer checks every request's bounds
         self._breakers: dict[str, Breaker] = {}
         self._slots: dict[str, Slots] = {}
         self._views: dict[tuple[str, str, str], Alias] = {}
@@ -245,7 +246,7 @@ class Router:
         breaker = self._breakers[target.key]
         breaker.begin(monotonic())
         payload, strip = upstream_body(ex.chat)
-        wd = Watchdog(provider.timeouts)
+        wd = Watchdog(provider.timeouts, self._ticker)
         try:
             up = await self._pools.post(provider, payload, ex.request_id, path)
         except BaseException as exc:

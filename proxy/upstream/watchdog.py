@@ -4,7 +4,6 @@ timer per event loop."""
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Final
 
 from proxy.config.model import Timeouts
@@ -15,8 +14,9 @@ from proxy.config.model import Timeouts
 SLACK_S: Final = 0.05
 
 
-class _Ticker:
-    """The live watchdogs of one event loop and the one timer that checks them.
+class WatchdogTicker:
+    """The live watchdogs of one event loop and the one timer that checks them (the
+    router owns one per app; a watchdog made without one gets its own).
 
     The timer is armed for the earliest deadline it knows of; a new watchdog whose
     deadline is later (the usual case: requests start one after another with the
@@ -78,24 +78,11 @@ class _Ticker:
             self._arm(loop, max(next_deadline, now + SLACK_S))
 
 
-# One ticker per event loop (the loop is only weakly held: a closed loop goes away).
-_TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _ticker_of(loop: asyncio.AbstractEventLoop) -> _Ticker:
-    ticker = _TICKERS.get(loop)
-    if ticker is None:
-        ticker = _TICKERS[loop] = _Ticker()
-    return ticker
-
-
 class Watchdog:
     """Bounds the wait for the first byte, the gap between chunks and the whole exchange.
 
     A chunk only stores the time it arrived (no timer churn per chunk); the loop's
-    shared timer (`_Ticker`) checks that stamp and, once a bound has passed, cancels
+    shared timer (`WatchdogTicker`) checks that stamp and, once a bound has passed, cancels
     the reading task, which the caller turns into a timeout (`expired` tells a
     timeout from a client disconnect). The total bound lives here too rather than in
     aiohttp's ClientTimeout, which would arm a timer per request (~8 us CPU,
@@ -116,7 +103,7 @@ class Watchdog:
         "started",
     )
 
-    def __init__(self, timeouts: Timeouts) -> None:
+    def __init__(self, timeouts: Timeouts, ticker: WatchdogTicker | None = None) -> None:
         loop = self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self.idle = timeouts.idle
@@ -126,7 +113,7 @@ class Watchdog:
         self._end = self.started + timeouts.total
         self.expired: str | None = None
         self._live = True
-        ticker = self._ticker = _ticker_of(loop)
+        ticker = self._ticker = ticker or WatchdogTicker()
         ticker.add(self, self._deadline())
 
     def first_byte(self) -> None:

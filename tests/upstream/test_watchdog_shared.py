@@ -4,13 +4,11 @@ shorter bound arriving later still fires in time, and many watchdogs each get th
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 
 from proxy.config.model import Timeouts
-from proxy.upstream import watchdog as watchdog_module
-from proxy.upstream.watchdog import SLACK_S, Watchdog
+from proxy.upstream.watchdog import SLACK_S, Watchdog, WatchdogTicker
 
 BOUND = 5.0
 
@@ -22,19 +20,23 @@ async def test_requests_with_later_deadlines_arm_no_timer(monkeypatch: pytest.Mo
     monkeypatch.setattr(
         loop, "call_at", lambda when, cb, *a: armed.append(when) or real(when, cb, *a)
     )
-    dogs = [Watchdog(Timeouts(first_byte=30.0, idle=30.0, total=60.0)) for _ in range(50)]
+    ticker = WatchdogTicker()
+    dogs = [Watchdog(Timeouts(first_byte=30.0, idle=30.0, total=60.0), ticker) for _ in range(50)]
     for dog in dogs:
         dog.first_byte()
         dog.touch()
     assert len(armed) <= 1  # the first one (if the loop's timer was idle), no more
     for dog in dogs:
         dog.cancel()
-    assert not watchdog_module._ticker_of(loop)._dogs
+    assert not ticker._dogs
+
+
+TICKER = WatchdogTicker()  # shared by the watchdogs of each test below, as in a router
 
 
 async def run_until_expired(timeouts: Timeouts, first_byte_after: float | None) -> str | None:
     async def task() -> str | None:
-        wd = Watchdog(timeouts)
+        wd = Watchdog(timeouts, TICKER)
         try:
             if first_byte_after is not None:
                 await asyncio.sleep(first_byte_after)
@@ -52,7 +54,7 @@ async def run_until_expired(timeouts: Timeouts, first_byte_after: float | None) 
 
 async def test_a_short_bound_after_a_long_one_fires_in_time() -> None:
     loop = asyncio.get_running_loop()
-    long_one = Watchdog(Timeouts(first_byte=60.0, idle=60.0, total=120.0))  # arms ~60 s
+    long_one = Watchdog(Timeouts(first_byte=60.0, idle=60.0, total=120.0), TICKER)  # arms ~60 s
     try:
         started = loop.time()
         assert await run_until_expired(Timeouts(first_byte=0.1, idle=1.0, total=9.0), None) == (
@@ -78,7 +80,7 @@ async def test_many_watchdogs_each_fire_their_own_bound() -> None:
 
 async def test_a_steady_stream_among_stalled_ones_is_left_alone() -> None:
     async def steady() -> str | None:
-        wd = Watchdog(Timeouts(first_byte=0.2, idle=0.2, total=20.0))
+        wd = Watchdog(Timeouts(first_byte=0.2, idle=0.2, total=20.0), TICKER)
         try:
             wd.first_byte()
             for _ in range(40):
@@ -109,13 +111,12 @@ def test_a_late_check_names_the_bound_that_passed_first() -> None:
     asyncio.run(main())
 
 
-def test_tickers_do_not_keep_closed_loops() -> None:
-    async def one() -> None:
-        Watchdog(Timeouts(first_byte=0.01, idle=0.01, total=0.02)).cancel()
-
-    before = len(watchdog_module._TICKERS)
-    for _ in range(3):
-        asyncio.run(one())
-    gc.collect()
-    assert len(watchdog_module._TICKERS) <= before + 1
+async def test_a_watchdog_without_a_ticker_has_its_own() -> None:
+    shared = WatchdogTicker()
+    mine = Watchdog(Timeouts(first_byte=9.0, idle=9.0, total=9.0))
+    theirs = Watchdog(Timeouts(first_byte=9.0, idle=9.0, total=9.0), shared)
+    assert mine._ticker is not shared and shared._dogs == {theirs}
+    mine.cancel()
+    theirs.cancel()
+    assert not shared._dogs
     assert SLACK_S <= 0.1
