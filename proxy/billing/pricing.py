@@ -299,7 +299,36 @@ def upper_bound(
     every prompt token at the dearest input rate (input, cache write, audio), every
     output token at the dearest output rate (output, reasoning, audio), the same
     multipliers, fee, minimum, rounding and cap as `price`. Never below `price` of
-    any usage with at most these counts (tests/billing/test_estimate.py)."""
+    any usage with at most these counts (tests/billing/test_estimate.py). In exact
+    integers, as `price` (`upper_bound_decimal` is the reference it is tested
+    against): every reservation prices its estimate."""
+    if rule is None or prompt_tokens + output_tokens <= 0:
+        return 0
+    schedule = rule.in_force(started_ms)
+    rates, multiplier = rates_for(schedule, prompt_tokens, service_tier)
+    terms = _terms(rates, multiplier, schedule.request_fee)
+    if terms is None:
+        return upper_bound_decimal(
+            rule, prompt_tokens, output_tokens, service_tier=service_tier, started_ms=started_ms
+        )
+    weights, scale, fee = terms
+    kinds = _per_kind(rates)
+    # The weight of the dearest input kind (0-3) and output kind (4-6), by rate.
+    w_in = weights[max(range(4), key=kinds.__getitem__)]
+    w_out = weights[max(range(4, 7), key=kinds.__getitem__)]
+    credits = -(-(fee + prompt_tokens * w_in + output_tokens * w_out) // scale)
+    return min(max(credits, schedule.min_charge), MAX_CREDITS)
+
+
+def upper_bound_decimal(
+    rule: PriceRule | None,
+    prompt_tokens: int,
+    output_tokens: int,
+    *,
+    service_tier: str | None = None,
+    started_ms: int = 0,
+) -> int:
+    """`upper_bound` in Decimal arithmetic (the reference; rates that are not numbers)."""
     if rule is None or prompt_tokens + output_tokens <= 0:
         return 0
     schedule = rule.in_force(started_ms)

@@ -19,7 +19,7 @@ from proxy.billing.estimate import (
     with_output_limit,
 )
 from proxy.billing.hold import Hold, Reserved
-from proxy.billing.pricing import affordable_output, price, upper_bound
+from proxy.billing.pricing import affordable_output, price, upper_bound, upper_bound_decimal
 from proxy.billing.record import ChatRequest
 from proxy.billing.tokens import count_chat_prompt
 from proxy.config import PriceRule, parse_price_rules
@@ -102,6 +102,22 @@ def test_prompt_bound_is_bytes_not_tokens() -> None:
 
 def test_free_alias_costs_nothing() -> None:
     assert estimate_request(chat({"messages": MSG}, alias(None))).credits == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rule_id=st.sampled_from(sorted(RULES)),
+    prompt=st.integers(0, 10**9),
+    output=st.integers(0, 10**9),
+    started_ms=st.sampled_from([0, 1, 10**12, 2**62]),
+)
+def test_upper_bound_in_integers_is_the_decimal_formula(
+    rule_id: str, prompt: int, output: int, started_ms: int
+) -> None:
+    rule = RULES[rule_id]
+    assert upper_bound(rule, prompt, output, started_ms=started_ms) == upper_bound_decimal(
+        rule, prompt, output, started_ms=started_ms
+    )
 
 
 @settings(max_examples=300, deadline=None)
