@@ -151,6 +151,7 @@ class _Connection(asyncio.Protocol):
         "_head",
         "_headers",
         "_parser",
+        "_paused",
         "_pool",
         "_response",
         "_status",
@@ -167,6 +168,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._response: UpstreamResponse | None = None
         self.lost = False
+        self._paused = False
         self.idle_since = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -243,6 +245,9 @@ class _Connection(asyncio.Protocol):
         keep = self._parser.should_keep_alive()
         response._finish()
         if keep and not self.lost:
+            # The body's last read may have paused reading (the response holds it
+            # now): the pooled connection must read again for its next request.
+            self.resume()
             self._pool._put(self)
         else:
             self.close()
@@ -266,11 +271,13 @@ class _Connection(asyncio.Protocol):
         )
 
     def pause(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self._paused:
+            self._paused = True
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:

@@ -482,3 +482,23 @@ async def test_a_connection_lost_while_connecting_is_counted_once(
             await pool.request("POST", "/c", b"{}", {})
         assert (pool._open, pool.in_use, pool.idle) == (0, 0, 0)
     await pool.close()
+
+
+async def test_a_connection_paused_by_a_big_unread_body_is_reusable(serve: Callable) -> None:
+    """The whole body arrives (past the pause mark) before the reader looks: the
+    connection goes back to the pool reading again, and serves the next request."""
+    body = b"x" * (300 * 1024)  # past the mark; the end arrives with the read crossing it
+
+    async def reply(req: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(ok(body))
+        return True
+
+    server = await serve(reply)
+    pool = pool_for(server)
+    up = await pool.request("POST", "/c", b"{}", {})
+    await asyncio.sleep(0.3)  # everything arrives, nobody reads
+    assert await up.read() == body
+    second = await asyncio.wait_for(pool.request("POST", "/c", b"{}", {}), 2)
+    assert await second.read() == body
+    assert server.connections == 1
+    await pool.close()
