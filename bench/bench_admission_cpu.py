@@ -97,6 +97,28 @@ async def _round(
             await one(w * 1_000_000 + k)
             counter[0] += 1
 
+    async def finish(
+        cpu: tuple[float, float],
+        wall: tuple[float, float],
+        redis_cpu: tuple[float, float],
+        cmds: tuple[int, int],
+        done: int,
+        live: int,
+    ) -> dict[str, float]:
+        await limiter.close()
+        await res.close()
+        await client.aclose()
+        await admin.flushall()
+        await admin.aclose()
+        return {
+            "proxy_cpu_us_per_req": round((cpu[1] - cpu[0]) / done * 1e6, 1),
+            # redis-server's CPU includes the INFO calls (negligible) and its own cron.
+            "redis_cpu_us_per_req": round((redis_cpu[1] - redis_cpu[0]) / done * 1e6, 1),
+            "redis_cmds_per_req": round((cmds[1] - cmds[0] - 2) / done, 3),
+            "rps": round(done / (wall[1] - wall[0])),
+            "live_holds_at_end": live,
+        }
+
     async def lockstep(count: int) -> None:
         # `batch` requests at once, then wait for their settlements: each step's
         # calls share one tick, so the batches are the same on every run.
@@ -115,18 +137,7 @@ async def _round(
         p1, t1 = time.process_time(), time.monotonic()
         r1, c1 = await _redis_cpu(admin)
         done = n // batch * batch
-        await limiter.close()
-        await res.close()
-        await client.aclose()
-        await admin.flushall()
-        await admin.aclose()
-        return {
-            "proxy_cpu_us_per_req": round((p1 - p0) / done * 1e6, 1),
-            "redis_cpu_us_per_req": round((r1 - r0) / done * 1e6, 1),
-            "redis_cmds_per_req": round((c1 - c0 - 2) / done, 3),
-            "rps": round(done / (t1 - t0)),
-            "live_holds_at_end": 0,
-        }
+        return await finish((p0, p1), (t0, t1), (r0, r1), (c0, c1), done, 0)
 
     # warm-up
     await asyncio.gather(*(worker(w, 5, time.monotonic()) for w in range(concurrency)))
@@ -142,20 +153,7 @@ async def _round(
     p1, t1 = time.process_time(), time.monotonic()
     r1, c1 = await _redis_cpu(admin)
     live = await admin.hlen(keys.holds(USER))
-    done = per * concurrency
-    await limiter.close()
-    await res.close()
-    await client.aclose()
-    await admin.flushall()
-    await admin.aclose()
-    return {
-        "proxy_cpu_us_per_req": round((p1 - p0) / done * 1e6, 1),
-        # redis-server's CPU includes the INFO calls (negligible) and its own cron.
-        "redis_cpu_us_per_req": round((r1 - r0) / done * 1e6, 1),
-        "redis_cmds_per_req": round((c1 - c0 - 2) / done, 3),
-        "rps": round(done / (t1 - t0)),
-        "live_holds_at_end": live,
-    }
+    return await finish((p0, p1), (t0, t1), (r0, r1), (c0, c1), per * concurrency, live)
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -300,7 +300,7 @@ def upper_bound(
     output token at the dearest output rate (output, reasoning, audio), the same
     multipliers, fee, minimum, rounding and cap as `price`. Never below `price` of
     any usage with at most these counts (tests/billing/test_estimate.py). In exact
-    integers, as `price` (`upper_bound_decimal` is the reference it is tested
+    integers, as `price` (`_upper_bound_decimal` is the reference it is tested
     against): every reservation prices its estimate."""
     if rule is None or prompt_tokens + output_tokens <= 0:
         return 0
@@ -308,9 +308,7 @@ def upper_bound(
     rates, multiplier = rates_for(schedule, prompt_tokens, service_tier)
     terms = _terms(rates, multiplier, schedule.request_fee)
     if terms is None:
-        return upper_bound_decimal(
-            rule, prompt_tokens, output_tokens, service_tier=service_tier, started_ms=started_ms
-        )
+        return _upper_bound_decimal(schedule, rates, multiplier, prompt_tokens, output_tokens)
     weights, scale, fee = terms
     kinds = _per_kind(rates)
     # The weight of the dearest input kind (0-3) and output kind (4-6), by rate.
@@ -320,22 +318,14 @@ def upper_bound(
     return min(max(credits, schedule.min_charge), MAX_CREDITS)
 
 
-def upper_bound_decimal(
-    rule: PriceRule | None,
-    prompt_tokens: int,
-    output_tokens: int,
-    *,
-    service_tier: str | None = None,
-    started_ms: int = 0,
+def _upper_bound_decimal(
+    schedule: PriceSchedule, rates: Rates, multiplier: Decimal, prompt: int, output: int
 ) -> int:
-    """`upper_bound` in Decimal arithmetic (the reference; rates that are not numbers)."""
-    if rule is None or prompt_tokens + output_tokens <= 0:
-        return 0
-    schedule = rule.in_force(started_ms)
-    rates, multiplier = rates_for(schedule, prompt_tokens, service_tier)
+    """`upper_bound`'s formula in Decimal arithmetic (the reference it is tested
+    against, and the path for rates that are not numbers)."""
     in_rate, out_rate = _dearest(rates)
     ctx = _exact()
-    total = ctx.fma(prompt_tokens, in_rate, ctx.multiply(output_tokens, out_rate))
+    total = ctx.fma(prompt, in_rate, ctx.multiply(output, out_rate))
     total = ctx.multiply(total, multiplier)
     raw = ctx.add(total.scaleb(-_TOKENS_PER_UNIT, ctx), schedule.request_fee)
     credits = int(raw.to_integral_value(rounding=ROUND_CEILING, context=ctx))

@@ -19,7 +19,13 @@ from proxy.billing.estimate import (
     with_output_limit,
 )
 from proxy.billing.hold import Hold, Reserved
-from proxy.billing.pricing import affordable_output, price, upper_bound, upper_bound_decimal
+from proxy.billing.pricing import (
+    _upper_bound_decimal,
+    affordable_output,
+    price,
+    rates_for,
+    upper_bound,
+)
 from proxy.billing.record import ChatRequest
 from proxy.billing.tokens import count_chat_prompt
 from proxy.config import PriceRule, parse_price_rules
@@ -115,9 +121,14 @@ def test_upper_bound_in_integers_is_the_decimal_formula(
     rule_id: str, prompt: int, output: int, started_ms: int
 ) -> None:
     rule = RULES[rule_id]
-    assert upper_bound(rule, prompt, output, started_ms=started_ms) == upper_bound_decimal(
-        rule, prompt, output, started_ms=started_ms
+    schedule = rule.in_force(started_ms)
+    rates, multiplier = rates_for(schedule, prompt, None)
+    expected = (
+        0
+        if prompt + output == 0
+        else _upper_bound_decimal(schedule, rates, multiplier, prompt, output)
     )
+    assert upper_bound(rule, prompt, output, started_ms=started_ms) == expected
 
 
 @settings(max_examples=300, deadline=None)
