@@ -15,6 +15,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 Arg = str | bytes | int
@@ -39,14 +40,21 @@ def pack(args: Sequence[Arg]) -> bytes:
 async def execute(redis: aioredis.Redis, packed: bytes) -> Any:
     """Send one packed command, return its reply (an error reply raises, as redis-py
     does). No read timeout of its own: callers bound the whole call, and a cancelled
-    or failed read disconnects the connection (half-read, it is not reusable)."""
+    or failed read disconnects the connection (half-read, it is not reusable). A
+    connection error is retried once on a fresh connection, as redis-py's default
+    retry does: a pooled connection the server dropped (a restart) fails that way."""
     pool = redis.connection_pool
-    conn = await pool.get_connection()
-    try:
-        await conn.send_packed_command(packed, check_health=False)
-        return await conn.read_response(timeout=math.inf)
-    finally:
-        await pool.release(conn)
+    for attempt in (1, 2):
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+            return await conn.read_response(timeout=math.inf)
+        except RedisConnectionError:
+            if attempt == 2:
+                raise
+        finally:
+            await pool.release(conn)
+    raise AssertionError("unreachable")
 
 
 async def evalsha(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
 from proxy.billing import redis_raw
+from tests.fixtures_redis import RedisServer
 
 ECHO = "return {KEYS, ARGV, #KEYS, #ARGV}"
 
@@ -69,3 +70,17 @@ async def test_a_cancelled_call_does_not_poison_the_pool(
     fast = redis_client.register_script("return ARGV[1]")
     # The slow reply must not be read as the next call's.
     assert await redis_raw.evalsha(redis_client, fast, ["k"], ["next"]) == b"next"
+
+
+async def test_a_connection_the_server_dropped_is_replaced(
+    redis_client: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    script = redis_client.register_script("return ARGV[1]")
+    assert await redis_raw.evalsha(redis_client, script, ["k"], ["one"]) == b"one"
+    pooled = await redis_raw.execute(redis_client, redis_raw.pack(["CLIENT", "ID"]))
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await admin.client_kill_filter(_id=pooled) == 1  # that connection only
+    finally:
+        await admin.aclose()
+    assert await redis_raw.evalsha(redis_client, script, ["k"], ["two"]) == b"two"
