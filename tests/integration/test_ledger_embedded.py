@@ -34,6 +34,9 @@ async def test_debits_blocks_and_history_without_kafka_or_redis(
     h = await start_proxy(
         settings_overrides={"ledger_database_url": ledger_url},
         embedded_ledger=open_embedded_ledger,
+        # The first balance read opens a database connection; on a busy CI box that
+        # can take longer than the 50 ms default budget (then the guard fails open).
+        guard={"budget_ms": 5000},
     )
     assert "embedded ledger" in h.state.sink_description
     book, reader = Book(ledger_engine), Reader(ledger_engine)
