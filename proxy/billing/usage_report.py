@@ -233,34 +233,13 @@ def _plain_chat(raw: dict[str, Any]) -> Usage | None:
     for key in _NOT_PLAIN_TOP:
         if key in raw:
             return None
-    cached = reasoning = 0
     pd = raw.get("prompt_tokens_details")
-    if pd is not None:
-        if type(pd) is not dict:
-            return None
-        for key in _NOT_PLAIN_PROMPT:
-            if key in pd:
-                return None
-        audio = pd.get("audio_tokens")
-        if audio is not None and (type(audio) is not int or audio > 0):
-            return None
-        value = pd.get("cached_tokens")
-        if value is not None:
-            if type(value) is not int or not 0 <= value <= MAX_TOKENS:
-                return None
-            cached = value
-    cd = raw.get("completion_tokens_details")
-    if cd is not None:
-        if type(cd) is not dict:
-            return None
-        audio = cd.get("audio_tokens")
-        if audio is not None and (type(audio) is not int or audio > 0):
-            return None
-        value = cd.get("reasoning_tokens")
-        if value is not None:
-            if type(value) is not int or not 0 <= value <= MAX_TOKENS:
-                return None
-            reasoning = value
+    if type(pd) is dict and any(key in pd for key in _NOT_PLAIN_PROMPT):
+        return None
+    cached = _plain_detail(pd, "cached_tokens")
+    reasoning = _plain_detail(raw.get("completion_tokens_details"), "reasoning_tokens")
+    if cached < 0 or reasoning < 0:
+        return None
     if total is not None and total > prompt + completion:
         hidden = total - prompt - completion  # Gemini, as in `normalise`
         completion += hidden  # <= total - prompt < MAX_TOKENS
@@ -268,6 +247,22 @@ def _plain_chat(raw: dict[str, Any]) -> Usage | None:
     return Usage(
         prompt, completion, cached if cached < prompt else prompt, min(reasoning, completion)
     )
+
+
+def _plain_detail(details: Any, key: str) -> int:
+    """The `key` count of a plain report's details object (0 when there is none);
+    -1 when the details are not plain (not an object, audio tokens, an odd count)."""
+    if details is None:
+        return 0
+    if type(details) is not dict:
+        return -1
+    audio = details.get("audio_tokens")
+    if audio is not None and (type(audio) is not int or audio > 0):
+        return -1
+    value = details.get(key)
+    if value is None:
+        return 0
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else -1
 
 
 def _at_location(obj: Any, path: Path) -> Any:
