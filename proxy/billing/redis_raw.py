@@ -21,18 +21,9 @@ from redis.exceptions import NoScriptError
 Arg = str | bytes | int
 
 
-def pack_py(args: Sequence[Arg]) -> bytes:
-    """The RESP array of bulk strings for `args` (the reference `pack` is tested
-    against)."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
-
-
 def pack(args: Sequence[Arg]) -> bytes:
-    """`pack_py`, in C (hiredis, a dependency through redis[hiredis]): ~3.5x faster."""
+    """The RESP array of bulk strings for `args`, packed in C (hiredis, a dependency
+    through redis[hiredis]): ~3.5x faster than redis-py's per-argument packer."""
     packed: bytes = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]
     return packed
 

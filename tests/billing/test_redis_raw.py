@@ -30,7 +30,6 @@ def test_pack_is_the_resp_array_redis_py_sends(args: list[str | bytes | int]) ->
 
     packed = b"".join(Connection().pack_command("EVALSHA", *args))
     assert redis_raw.pack(["EVALSHA", *args]) == packed
-    assert redis_raw.pack_py(["EVALSHA", *args]) == packed
 
 
 async def test_replies_match_redis_py(redis_client: aioredis.Redis) -> None:
