@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from proxy.billing.estimate import output_allowance, prompt_bound
 from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest
-from proxy.billing.script_batcher import ScriptBatcher
+from proxy.billing.script_batcher import ScriptBus
 from proxy.config.model import LimitsConfig, LimitSet
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
@@ -231,6 +231,7 @@ class RateLimiter:
         config: LimitsConfig,
         prefix: str,
         on_decision: Callable[[str], None] = lambda _: None,
+        bus: ScriptBus | None = None,
     ) -> None:
         self._config = config
         self._keys = RedisKeys(prefix)
@@ -238,12 +239,13 @@ class RateLimiter:
         self._fail_log = ThrottledLog(log, config.fail_log_interval_s)
         self._defaults = _wire(config.user) + _wire(config.key)
         self._on_decision = on_decision
-        # One pipeline per loop tick for each script (proxy/billing/script_batcher.py).
+        # One command per loop tick for the scripts of the Redis client's bus
+        # (shared with the reservations': proxy/billing/script_batcher.py).
         send_timeout = max(1.0, self._budget_s * 10)
-        self._admits = ScriptBatcher(
-            redis, redis.register_script(_ADMIT_LUA), send_timeout, self._admitted_orphan
-        )
-        self._finishes = ScriptBatcher(redis, redis.register_script(_FINISH_LUA), send_timeout)
+        self._own_bus = bus is None
+        self._bus = bus = bus if bus is not None else ScriptBus(redis)
+        self._admits = bus.register(_ADMIT_LUA, send_timeout, self._admitted_orphan)
+        self._finishes = bus.register(_FINISH_LUA, send_timeout)
 
     @property
     def config(self) -> LimitsConfig:
@@ -252,7 +254,7 @@ class RateLimiter:
     @property
     def pending(self) -> int:
         """Scripts queued or in flight (tests wait for 0)."""
-        return self._admits.pending + self._finishes.pending
+        return self._bus.pending
 
     def keys_for(self, ctx: BillingContext) -> tuple[str, ...]:
         uid = ctx.user_id
@@ -345,8 +347,9 @@ class RateLimiter:
 
     async def close(self) -> None:
         """Let the scripts in flight end (briefly), before Redis closes."""
-        await self._admits.aclose()
-        await self._finishes.aclose()
+        await self._bus.aclose()
+        if self._own_bus:
+            await self._bus.close(0)
 
 
 # -- per-user overrides (llm-proxy limits) -----------------------------------------

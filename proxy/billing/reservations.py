@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from proxy.billing.guard import CreditBalanceGuard, GuardDecision
 from proxy.billing.hold import Hold, Reservation, Reserved
 from proxy.billing.payer import BillingContext
-from proxy.billing.script_batcher import ScriptBatcher
+from proxy.billing.script_batcher import ScriptBus
 from proxy.config.model import FailPolicy, GuardConfig
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
@@ -248,16 +248,18 @@ class RedisReservations:
         on_reservation: OnReservation = _ignore,
         on_held: OnHeld = _ignore,
         clock: Callable[[], float] = time.monotonic,
+        bus: ScriptBus | None = None,
     ) -> None:
         self.guard = guard
         self._config = config
         self._keys = RedisKeys(config.prefix)
-        redis: Any = guard.redis
-        self._reserve_script = redis.register_script(_RESERVE_LUA)
-        self._settle_script = redis.register_script(_SETTLE_LUA)
+        # The scripts share the Redis client's bus with the rate limiter's (one
+        # command per loop tick for all of them: proxy/billing/script_batcher.py).
+        self._own_bus = bus is None
+        self._bus = bus = bus if bus is not None else ScriptBus(guard.redis)
         flush_s = max(config.budget_ms / 1000.0, config.provider_timeout_s)
-        self._reserves = ScriptBatcher(redis, self._reserve_script, flush_s)
-        self._settles = ScriptBatcher(redis, self._settle_script, flush_s)
+        self._reserves = bus.register(_RESERVE_LUA, flush_s)
+        self._settles = bus.register(_SETTLE_LUA, flush_s)
         self._budget_s = config.budget_ms / 1000.0
         self._ttl_ms = int(config.hold_ttl_s * 1000)
         self._on_reservation = on_reservation
@@ -281,7 +283,7 @@ class RedisReservations:
         redis: Any = self.guard.redis
         try:
             async with asyncio.timeout(5):
-                for script in (*self._reserves.scripts, *self._settles.scripts):
+                for script in self._bus.scripts:
                     await redis.script_load(script.script)
         except Exception as exc:  # loaded on first use instead
             log.info("credit guard: scripts not preloaded (%s)", type(exc).__name__)
@@ -388,8 +390,9 @@ class RedisReservations:
 
     async def close(self) -> None:
         """Let pending settlements finish (briefly), then close the guard."""
-        await self._settles.aclose(self._config.provider_timeout_s)
-        await self._reserves.aclose(0)
+        await self._bus.aclose(self._config.provider_timeout_s)
+        if self._own_bus:
+            await self._bus.close(0)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self._config.provider_timeout_s)
         for task in list(self._tasks):

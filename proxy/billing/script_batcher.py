@@ -1,54 +1,66 @@
-"""Calls of one Lua script made in the same event-loop tick go out as one command.
+"""Calls of Lua scripts made in the same event-loop tick go out as one command.
 
-The reservation and rate-limit scripts run once or twice per request; sent one by
-one, redis-py's per-command overhead (packing, the connection's retry and timeout
-wrappers, parsing: ~100-200 us CPU, bench/bench_reserve.py, bench/bench_routing.py)
-is most of their cost. The first call of a tick starts a flush task that yields
-once, so the calls that become ready in the same tick join, then sends them all as
-ONE EVALSHA of a wrapper script: the script's body as a function, run once per call
-with that call's KEYS and ARGV (each call under `pcall`, so one call's error is its
-own reply), the replies returned as one array. A lone call is sent as the script
-itself. The batch runs atomically as a whole (each call did on its own before: it
-still does). On a Redis Cluster every call touches one user's slot; the calls are
-grouped by slot, one wrapper call per slot, the groups sent concurrently. A server
-that lost its scripts gets them loaded and the calls sent again (redis-py's Script).
+The reservation and rate-limit scripts run twice each per request (admit/reserve,
+then finish/settle); sent one by one, the per-command overhead (packing, a round
+trip through the loop, parsing) is most of their cost. One `ScriptBus` per Redis
+client carries every registered script: the first call of a tick schedules a flush
+two loop rounds later (so that the calls which become ready meanwhile join), which
+sends them all as ONE EVALSHA of a wrapper script: each script's body as a
+function, run once per call with that call's KEYS and ARGV (each call under
+`pcall`, so one call's error is its own reply), the replies returned as one array.
+A lone call is sent as its script itself. The batch runs atomically as a whole
+(each call did on its own before: it still does). Calls of different scripts
+share a batch: a request's settle and its rate-limit finish, made in the same tick,
+are one command with the other requests' admissions.
 
-The body must not start with a shebang line (`#!lua flags=...`): it becomes a
+On one node the batch is packed in C and written on one pipelined connection
+(proxy.billing.redis_raw): no task, no pool checkout per batch, the reply
+dispatched from the reader. On a Redis Cluster every call touches one user's slot;
+the calls are grouped by slot, one wrapper call per slot through redis-py, the
+groups sent concurrently. A server that lost its scripts gets them loaded and the
+batch sent again; a connection that broke is tried once more on a new one (as
+redis-py's default retry did).
+
+A body must not start with a shebang line (`#!lua flags=...`): it becomes a
 function body. Every call names at least one key (the slot is its first key's).
 
-The sending is done by the task, not by the callers: a caller that stops waiting
-(its budget, its client leaving) never cancels the others' calls, and `on_orphan`
-learns the reply nobody took, so whatever the script reserved can be given back.
+A caller that stops waiting (its budget, its client leaving) never cancels the
+others' calls, and `on_orphan` learns the reply nobody took, so whatever the script
+reserved can be given back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
-from proxy.billing import redis_raw
+from proxy.billing.redis_raw import RedisPipe, pack
 
 Call = tuple[list[Any], list[Any]]
 Orphan = Callable[[Call, Any], None]
 
-# ARGV[1]: the number of calls m; ARGV[2 .. 2m+1]: each call's (number of keys,
-# number of args); then every call's args, in order. KEYS: every call's keys.
+# ARGV[1]: the number of calls m; ARGV[2 .. 3m+1]: each call's (function, number of
+# keys, number of args); then every call's args, in order. KEYS: every call's keys.
 _MULTI_TAIL = """
 local m = tonumber(ARGV[1])
-local ki, ai = 1, 2 + 2 * m
+local ki, ai = 1, 2 + 3 * m
 local out = {}
 for c = 1, m do
-  local nk, na = tonumber(ARGV[2 * c]), tonumber(ARGV[2 * c + 1])
+  local f = F[tonumber(ARGV[3 * c - 1])]
+  local nk, na = tonumber(ARGV[3 * c]), tonumber(ARGV[3 * c + 1])
   local ks, as = {}, {}
   for i = 1, nk do ks[i] = KEYS[ki + i - 1] end
   for i = 1, na do as[i] = ARGV[ai + i - 1] end
   ki, ai = ki + nk, ai + na
-  local ok, r = pcall(one, ks, as)
+  local ok, r = pcall(f, ks, as)
   if not ok then
     if type(r) == 'table' and r.err then out[c] = r else out[c] = {err = tostring(r)} end
   elseif r == nil then
@@ -61,130 +73,295 @@ return out
 """
 
 
-def multi_body(body: str) -> str:
-    """The wrapper script that runs `body` once per call (see the module's doc)."""
-    return "local function one(KEYS, ARGV)\n" + body + "\nend\n" + _MULTI_TAIL
+def multi_body(bodies: Sequence[str]) -> str:
+    """The wrapper script that runs each call's body (see the module's doc)."""
+    parts = ["local F = {}\n"]
+    for i, body in enumerate(bodies, 1):
+        parts.append(f"F[{i}] = function(KEYS, ARGV)\n{body}\nend\n")
+    return "".join(parts) + _MULTI_TAIL
 
 
 def _no_orphan(_call: Call, _reply: Any) -> None:
     return None
 
 
-class ScriptBatcher:
-    def __init__(
-        self, redis: Any, script: Any, timeout_s: float, on_orphan: Orphan = _no_orphan
-    ) -> None:
+@dataclass(eq=False)
+class _Batch:
+    """Calls sent as one command, until their reply (or its deadline)."""
+
+    calls: list[tuple[BusScript, Call, asyncio.Future[Any]]]
+    attempt: int = 1
+    timer: asyncio.TimerHandle | None = None
+    done: bool = False
+    reloaded: bool = False
+    sent: list[Any] = field(default_factory=list)  # the scripts it needs loaded
+
+
+class BusScript:
+    """One registered script: its calls join the bus's batches."""
+
+    def __init__(self, bus: ScriptBus, index: int, script: Any, on_orphan: Orphan) -> None:
+        self._bus = bus
+        self.index = index
+        self.script = script  # redis-py Script: a lone call, and preloading
+        self.on_orphan = on_orphan
+
+    def submit(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """The call's reply, as a future (await it, add a callback, or leave it)."""
+        return self._bus.submit(self, list(keys), list(args))
+
+    async def call(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """The reply; cancelled (the caller's timeout), it becomes an orphan's."""
+        return await self._bus.submit(self, list(keys), list(args))
+
+
+class ScriptBus:
+    def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._script = script  # redis-py Script (register_script)
-        self._multi = redis.register_script(multi_body(script.script))
-        self._timeout = timeout_s
-        self._on_orphan = on_orphan
-        self._pending: list[tuple[Call, asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self._cluster = isinstance(redis, RedisCluster)
+        self._pipe = None if self._cluster else RedisPipe(redis)
+        self._scripts: list[BusScript] = []
+        self._multi: Any = None  # the wrapper of all registered scripts (redis-py Script)
+        self._timeout = 1.0
+        self._pending: list[tuple[BusScript, Call, asyncio.Future[Any]]] = []
+        self._in_flight: set[_Batch] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: list[asyncio.Future[None]] = []  # aclose's waits
+
+    def register(self, body: str, timeout_s: float, on_orphan: Orphan = _no_orphan) -> BusScript:
+        """A script for this bus. `timeout_s` bounds how long a batch may wait for
+        Redis (the longest of the scripts' counts): past it, the batch fails with
+        TimeoutError and the connection is dropped (its replies would come late)."""
+        script = BusScript(
+            self, len(self._scripts) + 1, self._redis.register_script(body), on_orphan
+        )
+        self._scripts.append(script)
+        self._multi = self._redis.register_script(
+            multi_body([s.script.script for s in self._scripts])
+        )
+        self._timeout = max(self._timeout if len(self._scripts) > 1 else 0.0, timeout_s)
+        return script
 
     @property
-    def scripts(self) -> tuple[Any, Any]:
-        """The script and its wrapper (to load them ahead of the first call)."""
-        return self._script, self._multi
+    def scripts(self) -> list[Any]:
+        """Every script and the wrapper (to load them ahead of the first call)."""
+        return [*(s.script for s in self._scripts), self._multi]
 
     @property
     def pending(self) -> int:
         """Calls queued or in flight (tests wait for 0)."""
-        return len(self._pending) + len(self._tasks)
+        return len(self._pending) + sum(len(b.calls) for b in self._in_flight) + len(self._tasks)
 
-    def submit(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """The call's reply, as a future (await it, add a callback, or leave it)."""
+    def submit(self, script: BusScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         fut.add_done_callback(_retrieve)
-        self._pending.append(((list(keys), list(args)), fut))
+        self._pending.append((script, (keys, args), fut))
         if len(self._pending) == 1:
-            task = loop.create_task(self._flush())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Two loop rounds: this tick's other callers and the next's join.
+            loop.call_soon(loop.call_soon, self._flush)
         return fut
 
-    async def call(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """The reply; cancelled (the caller's timeout), it becomes an orphan's."""
-        return await self.submit(keys, args)
+    def _flush(self) -> None:
+        calls, self._pending = self._pending, []
+        if not calls:
+            return
+        if self._cluster:
+            self._spawn(self._flush_cluster(calls))
+        else:
+            self._send(_Batch(calls))
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # this tick's other callers join
-        batch, self._pending = self._pending, []
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._maybe_idle)
+
+    # -- one node: packed, pipelined ---------------------------------------------
+
+    def _send(self, batch: _Batch) -> None:
+        assert self._pipe is not None
+        calls = batch.calls
+        if len(calls) == 1:
+            script, (keys, args), _ = calls[0]
+            batch.sent = [script.script]
+            packed = pack(["EVALSHA", script.script.sha, len(keys), *keys, *args])
+        else:
+            batch.sent = [self._multi]
+            head: list[Any] = ["EVALSHA", self._multi.sha, 0, len(calls)]
+            tail: list[Any] = []
+            nkeys = 0
+            for script, (keys, args), _ in calls:
+                head += (script.index, len(keys), len(args))
+                nkeys += len(keys)
+                tail += args
+            head[2] = nkeys
+            keys_all = [k for _, (keys, _), _ in calls for k in keys]
+            packed = pack(head[:3] + keys_all + head[3:] + tail)
+        loop = asyncio.get_running_loop()
+        self._in_flight.add(batch)
+        batch.timer = loop.call_at(loop.time() + self._timeout, self._expire, batch)
+        self._pipe.send(packed).add_done_callback(functools.partial(self._replied, batch))
+
+    def _replied(self, batch: _Batch, fut: asyncio.Future[Any]) -> None:
+        if batch.done:
+            return
+        exc = fut.exception() if not fut.cancelled() else RedisConnectionError("cancelled")
+        if isinstance(exc, NoScriptError) and not batch.reloaded:
+            batch.reloaded = True
+            self._spawn(self._reload(batch))
+            return
+        if isinstance(exc, RedisConnectionError) and batch.attempt == 1:
+            batch.attempt = 2
+            self._close_batch(batch)
+            batch.done = False
+            self._send(batch)
+            return
+        self._close_batch(batch)
+        if exc is not None:
+            self._deliver(batch.calls, [exc] * len(batch.calls))
+        elif len(batch.calls) == 1:
+            self._deliver(batch.calls, [fut.result()])
+        else:
+            self._deliver(batch.calls, _split(fut.result(), len(batch.calls)))
+
+    async def _reload(self, batch: _Batch) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
-                replies = await self._send([call for call, _ in batch])
+            for script in batch.sent:
+                await self._redis.script_load(script.script)
         except Exception as exc:
-            replies = [exc] * len(batch)
-        except BaseException:  # cancelled (closing): nobody gets a reply
-            for _, fut in batch:
-                fut.cancel()
-            raise
-        for (call, fut), reply in zip(batch, replies, strict=True):
+            if not batch.done:
+                self._close_batch(batch)
+                self._deliver(batch.calls, [exc] * len(batch.calls))
+            return
+        if not batch.done:
+            self._close_batch(batch)
+            batch.done = False
+            self._send(batch)
+
+    def _expire(self, batch: _Batch) -> None:
+        if batch.done:
+            return
+        self._close_batch(batch)
+        assert self._pipe is not None
+        self._pipe.reset()  # its reply is overdue: the connection is not to be trusted
+        failure = TimeoutError(f"Redis did not answer within {self._timeout:g} s")
+        self._deliver(batch.calls, [failure] * len(batch.calls))
+
+    def _close_batch(self, batch: _Batch) -> None:
+        batch.done = True
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        self._in_flight.discard(batch)
+
+    @staticmethod
+    def _deliver(
+        calls: list[tuple[BusScript, Call, asyncio.Future[Any]]], replies: list[Any]
+    ) -> None:
+        for (script, call, fut), reply in zip(calls, replies, strict=True):
             if fut.done():
-                self._on_orphan(call, reply)
+                script.on_orphan(call, reply)
             elif isinstance(reply, BaseException):
                 fut.set_exception(reply)
             else:
                 fut.set_result(reply)
 
-    async def _send(self, calls: list[Call]) -> list[Any]:
+    # -- a cluster: redis-py, one wrapper call per slot ---------------------------
+
+    async def _flush_cluster(
+        self, calls: list[tuple[BusScript, Call, asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                replies = await self._cluster_send([(s, c) for s, c, _ in calls])
+        except Exception as exc:
+            replies = [exc] * len(calls)
+        except BaseException:  # cancelled (closing): nobody gets a reply
+            for _, _, fut in calls:
+                fut.cancel()
+            raise
+        self._deliver(calls, replies)
+
+    async def _cluster_send(self, calls: list[tuple[BusScript, Call]]) -> list[Any]:
         if len(calls) == 1:
-            keys, args = calls[0]
+            script, (keys, args) = calls[0]
             try:
-                if self._cluster:
-                    return [await self._script(keys=keys, args=args)]
-                return [await redis_raw.evalsha(self._redis, self._script, keys, args)]
+                return [await script.script(keys=keys, args=args)]
             except Exception as exc:  # handed to the caller
                 return [exc]
-        if not self._cluster:
-            return await self._send_multi(calls)
         slots: dict[int, list[int]] = {}
-        for i, (keys, _) in enumerate(calls):
+        for i, (_, (keys, _)) in enumerate(calls):
             slot = key_slot(keys[0].encode() if isinstance(keys[0], str) else keys[0])
             slots.setdefault(slot, []).append(i)
-        if len(slots) == 1:
-            return await self._send_multi(calls)
-        groups = list(slots.values())
-        results = await asyncio.gather(
-            *(self._send([calls[i] for i in group]) for group in groups), return_exceptions=True
-        )
-        replies: list[Any] = [None] * len(calls)
-        for group, result in zip(groups, results, strict=True):
-            for n, i in enumerate(group):
-                replies[i] = result if isinstance(result, BaseException) else result[n]
-        return replies
-
-    async def _send_multi(self, calls: list[Call]) -> list[Any]:
-        """One wrapper call for `calls` (one slot); a failure of the whole call is
-        every call's reply."""
+        if len(slots) > 1:
+            groups = list(slots.values())
+            results = await asyncio.gather(
+                *(self._cluster_send([calls[i] for i in group]) for group in groups),
+                return_exceptions=True,
+            )
+            replies: list[Any] = [None] * len(calls)
+            for group, result in zip(groups, results, strict=True):
+                for n, i in enumerate(group):
+                    replies[i] = result if isinstance(result, BaseException) else result[n]
+            return replies
         counts: list[Any] = [len(calls)]
-        keys: list[Any] = []
-        args: list[Any] = []
-        for k, a in calls:
-            counts.append(len(k))
-            counts.append(len(a))
-            keys.extend(k)
-            args.extend(a)
+        keys_all: list[Any] = []
+        args_all: list[Any] = []
+        for script, (keys, args) in calls:
+            counts += (script.index, len(keys), len(args))
+            keys_all += keys
+            args_all += args
         try:
-            if self._cluster:
-                replies = await self._multi(keys=keys, args=counts + args)
-            else:  # packed here: redis-py's per-argument packing was most of the cost
-                replies = await redis_raw.evalsha(self._redis, self._multi, keys, counts + args)
+            reply = await self._multi(keys=keys_all, args=counts + args_all)
         except Exception as exc:
             return [exc] * len(calls)
-        if not isinstance(replies, list) or len(replies) != len(calls):
-            return [ResponseError(f"unexpected batch reply: {replies!r:.80}")] * len(calls)
-        return replies
+        return _split(reply, len(calls))
+
+    # -- closing -----------------------------------------------------------------
 
     async def aclose(self, wait_s: float = 2.0) -> None:
-        """Let calls in progress finish for up to `wait_s`, then cancel them."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=wait_s)
+        """Let the calls queued or in flight finish for up to `wait_s`."""
+        if not self.pending:
+            return
+        idle = asyncio.get_running_loop().create_future()
+        self._idle.append(idle)
+        try:
+            await asyncio.wait_for(asyncio.shield(idle), wait_s)
+        except TimeoutError:
+            pass
+        finally:
+            self._idle.remove(idle)
+
+    def _maybe_idle(self, *_: object) -> None:
+        """Wake `aclose` once nothing is queued or in flight."""
+        if self._idle and not self.pending:
+            for idle in self._idle:
+                if not idle.done():
+                    idle.set_result(None)
+
+    async def close(self, wait_s: float = 2.0) -> None:
+        """`aclose`, then whatever is left is cancelled and the connection closed."""
+        await self.aclose(wait_s)
+        for batch in list(self._in_flight):
+            self._close_batch(batch)
+            for _, _, fut in batch.calls:
+                fut.cancel()
+        for _, _, fut in self._pending:
+            fut.cancel()
+        self._pending = []
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pipe is not None:
+            await self._pipe.close()
+
+
+def _split(reply: Any, n: int) -> list[Any]:
+    """A wrapper's reply: one reply per call (each may be an error)."""
+    if not isinstance(reply, list) or len(reply) != n:
+        return [ResponseError(f"unexpected batch reply: {reply!r:.80}")] * n
+    return reply
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -23,6 +23,7 @@ from proxy.billing.encodings import EncodingRegistry
 from proxy.billing.guard import CreditBalanceGuard
 from proxy.billing.limits import RateLimiter
 from proxy.billing.reservations import RedisReservations
+from proxy.billing.script_batcher import ScriptBus
 from proxy.billing.snapshot_client import SnapshotClient, SnapshotSource
 from proxy.config import EnvSettings, Provider, YamlConfig
 from proxy.config.env import IDEMPOTENCE_ENV
@@ -98,8 +99,12 @@ async def start_state(
             on_cooldown=observer.metrics.target_cooldown,
         )
         redis = open_redis(settings)
+        bus: ScriptBus | None = None
         if redis is not None:
             closers.append(redis.aclose)
+            # The Lua scripts of reservations and rate limits: one command per tick.
+            bus = ScriptBus(redis)
+            closers.append(bus.close)
         http = aiohttp.ClientSession()
         closers.append(http.close)
         ledger: EmbeddedLedger | None = None
@@ -133,6 +138,7 @@ async def start_state(
                 guard_config,
                 on_reservation=observer.metrics.reservation,
                 on_held=observer.metrics.held_credit,
+                bus=bus,
             )
             reservations.start()
             closers.append(reservations.close)
@@ -152,6 +158,7 @@ async def start_state(
                 config.limits,
                 config.guard.prefix,
                 on_decision=observer.metrics.rate_limit_decision,
+                bus=bus,
             )
             closers.append(limiter.close)
         auth = Authenticator(config.auth, redis, config.guard.prefix)

@@ -1,6 +1,7 @@
-"""Pre-packed script calls on a real redis-server: the same replies as redis-py's
-own path, error replies raised, a lost script loaded again, a cancelled read not
-leaving a half-read connection in the pool."""
+"""Pre-packed commands pipelined on one connection, on a real redis-server: the same
+replies as redis-py's own path, error replies raised as redis-py's exceptions,
+replies matched to their commands in order (also when a caller gave up), a
+connection the server dropped replaced, a reset connection not read out of step."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from proxy.billing import redis_raw
+from proxy.billing.redis_raw import RedisPipe
 from tests.fixtures_redis import RedisServer
 
 ECHO = "return {KEYS, ARGV, #KEYS, #ARGV}"
@@ -32,29 +35,53 @@ def test_pack_is_the_resp_array_redis_py_sends(args: list[str | bytes | int]) ->
     assert redis_raw.pack(["EVALSHA", *args]) == packed
 
 
+async def _evalsha(pipe: RedisPipe, sha: str, keys: list[str], args: list[object]) -> object:
+    return await pipe.send(redis_raw.pack(["EVALSHA", sha, len(keys), *keys, *args]))  # type: ignore[list-item]
+
+
 async def test_replies_match_redis_py(redis_client: aioredis.Redis) -> None:
     script = redis_client.register_script(ECHO)
+    await redis_client.script_load(ECHO)
     keys, args = ["k:{1}", "k:{1}:b"], ["a", 42, b"\x00\xff", "ünï"]
-    assert await redis_raw.evalsha(redis_client, script, keys, args) == await script(
-        keys=keys, args=args
-    )
+    pipe = RedisPipe(redis_client)
+    try:
+        assert await _evalsha(pipe, script.sha, keys, args) == await script(keys=keys, args=args)
+    finally:
+        await pipe.close()
 
 
-async def test_an_error_reply_raises(redis_client: aioredis.Redis) -> None:
-    script = redis_client.register_script("return redis.error_reply('boom')")
-    with pytest.raises(ResponseError, match="boom"):
-        await redis_raw.evalsha(redis_client, script, ["k"], [])
+async def test_error_replies_raise_redis_pys_exceptions(redis_client: aioredis.Redis) -> None:
+    pipe = RedisPipe(redis_client)
+    try:
+        script = redis_client.register_script("return redis.error_reply('boom')")
+        await redis_client.script_load(script.script)
+        with pytest.raises(ResponseError, match="boom"):
+            await _evalsha(pipe, script.sha, ["k"], [])
+        with pytest.raises(NoScriptError):
+            await _evalsha(pipe, "0" * 40, ["k"], [])
+        assert await pipe.send(redis_raw.pack(["PING"])) == b"PONG"  # still in step
+    finally:
+        await pipe.close()
 
 
-async def test_a_script_the_server_lost_is_loaded_again(
-    redis_client: aioredis.Redis,
-) -> None:
-    script = redis_client.register_script("return 'again: ' .. ARGV[1]")
-    await redis_client.script_flush()
-    assert await redis_raw.evalsha(redis_client, script, ["k"], ["x"]) == b"again: x"
+async def test_many_commands_in_flight_get_their_own_replies(redis_client: aioredis.Redis) -> None:
+    pipe = RedisPipe(redis_client)
+    try:
+        futs = [pipe.send(redis_raw.pack(["ECHO", f"m{i}"])) for i in range(500)]
+        futs[7].cancel()  # a caller that gave up: its reply is read and dropped
+        futs[8].cancel()
+        replies = await asyncio.gather(*futs, return_exceptions=True)
+        for i, reply in enumerate(replies):
+            if i in (7, 8):
+                assert isinstance(reply, asyncio.CancelledError)
+            else:
+                assert reply == f"m{i}".encode()
+        assert pipe.in_flight == 0
+    finally:
+        await pipe.close()
 
 
-async def test_a_cancelled_call_does_not_poison_the_pool(
+async def test_a_reset_connection_fails_what_is_in_flight_and_reconnects(
     redis_client: aioredis.Redis,
 ) -> None:
     slow = redis_client.register_script(
@@ -63,23 +90,48 @@ async def test_a_cancelled_call_does_not_poison_the_pool(
         " break end end; return 'slow'"
     )
     await redis_client.script_load(slow.script)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.05):
-            await redis_raw.evalsha(redis_client, slow, ["k"], [])
-    fast = redis_client.register_script("return ARGV[1]")
-    # The slow reply must not be read as the next call's.
-    assert await redis_raw.evalsha(redis_client, fast, ["k"], ["next"]) == b"next"
+    pipe = RedisPipe(redis_client)
+    try:
+        first = _evalsha(pipe, slow.sha, ["k"], [])
+        task = asyncio.ensure_future(first)
+        await asyncio.sleep(0.05)
+        pipe.reset()  # as the bus does when a reply is overdue
+        with pytest.raises(RedisConnectionError):
+            await task
+        # The slow reply must not be read as the next command's.
+        assert await pipe.send(redis_raw.pack(["ECHO", "next"])) == b"next"
+    finally:
+        await pipe.close()
 
 
 async def test_a_connection_the_server_dropped_is_replaced(
     redis_client: aioredis.Redis, redis_server: RedisServer
 ) -> None:
-    script = redis_client.register_script("return ARGV[1]")
-    assert await redis_raw.evalsha(redis_client, script, ["k"], ["one"]) == b"one"
-    pooled = await redis_raw.execute(redis_client, redis_raw.pack(["CLIENT", "ID"]))
-    admin = aioredis.Redis.from_url(redis_server.url)
+    pipe = RedisPipe(redis_client)
     try:
-        assert await admin.client_kill_filter(_id=pooled) == 1  # that connection only
+        own = await pipe.send(redis_raw.pack(["CLIENT", "ID"]))
+        admin = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await admin.client_kill_filter(_id=own) == 1  # that connection only
+        finally:
+            await admin.aclose()
+        for _ in range(200):  # the reader sees the end; commands then get a new one
+            if pipe.in_flight == 0 and pipe._writer is None:
+                break
+            await asyncio.sleep(0.005)
+        again = await pipe.send(redis_raw.pack(["CLIENT", "ID"]))
+        assert again != own
     finally:
-        await admin.aclose()
-    assert await redis_raw.evalsha(redis_client, script, ["k"], ["two"]) == b"two"
+        await pipe.close()
+
+
+async def test_a_closed_pipe_refuses_and_gives_its_connection_back(
+    redis_client: aioredis.Redis,
+) -> None:
+    pipe = RedisPipe(redis_client)
+    assert await pipe.send(redis_raw.pack(["PING"])) == b"PONG"
+    await pipe.close()
+    with pytest.raises(RedisConnectionError):
+        await pipe.send(redis_raw.pack(["PING"]))
+    pool = redis_client.connection_pool
+    assert not pool._in_use_connections  # type: ignore[attr-defined]

@@ -456,18 +456,25 @@ async def test_the_real_stack_kafka_ledger_projection_serves_exactly_one(
 async def test_script_batcher_sends_one_tick_as_one_pipeline_and_reloads_scripts(
     redis_client: Any, redis_prefix: str
 ) -> None:
-    from proxy.billing.script_batcher import ScriptBatcher
+    from proxy.billing.script_batcher import ScriptBus
 
-    script = redis_client.register_script("return {KEYS[1], ARGV[1]}")
-    batcher = ScriptBatcher(redis_client, script, 5.0)
-    await redis_client.script_flush()  # a restarted Redis: the first pipeline gets NOSCRIPT
+    bus = ScriptBus(redis_client)
+    batcher = bus.register("return {KEYS[1], ARGV[1]}", 5.0)
+    other = bus.register("return {'other', KEYS[1], ARGV[1], ARGV[2]}", 5.0)
+    await redis_client.script_flush()  # a restarted Redis: the first batch gets NOSCRIPT
     keys = [f"{redis_prefix}k{i}" for i in range(5)]
-    replies = await asyncio.gather(*(batcher.submit([k], [str(i)]) for i, k in enumerate(keys)))
+    futs = [batcher.submit([k], [str(i)]) for i, k in enumerate(keys)]
+    mixed = other.submit([keys[1]], ["x", "y"])  # another script, the same command
+    replies = await asyncio.gather(*futs)
     assert [[r[0].decode(), r[1].decode()] for r in replies] == [
         [k, str(i)] for i, k in enumerate(keys)
     ]
+    assert await mixed == [b"other", keys[1].encode(), b"x", b"y"]
     assert (await batcher.submit([keys[0]], ["lone"]))[1] == b"lone"
-    await batcher.aclose(1.0)
+    await redis_client.script_flush()
+    assert (await other.submit([keys[0]], ["lone", "2"]))[3] == b"2"  # a lone call reloaded
+    assert bus.pending == 0
+    await bus.close(1.0)
 
 
 async def test_script_batcher_keeps_each_calls_reply_and_error_apart(
@@ -477,18 +484,19 @@ async def test_script_batcher_keeps_each_calls_reply_and_error_apart(
     that fails (an error reply, a Lua error, a Redis error) fails alone, nil stays nil."""
     from redis.exceptions import ResponseError
 
-    from proxy.billing.script_batcher import ScriptBatcher
+    from proxy.billing.script_batcher import ScriptBus
 
-    script = redis_client.register_script(
+    bus = ScriptBus(redis_client)
+    batcher = bus.register(
         """
 if ARGV[1] == 'reply' then return redis.error_reply('refused here') end
 if ARGV[1] == 'lua' then error('broken') end
 if ARGV[1] == 'redis' then return redis.call('INCR', KEYS[1]) end
 if ARGV[1] == 'nil' then return nil end
 return {KEYS[1], ARGV[1], #KEYS, #ARGV}
-"""
+""",
+        5.0,
     )
-    batcher = ScriptBatcher(redis_client, script, 5.0)
     text = f"{redis_prefix}text"
     await redis_client.set(text, "not a number")
     calls = [
@@ -508,22 +516,23 @@ return {KEYS[1], ARGV[1], #KEYS, #ARGV}
     assert isinstance(replies[3], ResponseError) and "broken" in str(replies[3])
     assert isinstance(replies[4], ResponseError)
     assert replies[5] is None
-    await batcher.aclose(1.0)
+    await bus.close(1.0)
 
 
 async def test_script_batcher_groups_a_ticks_calls_by_slot(
     redis_target: tuple[str, bool, str], target_client: Any
 ) -> None:
     """On the cluster, one wrapper call per slot (sent concurrently); one node: one."""
-    from proxy.billing.script_batcher import ScriptBatcher
+    from proxy.billing.script_batcher import ScriptBus
 
     prefix = redis_target[2]
-    script = target_client.register_script("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[2])}")
-    batcher = ScriptBatcher(target_client, script, 5.0)
+    bus = ScriptBus(target_client)
+    batcher = bus.register("return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[2])}", 5.0)
     # A fresh cluster client's first commands, concurrent, can race inside redis-py
     # while it connects (a connection's writer still None): the proxy loads its
     # scripts at start-up, before any request; so does this test.
-    await target_client.script_load(script.script)
+    for script in bus.scripts:
+        await target_client.script_load(script.script)
     calls = [
         ([f"{prefix}a:{{{u}}}", f"{prefix}n:{{{u}}}"], [str(i)])
         for i, u in enumerate([1, 2, 3, 1, 2, 3, 4, 5, 6, 7, 8, 9])
@@ -531,7 +540,7 @@ async def test_script_batcher_groups_a_ticks_calls_by_slot(
     replies = await asyncio.gather(*(batcher.submit(k, a) for k, a in calls))
     assert [(r[0].decode(), r[1].decode()) for r in replies] == [(k[0], a[0]) for k, a in calls]
     assert [r[2] for r in replies][:6] == [1, 1, 1, 2, 2, 2]
-    await batcher.aclose(1.0)
+    await bus.close(1.0)
     await target_client.delete(*(k for keys, _ in calls for k in keys))
 
 

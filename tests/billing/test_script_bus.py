@@ -1,0 +1,107 @@
+"""The script bus on a real redis-server: a batch past its deadline fails alone and
+leaves the bus usable, a caller that left hands its reply to the orphan hook, a
+connection the server dropped under a batch is retried once on a new one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.billing.redis_raw import pack
+from proxy.billing.script_batcher import Call, ScriptBus
+from tests.fixtures_redis import RedisServer
+
+SLOW = (
+    "local t = redis.call('TIME'); local s = t[1] + t[2] / 1e6;"
+    " while true do local n = redis.call('TIME'); if n[1] + n[2] / 1e6 - s > 0.3 then"
+    " break end end; return 'slow'"
+)
+
+
+async def test_a_batch_past_its_deadline_fails_and_the_bus_goes_on(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    bus = ScriptBus(redis_client)
+    slow = bus.register(SLOW, 0.1)
+    echo = bus.register("return ARGV[1]", 0.1)
+    try:
+        with pytest.raises(TimeoutError):
+            await slow.call([f"{redis_prefix}k"], [])
+        assert bus.pending == 0
+        await asyncio.sleep(0.3)  # the slow script ends; its reply is never read as another's
+        assert await echo.call([f"{redis_prefix}k"], ["after"]) == b"after"
+    finally:
+        await bus.close(1.0)
+
+
+async def test_a_caller_that_left_hands_its_reply_to_the_orphan_hook(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    orphans: list[tuple[Call, Any]] = []
+    bus = ScriptBus(redis_client)
+    incr = bus.register(
+        "return redis.call('INCR', KEYS[1])", 5.0, lambda call, reply: orphans.append((call, reply))
+    )
+    key = f"{redis_prefix}n"
+    try:
+        task = asyncio.ensure_future(incr.call([key], []))
+        await asyncio.sleep(0)
+        task.cancel()
+        kept = incr.submit([key], [])
+        assert await kept == 2  # both ran, in order
+        assert orphans == [(([key], []), 1)]
+    finally:
+        await bus.close(1.0)
+
+
+async def test_a_dropped_connection_under_a_batch_is_tried_once_more(
+    redis_client: aioredis.Redis, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    bus = ScriptBus(redis_client)
+    echo = bus.register("return ARGV[1]", 5.0)
+    try:
+        assert await echo.call([f"{redis_prefix}k"], ["one"]) == b"one"
+        assert bus._pipe is not None
+        first = await bus._pipe.send(pack(["CLIENT", "ID"]))
+        admin = aioredis.Redis.from_url(redis_server.url)
+        try:
+            assert await admin.client_kill_filter(_id=first) == 1
+        finally:
+            await admin.aclose()
+        # Sent right away: on the dead connection (failed, then tried again on a new
+        # one) or, if the reader saw the end first, on a new one at once.
+        assert await echo.call([f"{redis_prefix}k"], ["two"]) == b"two"
+        assert await bus._pipe.send(pack(["CLIENT", "ID"])) != first
+    finally:
+        await bus.close(1.0)
+
+
+async def test_calls_of_several_scripts_in_one_tick_are_one_command(
+    redis_client: aioredis.Redis, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    bus = ScriptBus(redis_client)
+    a = bus.register("return {'a', ARGV[1]}", 5.0)
+    b = bus.register("return {'b', KEYS[1], KEYS[2]}", 5.0)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for script in bus.scripts:  # no NOSCRIPT round in the count
+            await admin.script_load(script.script)
+        before = (await admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+        got = await asyncio.gather(
+            a.submit([f"{redis_prefix}k"], ["1"]),
+            b.submit([f"{redis_prefix}x", f"{redis_prefix}y"], []),
+            a.submit([f"{redis_prefix}k"], ["2"]),
+        )
+        after = (await admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+        assert got == [
+            [b"a", b"1"],
+            [b"b", f"{redis_prefix}x".encode(), f"{redis_prefix}y".encode()],
+            [b"a", b"2"],
+        ]
+        assert after - before == 1
+    finally:
+        await admin.aclose()
+        await bus.close(1.0)
