@@ -56,29 +56,32 @@ def admission_tokens(chat: ChatRequest, prompt: int | None = None) -> int:
 
 
 # KEYS: override, user rpm, user tpm, user conc, key rpm, key tpm, key conc
-# ARGV: six limits (-1: none), tokens, request id, slot ttl ms, read override (1/0)
-# Returns {refused dimension (0: admitted), retry after ms, the six limits in force,
-#          the six levels left (buckets floored; slots left, counting a dead proxy's
-#          expired slots until the limit is reached), the six reset ms}.
+# ARGV[1]: "<six limits (-1: none)> <tokens> <slot ttl ms> <read override 1/0>
+# <request id>" (one argument: each one more is packing and parsing on both sides).
+# Returns {refused dimension (0: admitted), retry after ms, then for the headers the
+# tighter of the user's and the key's requests and tokens limits: limit, remaining
+# (floored; -1: no limit), reset ms; then the user's and the key's tokens caps in
+# force, and 1 when a concurrency slot is held}.
 _ADMIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local W = 60000
-local lim = {}
-for i = 1, 6 do lim[i] = tonumber(ARGV[i]) end
-if ARGV[10] == '1' then
+local a1, a2, a3, a4, a5, a6, tk, tl, ro, rid = string.match(ARGV[1],
+  '^(%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%-?%d+) (%d+) (%d+) ([01]) (.*)$')
+local lim = {tonumber(a1), tonumber(a2), tonumber(a3), tonumber(a4), tonumber(a5), tonumber(a6)}
+if ro == '1' then
   local o = redis.call('HMGET', KEYS[1], 'rpm', 'tpm', 'concurrency')
   for i = 1, 3 do
     if o[i] then lim[i] = tonumber(o[i]) end
   end
 end
-local tokens = tonumber(ARGV[7])
-local ttl = tonumber(ARGV[9])
+local tokens = tonumber(tk)
+local ttl = tonumber(tl)
 local cost = {1, tokens, 1, 1, tokens, 1}
-local level, reset = {}, {}
+local level = {}
 local refused, retry = 0, 0
 for i = 1, 6 do
-  level[i], reset[i] = -1, 0
+  level[i] = -1
   local cap = lim[i]
   if cap >= 0 then
     local key = KEYS[i + 1]
@@ -121,7 +124,7 @@ if refused == 0 then
       local key = KEYS[i + 1]
       level[i] = level[i] - cost[i]
       if i == 3 or i == 6 then
-        redis.call('ZADD', key, now + ttl, ARGV[8])
+        redis.call('ZADD', key, now + ttl, rid)
         redis.call('PEXPIRE', key, ttl)
       else
         redis.call('HSET', key, 'v', tostring(level[i]), 't', now)
@@ -131,31 +134,43 @@ if refused == 0 then
   end
 end
 local out = {refused, retry}
-for i = 1, 6 do out[#out + 1] = lim[i] end
-for i = 1, 6 do
-  local lv = level[i]
-  if lim[i] < 0 then lv = -1 elseif lv < 0 then lv = 0 end
-  out[#out + 1] = math.floor(lv)
-end
-for i = 1, 6 do
-  local r = 0
-  if lim[i] > 0 and i ~= 3 and i ~= 6 and level[i] < lim[i] then
-    r = math.ceil((lim[i] - level[i]) * W / lim[i])
+for _, d in ipairs({{1, 4}, {2, 5}}) do
+  -- the tighter of the two: the lower remaining level (the user's on a tie)
+  local best, rem = nil, 0
+  for _, i in ipairs(d) do
+    if lim[i] >= 0 then
+      local lv = math.floor(math.max(level[i], 0))
+      if best == nil or lv < rem then best, rem = i, lv end
+    end
   end
-  out[#out + 1] = r
+  if best == nil then
+    out[#out + 1], out[#out + 2], out[#out + 3] = -1, -1, 0
+  else
+    local r = 0
+    if lim[best] > 0 and level[best] < lim[best] then
+      r = math.ceil((lim[best] - level[best]) * W / lim[best])
+    end
+    out[#out + 1], out[#out + 2], out[#out + 3] = lim[best], rem, r
+  end
 end
+out[#out + 1] = lim[2]
+out[#out + 1] = lim[5]
+if lim[3] >= 0 or lim[6] >= 0 then out[#out + 1] = 1 else out[#out + 1] = 0 end
 return out
 """
 
 # KEYS: user tpm, key tpm, user conc, key conc
-# ARGV: tokens to give back (negative: owed), user tpm cap, key tpm cap, request id
+# ARGV[1]: "<tokens to give back (negative: owed)> <user tpm cap> <key tpm cap>
+# <request id>"
 _FINISH_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local W = 60000
-local delta = tonumber(ARGV[1])
+local d, c1, c2, rid = string.match(ARGV[1], '^(%-?%d+) (%-?%d+) (%-?%d+) (.*)$')
+local delta = tonumber(d)
+local caps = {tonumber(c1), tonumber(c2)}
 for i = 1, 2 do
-  local cap = tonumber(ARGV[i + 1])
+  local cap = caps[i]
   if cap > 0 and delta ~= 0 then
     local h = redis.call('HMGET', KEYS[i], 'v', 't')
     if h[1] and h[2] then
@@ -168,8 +183,8 @@ for i = 1, 2 do
     end
   end
 end
-redis.call('ZREM', KEYS[3], ARGV[4])
-redis.call('ZREM', KEYS[4], ARGV[4])
+redis.call('ZREM', KEYS[3], rid)
+redis.call('ZREM', KEYS[4], rid)
 return 1
 """
 
@@ -205,23 +220,25 @@ class Admission:
     holds_slot: bool = False
 
 
-def _headers(r: list[int]) -> dict[str, str]:
+def _headers(r: list[Any]) -> dict[str, str]:
     """From the script's reply: the tighter of the user's and the key's limits."""
-    lim, level, reset = r[2:8], r[8:14], r[14:20]
     out: dict[str, str] = {}
-    for suffix, (u, k) in (("requests", (0, 3)), ("tokens", (1, 4))):
-        present = [i for i in (u, k) if lim[i] >= 0]
-        if not present:
-            continue
-        i = min(present, key=lambda j: level[j])
-        out[f"x-ratelimit-limit-{suffix}"] = str(lim[i])
-        out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, level[i]))
-        out[f"x-ratelimit-reset-{suffix}"] = format_reset(reset[i])
+    if r[2] >= 0:
+        out["x-ratelimit-limit-requests"] = str(r[2])
+        out["x-ratelimit-remaining-requests"] = str(r[3])
+        out["x-ratelimit-reset-requests"] = format_reset(r[4])
+    if r[5] >= 0:
+        out["x-ratelimit-limit-tokens"] = str(r[5])
+        out["x-ratelimit-remaining-tokens"] = str(r[6])
+        out["x-ratelimit-reset-tokens"] = format_reset(r[7])
     return out
 
 
 def _wire(s: LimitSet) -> list[int]:
     return [NONE if v is None else v for v in (s.rpm, s.tpm, s.concurrency)]
+
+
+_KEYS_CACHED = 4096  # (user, caller key) pairs whose Redis key names are kept
 
 
 class RateLimiter:
@@ -237,7 +254,12 @@ class RateLimiter:
         self._keys = RedisKeys(prefix)
         self._budget_s = config.budget_ms / 1000
         self._fail_log = ThrottledLog(log, config.fail_log_interval_s)
-        self._defaults = _wire(config.user) + _wire(config.key)
+        # The limits' part of the admit script's argument, built once.
+        user, key = _wire(config.user), _wire(config.key)
+        self._wire_user = " ".join(map(str, user + key))
+        self._wire_key_only = " ".join(map(str, [NONE] * 3 + key))
+        self._wire_tail = str(int(config.slot_ttl_s * 1000))
+        self._key_names: dict[tuple[int, str], tuple[str, ...]] = {}
         self._on_decision = on_decision
         # One command per loop tick for the scripts of the Redis client's bus
         # (shared with the reservations': proxy/billing/script_batcher.py).
@@ -257,55 +279,52 @@ class RateLimiter:
         return self._bus.pending
 
     def keys_for(self, ctx: BillingContext) -> tuple[str, ...]:
-        uid = ctx.user_id
-        key_scope = f"key:{ctx.principal}"
-        k = self._keys
-        return (
-            k.limits_override(uid),
-            k.limit(uid, "user", "rpm"),
-            k.limit(uid, "user", "tpm"),
-            k.limit(uid, "user", "conc"),
-            k.limit(uid, key_scope, "rpm"),
-            k.limit(uid, key_scope, "tpm"),
-            k.limit(uid, key_scope, "conc"),
-        )
+        pair = (ctx.user_id, ctx.principal)
+        keys = self._key_names.get(pair)
+        if keys is None:
+            if len(self._key_names) >= _KEYS_CACHED:
+                self._key_names.clear()
+            uid = ctx.user_id
+            key_scope = f"key:{ctx.principal}"
+            k = self._keys
+            keys = self._key_names[pair] = (
+                k.limits_override(uid),
+                k.limit(uid, "user", "rpm"),
+                k.limit(uid, "user", "tpm"),
+                k.limit(uid, "user", "conc"),
+                k.limit(uid, key_scope, "rpm"),
+                k.limit(uid, key_scope, "tpm"),
+                k.limit(uid, key_scope, "conc"),
+            )
+        return keys
 
     async def admit(self, ctx: BillingContext, tokens: int, request_id: str) -> Admission:
         keys = self.keys_for(ctx)
-        limits = list(self._defaults)
-        user_known = ctx.user_id > 0
-        if not user_known:  # nobody to limit as a user: only the key's limits apply
-            limits[0:3] = [NONE, NONE, NONE]
-        args = [
-            *limits,
-            tokens,
-            request_id,
-            int(self._config.slot_ttl_s * 1000),
-            1 if user_known else 0,
-        ]
+        # "<six limits> <tokens> <slot ttl ms> <read override>" + request id (_ADMIT_LUA)
+        if ctx.user_id > 0:
+            arg = f"{self._wire_user} {tokens} {self._wire_tail} 1 {request_id}"
+        else:  # nobody to limit as a user: only the key's limits apply
+            arg = f"{self._wire_key_only} {tokens} {self._wire_tail} 0 {request_id}"
         try:
-            async with asyncio.timeout(self._budget_s):
-                reply = await self._admits.call(list(keys), args)
+            reply = await self._admits.call(keys, (arg,), self._budget_s)
         except TimeoutError:
             return self._failed(f"check exceeded its {self._config.budget_ms:g} ms budget")
         except (RedisError, OSError) as exc:
             return self._failed(f"Redis error {type(exc).__name__}")
-        r = [int(x) for x in reply]
-        refused, retry_ms = r[0], r[1]
-        headers = _headers(r)
+        headers = _headers(reply)
+        refused = reply[0]
         if refused:
             self._on_decision(LIMITED)
-            retry_s = max(1, -(-retry_ms // 1000))
+            retry_s = max(1, -(-reply[1] // 1000))
             return Admission(LIMITED, headers, DIMENSIONS[refused - 1], retry_s)
         self._on_decision(ALLOW)
-        lim = r[2:8]
         return Admission(
             ALLOW,
             headers,
             keys=keys,
-            tpm_caps=(lim[1], lim[4]),
+            tpm_caps=(reply[8], reply[9]),
             tokens=tokens,
-            holds_slot=lim[2] >= 0 or lim[5] >= 0,
+            holds_slot=reply[10] == 1,
         )
 
     def _failed(self, reason: str) -> Admission:
@@ -326,16 +345,19 @@ class RateLimiter:
         if not delta and not admission.holds_slot:
             return
         k = admission.keys
-        self._finish([k[2], k[5], k[3], k[6]], [delta, *admission.tpm_caps, request_id])
+        user_cap, key_cap = admission.tpm_caps
+        self._finish([k[2], k[5], k[3], k[6]], [f"{delta} {user_cap} {key_cap} {request_id}"])
 
     def _admitted_orphan(self, call: tuple[list[Any], list[Any]], result: Any) -> None:
         """An admit whose caller gave up (its budget, the client leaving) but that
         Redis ran: whatever it admitted is given back at once."""
-        if isinstance(result, BaseException) or int(result[0]) != 0:
+        if isinstance(result, BaseException) or result[0] != 0:
             return
         keys, args = call
-        lim = [int(x) for x in result[2:8]]
-        self._finish([keys[2], keys[5], keys[3], keys[6]], [args[6], lim[1], lim[4], args[7]])
+        wire = args[0].split(" ", 9)  # six limits, tokens, ttl, override, request id
+        self._finish(
+            [keys[2], keys[5], keys[3], keys[6]], [f"{wire[6]} {result[8]} {result[9]} {wire[9]}"]
+        )
 
     def _finish(self, keys: list[Any], args: list[Any]) -> None:
         self._finishes.submit(keys, args).add_done_callback(self._finished)

@@ -301,8 +301,7 @@ class RedisReservations:
                 return self._count(Reservation(Reserved.REFUSED))  # blocked: no I/O
         stage = f"reservation exceeded its {self._config.budget_ms:g} ms budget"
         try:
-            async with asyncio.timeout(self._budget_s):
-                reply = await self._first_run(keys, hold, estimate, floor)
+            reply = await self._first_run(keys, hold, estimate, floor)  # within the budget
             if reply[0] in (_MISSING, _UNREADABLE) and self.guard.has_provider:
                 # Decided from the ledger, within the provider's own time bound: its
                 # answer is written back, then the script runs again on it (a user
@@ -322,7 +321,7 @@ class RedisReservations:
         except Exception as exc:  # a provider failure (SnapshotError), a guard bug
             self._log.warning("credit guard: reservation failed", exc_info=True)
             return self._fail(f"{type(exc).__name__}")
-        code, available, held, expired, taken = (int(v) for v in reply)
+        code, available, held, expired, taken = reply
         if expired:
             self._on_reservation("expired", expired)
         if code == _MISSING:
@@ -342,21 +341,29 @@ class RedisReservations:
         next request of this user is refused without I/O until Redis says the marker
         changed), under the cache's rules for reads that race an invalidation."""
         cache = self.guard.cache
+        budget = self._budget_s
         if cache is None or not cache.live:
-            return await self._run(keys, hold, estimate, floor)
+            return await self._run(keys, hold, estimate, floor, budget)
         replies: list[Any] = []
 
         async def read(_: Any) -> list[Any]:
-            reply = await self._run(keys, hold, estimate, floor)
+            reply = await self._run(keys, hold, estimate, floor, budget)
             replies.append(reply)
             return [b"1" if int(reply[0]) == _BLOCKED else None]
 
         await cache.read_through((keys[1],), read)
         return replies[0]
 
-    async def _run(self, keys: tuple[str, ...], hold: Hold, estimate: int, floor: int) -> Any:
+    async def _run(
+        self,
+        keys: tuple[str, ...],
+        hold: Hold,
+        estimate: int,
+        floor: int,
+        budget_s: float | None = None,
+    ) -> Any:
         arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
-        return await self._reserves.submit(keys, (arg,))
+        return await self._reserves.call(keys, (arg,), budget_s)
 
     def _count(self, r: Reservation) -> Reservation:
         if r.result in (Reserved.ADMITTED, Reserved.CLAMPED, Reserved.REFUSED):

@@ -110,9 +110,21 @@ class BusScript:
         """The call's reply, as a future (await it, add a callback, or leave it)."""
         return self._bus.submit(self, list(keys), list(args))
 
-    async def call(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """The reply; cancelled (the caller's timeout), it becomes an orphan's."""
-        return await self._bus.submit(self, list(keys), list(args))
+    async def call(
+        self, keys: Sequence[Any], args: Sequence[Any], budget_s: float | None = None
+    ) -> Any:
+        """The reply. Past `budget_s`, TimeoutError (one timer: cheaper than an
+        `asyncio.timeout` around the await); the reply, given up on (that or a
+        cancellation), becomes an orphan's."""
+        fut = self._bus.submit(self, list(keys), list(args))
+        if budget_s is None:
+            return await fut
+        loop = asyncio.get_running_loop()
+        timer = loop.call_at(loop.time() + budget_s, _time_out, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
 
 class ScriptBus:
@@ -362,6 +374,11 @@ def _split(reply: Any, n: int) -> list[Any]:
     if not isinstance(reply, list) or len(reply) != n:
         return [ResponseError(f"unexpected batch reply: {reply!r:.80}")] * n
     return reply
+
+
+def _time_out(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
