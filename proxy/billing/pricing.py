@@ -198,7 +198,7 @@ def _credits(
     terms = _terms(rates, multiplier, schedule.request_fee)
     if terms is None:  # a rate no fraction can hold: the Decimal sum says why
         return _credits_decimal(schedule, rates, multiplier, counts)
-    weights, scale, fee = terms
+    weights, scale, fee, _, _ = terms
     # raw = (sum(count * weight) + fee) / scale, exactly: integers only.
     c0, c1, c2, c3, c4, c5, c6 = counts
     w0, w1, w2, w3, w4, w5, w6 = weights
@@ -210,7 +210,8 @@ def _credits(
 # The exact integer form of (rates, multiplier, request_fee), by identity: these are
 # config objects, alive as long as the config (the cache holds them, so an id cannot
 # be reused while its entry exists; each hit also checks identity).
-_Terms = tuple[tuple[int, ...], int, int]
+# (weights, scale, fee term, the dearest input kind's weight, the dearest output's)
+_Terms = tuple[tuple[int, ...], int, int, int, int]
 _TERMS: dict[tuple[int, int, int], tuple[Rates, Decimal, Decimal, _Terms | None]] = {}
 _TERMS_MAX = 4096
 
@@ -236,7 +237,10 @@ def _terms(rates: Rates, multiplier: Decimal, fee: Decimal) -> _Terms | None:
         # raw = sum(c * n_i * den / d_i) * m_num / (den * m_den * 10**6) + f_num / f_den
         scale = den * m_den * 10**_TOKENS_PER_UNIT * f_den
         weights = tuple(n * (den // d) * m_num * f_den for n, d in ratios)
-        terms = (weights, scale, f_num * den * m_den * 10**_TOKENS_PER_UNIT)
+        kinds = _per_kind(rates)  # upper_bound's: the dearest input (0-3), output (4-6)
+        w_in = weights[max(range(4), key=kinds.__getitem__)]
+        w_out = weights[max(range(4, 7), key=kinds.__getitem__)]
+        terms = (weights, scale, f_num * den * m_den * 10**_TOKENS_PER_UNIT, w_in, w_out)
     if len(_TERMS) >= _TERMS_MAX:
         _TERMS.clear()
     _TERMS[key] = (rates, multiplier, fee, terms)
@@ -309,11 +313,7 @@ def upper_bound(
     terms = _terms(rates, multiplier, schedule.request_fee)
     if terms is None:
         return _upper_bound_decimal(schedule, rates, multiplier, prompt_tokens, output_tokens)
-    weights, scale, fee = terms
-    kinds = _per_kind(rates)
-    # The weight of the dearest input kind (0-3) and output kind (4-6), by rate.
-    w_in = weights[max(range(4), key=kinds.__getitem__)]
-    w_out = weights[max(range(4, 7), key=kinds.__getitem__)]
+    _, scale, fee, w_in, w_out = terms
     credits = -(-(fee + prompt_tokens * w_in + output_tokens * w_out) // scale)
     return min(max(credits, schedule.min_charge), MAX_CREDITS)
 

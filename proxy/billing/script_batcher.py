@@ -117,14 +117,15 @@ class BusScript:
         `asyncio.timeout` around the await); the reply, given up on (that or a
         cancellation), becomes an orphan's."""
         fut = self._bus.submit(self, list(keys), list(args))
-        if budget_s is None:
-            return await fut
         loop = asyncio.get_running_loop()
-        timer = loop.call_at(loop.time() + budget_s, _time_out, fut)
+        timer = None if budget_s is None else loop.call_at(loop.time() + budget_s, _time_out, fut)
         try:
             return await fut
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # left with a failure (a cancelled wait): not to be logged
 
 
 class ScriptBus:
@@ -166,8 +167,9 @@ class ScriptBus:
 
     def submit(self, script: BusScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
+        # No done callback to mark a failure as retrieved (one more loop callback a
+        # call): `call` retrieves it, and `submit`'s callers add their own callback.
         fut: asyncio.Future[Any] = loop.create_future()
-        fut.add_done_callback(_retrieve)
         self._pending.append((script, (keys, args), fut))
         if len(self._pending) == 1:
             # Two loop rounds: this tick's other callers and the next's join.
@@ -379,8 +381,3 @@ def _split(reply: Any, n: int) -> list[Any]:
 def _time_out(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(TimeoutError())
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # a reply nobody waits for any more is not an error to log

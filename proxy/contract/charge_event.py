@@ -27,7 +27,7 @@ Version 1 and 2 events read as one chat.completions attempt.
 from __future__ import annotations
 
 import math
-import os
+import random
 import re
 import time
 from dataclasses import field
@@ -347,13 +347,15 @@ def new_event_id(unix_ms: int) -> str:
     """A UUIDv7-layout id as 32 hex digits: 48-bit ms timestamp, then 74 random bits.
 
     Sorts by creation time (to the millisecond; ids minted in the same ms are in
-    random order), which keeps ledger indexes append-mostly.
+    random order), which keeps ledger indexes append-mostly. The bits only need to
+    be unique, not secret: `random` (seeded from the OS, reseeded in every forked
+    worker) costs ~0.1 us where `os.urandom` is a system call (~0.8 us).
     """
-    rand = int.from_bytes(os.urandom(10))  # 80 bits; 74 are used
+    rand = random.getrandbits(74)
     value = (
         (unix_ms & 0xFFFF_FFFF_FFFF) << 80
         | 0x7 << 76  # version 7
-        | (rand >> 68) << 64  # rand_a: 12 bits
+        | (rand >> 62) << 64  # rand_a: 12 bits
         | 0b10 << 62  # RFC 4122 variant
         | rand & 0x3FFF_FFFF_FFFF_FFFF  # rand_b: 62 bits
     )
