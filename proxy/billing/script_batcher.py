@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,10 +92,46 @@ class _Batch:
 
     calls: list[tuple[BusScript, Call, asyncio.Future[Any]]]
     attempt: int = 1
-    timer: asyncio.TimerHandle | None = None
+    sends: int = 0  # its deadline is its latest send's
     done: bool = False
     reloaded: bool = False
     sent: list[Any] = field(default_factory=list)  # the scripts it needs loaded
+
+
+class _Deadlines:
+    """Items that are due `delay` after they were added (so in the order added),
+    checked by one timer instead of a `call_at` each (in uvloop a timer is a libuv
+    handle to allocate, start, stop and close; two a request at saturation). The
+    timer fires for the oldest item, then at most every `delay / 10`: an item may
+    be found overdue up to that much late. An item done meanwhile is found and
+    dropped by the sweep (`overdue` must ignore it)."""
+
+    __slots__ = ("_armed", "_delay", "_items", "_overdue", "_slack")
+
+    def __init__(self, delay: float, overdue: Callable[[Any], None]) -> None:
+        self._delay = delay
+        self._slack = delay / 10
+        self._items: deque[tuple[float, Any]] = deque()
+        self._armed = False
+        self._overdue = overdue
+
+    def add(self, item: Any) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self._delay
+        self._items.append((due, item))
+        if not self._armed:
+            self._armed = True
+            loop.call_at(due, self._sweep, loop)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._armed = False
+        now = loop.time()
+        items = self._items
+        while items and items[0][0] <= now:
+            self._overdue(items.popleft()[1])
+        if items:
+            self._armed = True
+            loop.call_at(max(items[0][0], now + self._slack), self._sweep, loop)
 
 
 class BusScript:
@@ -113,17 +150,15 @@ class BusScript:
     async def call(
         self, keys: Sequence[Any], args: Sequence[Any], budget_s: float | None = None
     ) -> Any:
-        """The reply. Past `budget_s`, TimeoutError (one timer: cheaper than an
-        `asyncio.timeout` around the await); the reply, given up on (that or a
-        cancellation), becomes an orphan's."""
+        """The reply. Past `budget_s`, TimeoutError (checked by the bus's sweep:
+        cheaper than an `asyncio.timeout` around the await); the reply, given up on
+        (that or a cancellation), becomes an orphan's."""
         fut = self._bus.submit(self, list(keys), list(args))
-        loop = asyncio.get_running_loop()
-        timer = None if budget_s is None else loop.call_at(loop.time() + budget_s, _time_out, fut)
+        if budget_s is not None:
+            self._bus.deadlines(budget_s, _time_out).add(fut)
         try:
             return await fut
         finally:
-            if timer is not None:
-                timer.cancel()
             if fut.done() and not fut.cancelled():
                 fut.exception()  # left with a failure (a cancelled wait): not to be logged
 
@@ -140,6 +175,7 @@ class ScriptBus:
         self._in_flight: set[_Batch] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: list[asyncio.Future[None]] = []  # aclose's waits
+        self._deadlines: dict[tuple[float, Callable[[Any], None]], _Deadlines] = {}
 
     def register(self, body: str, timeout_s: float, on_orphan: Orphan = _no_orphan) -> BusScript:
         """A script for this bus. `timeout_s` bounds how long a batch may wait for
@@ -164,6 +200,14 @@ class ScriptBus:
     def pending(self) -> int:
         """Calls queued or in flight (tests wait for 0)."""
         return len(self._pending) + sum(len(b.calls) for b in self._in_flight) + len(self._tasks)
+
+    def deadlines(self, delay_s: float, overdue: Callable[[Any], None]) -> _Deadlines:
+        """The sweep of items due `delay_s` after they are added (one per delay)."""
+        key = (delay_s, overdue)
+        sweep = self._deadlines.get(key)
+        if sweep is None:
+            sweep = self._deadlines[key] = _Deadlines(delay_s, overdue)
+        return sweep
 
     def submit(self, script: BusScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -212,9 +256,9 @@ class ScriptBus:
             head[2] = nkeys
             keys_all = [k for _, (keys, _), _ in calls for k in keys]
             packed = pack(head[:3] + keys_all + head[3:] + tail)
-        loop = asyncio.get_running_loop()
         self._in_flight.add(batch)
-        batch.timer = loop.call_at(loop.time() + self._timeout, self._expire, batch)
+        batch.sends += 1
+        self.deadlines(self._timeout, self._expire).add((batch, batch.sends))
         self._pipe.send(packed).add_done_callback(functools.partial(self._replied, batch))
 
     def _replied(self, batch: _Batch, fut: asyncio.Future[Any]) -> None:
@@ -253,8 +297,9 @@ class ScriptBus:
             batch.done = False
             self._send(batch)
 
-    def _expire(self, batch: _Batch) -> None:
-        if batch.done:
+    def _expire(self, sent: tuple[_Batch, int]) -> None:
+        batch, sends = sent
+        if batch.done or batch.sends != sends:  # answered, or sent again since
             return
         self._close_batch(batch)
         assert self._pipe is not None
@@ -264,9 +309,6 @@ class ScriptBus:
 
     def _close_batch(self, batch: _Batch) -> None:
         batch.done = True
-        if batch.timer is not None:
-            batch.timer.cancel()
-            batch.timer = None
         self._in_flight.discard(batch)
 
     @staticmethod

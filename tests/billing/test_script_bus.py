@@ -105,3 +105,29 @@ async def test_calls_of_several_scripts_in_one_tick_are_one_command(
     finally:
         await admin.aclose()
         await bus.close(1.0)
+
+
+async def test_a_callers_budget_ends_its_wait_and_the_reply_goes_to_the_orphan_hook(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """The budget is the caller's (the bus's own deadline is longer): TimeoutError
+    once it passed, the connection kept, the reply handed to `on_orphan`."""
+    orphans: list[Any] = []
+    bus = ScriptBus(redis_client)
+    slow = bus.register(SLOW, 5.0, lambda call, reply: orphans.append(reply))
+    echo = bus.register("return ARGV[1]", 5.0)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await slow.call([f"{redis_prefix}k"], [], budget_s=0.05)
+        waited = loop.time() - started
+        assert 0.05 <= waited < 0.25, waited  # the sweep may be up to budget/10 late
+        assert orphans == []  # the script is still running
+        assert await echo.call([f"{redis_prefix}k"], ["after"]) == b"after"  # queued behind it
+        assert orphans == [b"slow"]  # same connection, in order: nothing was reset
+        for n in range(3):  # later budgets are swept as well
+            with pytest.raises(TimeoutError):
+                await slow.call([f"{redis_prefix}k"], [], budget_s=0.02 * (n + 1))
+    finally:
+        await bus.close(2.0)
