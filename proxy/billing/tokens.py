@@ -91,6 +91,40 @@ def count_chat_prompt(enc: Enc, body: Mapping[str, Any]) -> int:
     this function's job and billing must not fail on odd input.
     """
     enc = as_counter(enc)  # one counter: its failure flag covers the whole count
+    plain = _plain_prompt(enc, body)
+    return plain if plain is not None else _general_prompt(enc, body)
+
+
+# Fields that bring in more than rule 1 (functions, tools, choices, rule 5).
+_NOT_PLAIN = ("functions", "tools", "tool_choice", "function_call", "response_format", "prediction")
+
+
+def _plain_prompt(enc: TokenCounter, body: Mapping[str, Any]) -> int | None:
+    """`count_chat_prompt` of the usual body, messages of a string role and a string
+    content only and none of `_NOT_PLAIN`: rule 1 alone, what the general path
+    computes for it (tests/billing/test_tokens.py), without its per-field checks
+    (every reservation counts its prompt). None for any other body."""
+    messages = body.get("messages")
+    if type(messages) is not list:
+        return None
+    for key in _NOT_PLAIN:
+        if key in body:
+            return None
+    text = enc.text
+    total = REPLY_PRIMING
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return None
+        role = message.get("role")
+        content = message.get("content")
+        if type(role) is not str or type(content) is not str or role == "function":
+            return None
+        total += TOKENS_PER_MESSAGE + text(role) + text(content)
+    return total
+
+
+def _general_prompt(enc: TokenCounter, body: Mapping[str, Any]) -> int:
+    """`count_chat_prompt` of any body (its docstring has the rules)."""
     messages = body.get("messages")
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
         messages = ()

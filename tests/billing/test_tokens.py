@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import tiktoken
 import tiktoken.load
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiktoken_ext import openai_public
 
 from proxy.billing import encodings
@@ -529,3 +531,60 @@ def test_count_completion(o200k: tiktoken.Encoding) -> None:
     expected = sum(count_text(o200k, n) + count_text(o200k, a) for n, a in calls)
     assert count_completion(o200k, "", calls) == expected
     assert count_completion(o200k, text, calls) == expected + count_text(o200k, text)
+
+
+# -- the plain-body fast path ------------------------------------------------------
+
+_plain_roles = st.sampled_from(["system", "user", "assistant", "developer", "tool", "function", ""])
+_plain_message = st.one_of(
+    st.fixed_dictionaries({"role": _plain_roles, "content": st.text(max_size=40)}),
+    # not plain: a name, a non-string content, an extra key, a list of parts
+    st.fixed_dictionaries(
+        {"role": _plain_roles, "content": st.text(max_size=10), "name": st.text(max_size=5)}
+    ),
+    st.fixed_dictionaries(
+        {
+            "role": _plain_roles,
+            "content": st.one_of(
+                st.none(),
+                st.integers(),
+                st.lists(
+                    st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
+                    max_size=2,
+                ),
+            ),
+        }
+    ),
+)
+_plain_body = st.fixed_dictionaries(
+    {"messages": st.lists(_plain_message, max_size=5)},
+    optional={
+        "tools": st.just([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "tool_choice": st.sampled_from(["none", "auto"]),
+        "response_format": st.just({"type": "json_schema", "json_schema": {"name": "x"}}),
+        "max_tokens": st.integers(1, 100),
+    },
+)
+
+
+@given(body=_plain_body)
+@settings(max_examples=300, deadline=None)
+def test_the_plain_path_counts_what_the_general_path_counts(
+    body: dict[str, Any], registry: EncodingRegistry
+) -> None:
+    from proxy.billing.counting import TokenCounter
+    from proxy.billing.tokens import _general_prompt, _plain_prompt
+
+    for enc in (None, registry.get("o200k_base")):
+        fast = _plain_prompt(TokenCounter(enc), body)
+        general = _general_prompt(TokenCounter(enc), body)
+        if fast is not None:
+            assert fast == general
+        assert count_chat_prompt(enc, body) == general
+    plain = all(
+        isinstance(m.get("content"), str)
+        and set(m) == {"role", "content"}
+        and m["role"] != "function"
+        for m in body["messages"]
+    ) and not ({"tools", "tool_choice", "response_format"} & set(body))
+    assert (_plain_prompt(TokenCounter(None), body) is not None) == plain
