@@ -225,6 +225,8 @@ return 1
 """
 )
 
+_KEYS_CACHED = 4096  # users whose Redis key names are kept
+
 _CODES = {1: Reserved.ADMITTED, 2: Reserved.CLAMPED, 0: Reserved.REFUSED, 3: Reserved.CONFLICT}
 _MISSING, _BLOCKED, _UNREADABLE = -1, -2, -3
 
@@ -262,6 +264,7 @@ class RedisReservations:
         self._settles = bus.register(_SETTLE_LUA, flush_s)
         self._budget_s = config.budget_ms / 1000.0
         self._ttl_ms = int(config.hold_ttl_s * 1000)
+        self._key_names: dict[int, tuple[str, ...]] = {}
         self._on_reservation = on_reservation
         self._on_held = on_held
         self._tasks: set[asyncio.Task[None]] = set()
@@ -293,7 +296,7 @@ class RedisReservations:
 
     async def reserve(self, hold: Hold, estimate: int, floor: int) -> Reservation:
         user = hold.user_id
-        keys = (self._keys.snapshot(user), self._keys.blocked(user), *self._keys.hold_keys(user))
+        keys = self._user_keys(user)
         cache = self.guard.cache
         if cache is not None:
             cached = cache.lookup((keys[1],))
@@ -365,6 +368,17 @@ class RedisReservations:
         arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
         return await self._reserves.call(keys, (arg,), budget_s)
 
+    def _user_keys(self, user: int) -> tuple[str, ...]:
+        """snapshot, blocked, holds, holds total, holds expiry: the reserve script's
+        KEYS (the settle script's are the last three), kept for the users seen last."""
+        keys = self._key_names.get(user)
+        if keys is None:
+            if len(self._key_names) >= _KEYS_CACHED:
+                self._key_names.clear()
+            k = self._keys
+            keys = self._key_names[user] = (k.snapshot(user), k.blocked(user), *k.hold_keys(user))
+        return keys
+
     def _count(self, r: Reservation) -> Reservation:
         if r.result in (Reserved.ADMITTED, Reserved.CLAMPED, Reserved.REFUSED):
             self._on_reservation(r.result.value, 1)
@@ -384,7 +398,7 @@ class RedisReservations:
         if hold.credits:
             self._on_held(-hold.credits)
         fut = self._settles.submit(
-            self._keys.hold_keys(hold.user_id),
+            self._user_keys(hold.user_id)[2:],
             (f"{max(credits, 0)} {self._ttl_ms} {hold.request_id}",),
         )
         fut.add_done_callback(self._settled)
