@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,9 +94,9 @@ class Stack:
         env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
         return env
 
-    def _start(self, proc: Proc) -> Proc:
+    def _start(self, proc: Proc, wait_s: float = 20.0) -> Proc:
         self.procs.append(proc)
-        return proc.start()
+        return proc.start(wait_s)
 
     def start_base(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,8 @@ class Stack:
         url = f"http://127.0.0.1:{self.upstream_port}/v1/chat/completions"
         return Target("direct", url, "bench-model", {}, None)
 
-    def bare(self) -> Target:
+    def bare(self, wrap: Sequence[str] = ()) -> Target:
+        """`wrap`: a command that runs the relay (e.g. valgrind; not pinned then)."""
         port = free_port()
         argv = python(
             "-m", "bench.bare_relay", "--port", str(port),
@@ -171,8 +172,10 @@ class Stack:
         )  # fmt: skip
         if self.loop == "uvloop":
             argv.append("--uvloop")
+        argv = [*wrap, *argv] if wrap else pinned(PROXY_CORE, argv)
         proc = self._start(
-            Proc("bare", pinned(PROXY_CORE, argv), self.base_env(), self.workdir / "bare.log", port)
+            Proc("bare", argv, self.base_env(), self.workdir / "bare.log", port),
+            180.0 if wrap else 20.0,
         )
         return Target("bare", f"http://127.0.0.1:{port}/v1/chat/completions", "x", {}, proc)
 
@@ -186,10 +189,12 @@ class Stack:
         extra_env: dict[str, str] | None = None,
         source: Path | None = None,
         config: Path | None = None,
+        wrap: Sequence[str] = (),
     ) -> Target:
         """`full`: Redis guard + paid alias (metering, pricing, outbox with a JSON-lines
         sink). Otherwise the relay only: no Redis, a free alias, no payer. `source`: a
-        checkout of another revision to run instead of this one (bench_revisions)."""
+        checkout of another revision to run instead of this one (bench_revisions).
+        `wrap`: a command that runs the proxy (e.g. valgrind; not pinned then)."""
         port = free_port()
         env = self.base_env()
         env["LLM_PROXY_OUTBOX_PATH"] = str(self.workdir / f"outbox-{name}.sqlite3")
@@ -214,7 +219,10 @@ class Stack:
         if source is not None:
             env["PYTHONPATH"] = str(source)
         log = self.workdir / f"{name}.log"
-        proc = self._start(Proc(name, pinned(cores, argv), env, log, port, cwd=source or REPO))
+        argv = [*wrap, *argv] if wrap else pinned(cores, argv)
+        proc = self._start(
+            Proc(name, argv, env, log, port, cwd=source or REPO), 180.0 if wrap else 20.0
+        )
         model = "bench-paid" if full else "bench-free"
         return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", model, headers, proc)
 
