@@ -40,6 +40,11 @@ def pack(args: Sequence[Arg]) -> bytes:
     return packed
 
 
+class PipeReset(RedisConnectionError):
+    """The pipe dropped its connection itself (a reply overdue): what was in flight
+    may have run on the server."""
+
+
 class RedisPipe:
     """Packed commands written on one connection; each `send` is answered by a future
     with the command's reply (an error reply: redis-py's exception, as the value of
@@ -55,6 +60,7 @@ class RedisPipe:
         self._tasks: set[asyncio.Task[None]] = set()
         self._connecting = False
         self._closed = False
+        self._reset_conn: Any = None  # the connection `reset` dropped
 
     @property
     def in_flight(self) -> int:
@@ -148,6 +154,9 @@ class RedisPipe:
     ) -> None:
         """The connection is done: its commands in flight fail, it goes back to the
         pool disconnected (a half-read connection is not reusable)."""
+        if self._reset_conn is conn:  # however the read ended: our own doing
+            self._reset_conn = None
+            failure = PipeReset("the Redis connection was reset: a reply was overdue")
         if self._conn is conn:
             self._conn = self._writer = None
         while waiting:
@@ -165,6 +174,7 @@ class RedisPipe:
         writer = self._writer
         if writer is not None:
             self._writer = None
+            self._reset_conn = self._conn
             writer.transport.abort()  # the reader sees the end and drops the rest
 
     async def close(self) -> None:

@@ -43,7 +43,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from proxy.billing.redis_raw import RedisPipe, pack
+from proxy.billing.redis_raw import PipeReset, RedisPipe, pack
 
 Call = tuple[list[Any], list[Any]]
 Orphan = Callable[[Call, Any], None]
@@ -262,14 +262,21 @@ class ScriptBus:
         self._pipe.send(packed).add_done_callback(functools.partial(self._replied, batch))
 
     def _replied(self, batch: _Batch, fut: asyncio.Future[Any]) -> None:
-        if batch.done:
-            return
         exc = fut.exception() if not fut.cancelled() else RedisConnectionError("cancelled")
+        if batch.done:  # expired: nobody takes this reply (retrieved above all the same)
+            return
         if isinstance(exc, NoScriptError) and not batch.reloaded:
             batch.reloaded = True
             self._spawn(self._reload(batch))
             return
-        if isinstance(exc, RedisConnectionError) and batch.attempt == 1:
+        # A connection that broke under the batch: once more on a new one (as
+        # redis-py's retry). Not after our own reset (an overdue reply): Redis is
+        # slow, not gone, and the batch may have run already.
+        if (
+            isinstance(exc, RedisConnectionError)
+            and not isinstance(exc, PipeReset)
+            and batch.attempt == 1
+        ):
             batch.attempt = 2
             self._close_batch(batch)
             batch.done = False
@@ -311,9 +318,8 @@ class ScriptBus:
         batch.done = True
         self._in_flight.discard(batch)
 
-    @staticmethod
     def _deliver(
-        calls: list[tuple[BusScript, Call, asyncio.Future[Any]]], replies: list[Any]
+        self, calls: list[tuple[BusScript, Call, asyncio.Future[Any]]], replies: list[Any]
     ) -> None:
         for (script, call, fut), reply in zip(calls, replies, strict=True):
             if fut.done():
@@ -322,6 +328,7 @@ class ScriptBus:
                 fut.set_exception(reply)
             else:
                 fut.set_result(reply)
+        self._maybe_idle()
 
     # -- a cluster: redis-py, one wrapper call per slot ---------------------------
 

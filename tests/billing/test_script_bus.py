@@ -5,14 +5,26 @@ connection the server dropped under a batch is retried once on a new one."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.billing.redis_raw import pack
+from proxy.billing.redis_raw import PipeReset, pack
 from proxy.billing.script_batcher import Call, ScriptBus
 from tests.fixtures_redis import RedisServer
+
+
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of its own, beside the bus's."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
 
 SLOW = (
     "local t = redis.call('TIME'); local s = t[1] + t[2] / 1e6;"
@@ -33,6 +45,32 @@ async def test_a_batch_past_its_deadline_fails_and_the_bus_goes_on(
         assert bus.pending == 0
         await asyncio.sleep(0.3)  # the slow script ends; its reply is never read as another's
         assert await echo.call([f"{redis_prefix}k"], ["after"]) == b"after"
+    finally:
+        await bus.close(1.0)
+
+
+async def test_calls_behind_an_overdue_reply_fail_and_are_not_sent_again(
+    redis_client: aioredis.Redis, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    """The reset after an overdue reply fails what was queued behind it on that
+    connection: Redis was slow, not gone, so those calls may have run; sending them
+    again could run a reservation twice."""
+    bus = ScriptBus(redis_client)
+    slow = bus.register(SLOW, 0.1)
+    incr = bus.register("return redis.call('INCR', KEYS[1])", 0.1)
+    key = f"{redis_prefix}n"
+    try:
+        first = slow.submit([f"{redis_prefix}k"], [])
+        await asyncio.sleep(0.01)  # its own batch, then one behind it
+        behind = incr.submit([key], [])
+        with pytest.raises(TimeoutError):
+            await first
+        with pytest.raises(PipeReset):
+            await behind
+        await asyncio.sleep(0.35)  # the slow script has ended
+        ran = int(await admin.get(key) or 0)
+        assert ran <= 1  # Redis may have run it (or dropped it with the client): not twice
+        assert await incr.call([key], []) == ran + 1  # a new connection
     finally:
         await bus.close(1.0)
 
@@ -58,7 +96,7 @@ async def test_a_caller_that_left_hands_its_reply_to_the_orphan_hook(
 
 
 async def test_a_dropped_connection_under_a_batch_is_tried_once_more(
-    redis_client: aioredis.Redis, redis_server: RedisServer, redis_prefix: str
+    redis_client: aioredis.Redis, admin: aioredis.Redis, redis_prefix: str
 ) -> None:
     bus = ScriptBus(redis_client)
     echo = bus.register("return ARGV[1]", 5.0)
@@ -66,11 +104,7 @@ async def test_a_dropped_connection_under_a_batch_is_tried_once_more(
         assert await echo.call([f"{redis_prefix}k"], ["one"]) == b"one"
         assert bus._pipe is not None
         first = await bus._pipe.send(pack(["CLIENT", "ID"]))
-        admin = aioredis.Redis.from_url(redis_server.url)
-        try:
-            assert await admin.client_kill_filter(_id=first) == 1
-        finally:
-            await admin.aclose()
+        assert await admin.client_kill_filter(_id=first) == 1
         # Sent right away: on the dead connection (failed, then tried again on a new
         # one) or, if the reader saw the end first, on a new one at once.
         assert await echo.call([f"{redis_prefix}k"], ["two"]) == b"two"
@@ -80,12 +114,11 @@ async def test_a_dropped_connection_under_a_batch_is_tried_once_more(
 
 
 async def test_calls_of_several_scripts_in_one_tick_are_one_command(
-    redis_client: aioredis.Redis, redis_server: RedisServer, redis_prefix: str
+    redis_client: aioredis.Redis, admin: aioredis.Redis, redis_prefix: str
 ) -> None:
     bus = ScriptBus(redis_client)
     a = bus.register("return {'a', ARGV[1]}", 5.0)
     b = bus.register("return {'b', KEYS[1], KEYS[2]}", 5.0)
-    admin = aioredis.Redis.from_url(redis_server.url)
     try:
         for script in bus.scripts:  # no NOSCRIPT round in the count
             await admin.script_load(script.script)
@@ -103,7 +136,6 @@ async def test_calls_of_several_scripts_in_one_tick_are_one_command(
         ]
         assert after - before == 1
     finally:
-        await admin.aclose()
         await bus.close(1.0)
 
 
@@ -131,3 +163,19 @@ async def test_a_callers_budget_ends_its_wait_and_the_reply_goes_to_the_orphan_h
                 await slow.call([f"{redis_prefix}k"], [], budget_s=0.02 * (n + 1))
     finally:
         await bus.close(2.0)
+
+
+async def test_aclose_returns_once_the_calls_in_flight_are_answered(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    bus = ScriptBus(redis_client)
+    echo = bus.register("return ARGV[1]", 5.0)
+    loop = asyncio.get_running_loop()
+    try:
+        fut = echo.submit([f"{redis_prefix}k"], ["x"])
+        started = loop.time()
+        await bus.aclose(5.0)  # waits for the reply, not for its whole allowance
+        assert fut.done() and fut.result() == b"x"
+        assert loop.time() - started < 1.0
+    finally:
+        await bus.close(1.0)
