@@ -51,6 +51,18 @@ async def _load(target: Target, n: int, concurrency: int) -> None:
         await asyncio.gather(*(client() for _ in range(concurrency)))
 
 
+async def _fail_opens(target: Target) -> int:
+    """Guard and rate-limit decisions that failed open (0 for a measured pipeline)."""
+    url = target.url.split("/v1/")[0] + "/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        text = await r.text() if r.status == 200 else ""
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if 'result="fail_open"' in line and not line.startswith("#") and "_created" not in line
+    )
+
+
 def _total(dump: Path) -> int:
     for line in dump.read_text().splitlines():
         if line.startswith(("summary:", "totals:")):
@@ -64,9 +76,13 @@ def _start(stack: Stack, name: str, wrap: list[str]) -> Target:
     if name == "relay":
         return stack.proxy("cg-relay", full=False, wrap=wrap)
     assert stack.config_path is not None
-    config = stack.config_path.read_text() + FULL_LIMITS
+    # Budgets for a proxy slowed ~50x: at the default ones most calls would fail open
+    # and the count would be the fail-open path's, not the pipeline's.
+    config = stack.config_path.read_text() + FULL_LIMITS + "  budget_ms: 60000\n"
+    guard = "guard: {hold_ttl_s: 0.2, budget_ms: 60000, provider_timeout_s: 60"
+    config = config.replace("guard: {hold_ttl_s: 0.2", guard)
     if name == "check":
-        config = config.replace("guard: {hold_ttl_s: 0.2}", "guard: {hold_ttl_s: 0.2, mode: check}")
+        config = config.replace(guard, guard + ", mode: check")
     path = stack.workdir / f"cg-{name}.yaml"
     path.write_text(config)
     return stack.proxy(f"cg-{name}", full=True, config=path, wrap=wrap)
@@ -95,6 +111,7 @@ def measure(stack: Stack, name: str, requests: int, concurrency: int) -> dict[st
             raise RuntimeError(f"{name}: callgrind wrote no dump")
         time.sleep(0.5)  # the dump is written in one go, but let it finish
         instructions = _total(dumps[-1])
+        fail_opens = asyncio.run(_fail_opens(target)) if name != "bare" else 0
     finally:
         stack.stop(target.proc)
     return {
@@ -102,6 +119,7 @@ def measure(stack: Stack, name: str, requests: int, concurrency: int) -> dict[st
         "concurrency": concurrency,
         "k_instructions_per_request": round(instructions / requests / 1000, 1),
         "seconds_under_valgrind": round(elapsed, 1),
+        "fail_open_decisions": fail_opens,
     }
 
 
