@@ -3,6 +3,8 @@
 Three `redis-server --cluster-enabled yes` children on free 127.0.0.1 ports (each
 also needs its bus port, port + 10000), joined by `redis-cli --cluster create`
 with no replicas, once per session and only for the tests that ask for it.
+`redis_target` runs a test on one redis-server and on the cluster (`target_client`
+is a client of either).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.fixtures_redis import RedisServer
@@ -126,3 +130,21 @@ async def cluster_client(redis_cluster: RedisClusterServers) -> AsyncIterator[Re
 @pytest.fixture
 def cluster_prefix() -> str:
     return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(params=["single", "cluster"])
+def redis_target(request: pytest.FixtureRequest, redis_prefix: str) -> tuple[str, bool, str]:
+    """(url, is a cluster, prefix): a test taking it runs on one node and on the cluster."""
+    if request.param == "single":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return server.url, False, redis_prefix
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    return cluster.url, True, request.getfixturevalue("cluster_prefix")
+
+
+@pytest.fixture
+async def target_client(redis_target: tuple[str, bool, str]) -> Any:
+    url, is_cluster, _ = redis_target
+    client = RedisCluster.from_url(url) if is_cluster else aioredis.Redis.from_url(url)
+    yield client
+    await client.aclose()

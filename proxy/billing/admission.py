@@ -8,6 +8,11 @@ what the request may cost. An alias with `on_insufficient: clamp` is served with
 lower output limit instead when the credit left affords at least
 `clamp_min_tokens`. In `guard.mode: check` it is the original pre-check.
 
+With rate limits on, the limiter's admission is chained to the reservation: one
+script call runs both (the limiter's only when the estimate is held: refused or
+clamped, it is made afterwards, as without a reservation), its decision left on the
+exchange for the limits step (proxy.server.limits_step).
+
 `settle_hold` runs when the request ends, however it ends: the hold becomes the
 charge (0 releases it at once) and stays held until the ledger applies the charge
 and deletes it in the same step that rewrites the balance.
@@ -19,6 +24,7 @@ from proxy.billing.books_guard import Guard
 from proxy.billing.estimate import clamped_output, estimate_request, with_output_limit
 from proxy.billing.guard import GuardDecision
 from proxy.billing.hold import Hold, Reserved
+from proxy.billing.limits import RateLimiter, admission_tokens
 from proxy.billing.pricing import upper_bound
 from proxy.billing.record import ChatRequest, Exchange
 from proxy.billing.settlement import Settlement
@@ -35,9 +41,12 @@ _DECISIONS = {
 }
 
 
-async def admit(guard: Guard | None, mode: GuardMode, ex: Exchange) -> ChatRequest:
+async def admit(
+    guard: Guard | None, mode: GuardMode, ex: Exchange, limiter: RateLimiter | None = None
+) -> ChatRequest:
     """Decide whether `ex` may call upstream; returns the request to send (its
-    output limit lowered in clamp mode). Raises the refusal's ApiError."""
+    output limit lowered in clamp mode). Raises the refusal's ApiError. With a
+    `limiter`, its admission may be made along (`ex.rate_admission`)."""
     chat, ctx = ex.chat, ex.ctx
     assert chat is not None and ctx is not None
     if guard is None or ctx.user_id <= 0 or ctx.skip_charge:
@@ -66,7 +75,14 @@ async def admit(guard: Guard | None, mode: GuardMode, ex: Exchange) -> ChatReque
     # On the exchange before the call: a cancelled call may still have written it,
     # and the request's end must release it then.
     ex.hold = hold = Hold(ctx.user_id, ctx.request_id)
-    r = await guard.reserve(hold, estimate.credits, floor)
+    if limiter is None:
+        r = await guard.reserve(hold, estimate.credits, floor)
+    else:
+        tokens = admission_tokens(chat, estimate.prompt_tokens)
+        then = limiter.admit_call(ctx, tokens, ctx.request_id)
+        r = await guard.reserve(hold, estimate.credits, floor, then)
+        if r.then_reply is not None:
+            ex.rate_admission = limiter.decide(then, tokens, r.then_reply)
     ex.guard_decision = _DECISIONS[r.result]
     if r.result in (Reserved.REFUSED, Reserved.CONFLICT):
         # Nothing was written; under CONFLICT the id's hold is another request's,

@@ -20,13 +20,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.billing.guard import GuardDecision
 from proxy.billing.hold import Hold, Reservation, Reserved
 from proxy.billing.payer import BillingContext
 from proxy.config.model import FailPolicy, GuardConfig
 from proxy.logs import ThrottledLog
+
+if TYPE_CHECKING:
+    from proxy.billing.script_batcher import BusCall
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,12 @@ class Guard(Protocol):
 
     async def check(self, ctx: BillingContext) -> GuardDecision: ...
 
-    async def reserve(self, hold: Hold, estimate: int, floor: int) -> Reservation:
-        """Hold `estimate` credits for `hold` (clamp mode: at least `floor`)."""
+    async def reserve(
+        self, hold: Hold, estimate: int, floor: int, then: BusCall | None = None
+    ) -> Reservation:
+        """Hold `estimate` credits for `hold` (clamp mode: at least `floor`). `then`:
+        a script call to run along when the estimate is held, where the guard can
+        (its reply in `Reservation.then_reply`; None: the caller makes it)."""
         ...
 
     def settle(self, hold: Hold, credits: int) -> None:
@@ -95,7 +102,10 @@ class BooksGuard:
             return GuardDecision.BLOCK
         return GuardDecision.ALLOW
 
-    async def reserve(self, hold: Hold, estimate: int, floor: int) -> Reservation:
+    async def reserve(
+        self, hold: Hold, estimate: int, floor: int, then: BusCall | None = None
+    ) -> Reservation:
+        # `then` is never run here (no Redis script call to join): the caller makes it.
         try:
             async with asyncio.timeout(self._budget_s):
                 view = await self._read_settled(hold.user_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class Reserved(StrEnum):
@@ -26,6 +27,9 @@ class Reservation:
     held: int = 0  # credits now held under the request id
     available: int | None = None  # the user's balance as the guard saw it
     holding: int = 0  # credit held by the user's other requests at that moment
+    # The reply of the call chained to the reservation (`reserve(then=)`), when it
+    # ran (an error reply: its exception); None when it did not.
+    then_reply: Any = None
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from proxy.billing.estimate import output_allowance, prompt_bound
 from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest
-from proxy.billing.script_batcher import ScriptBus
+from proxy.billing.script_batcher import BusCall, BusScript, ScriptBus
 from proxy.config.model import LimitsConfig, LimitSet
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
@@ -298,19 +298,36 @@ class RateLimiter:
             )
         return keys
 
-    async def admit(self, ctx: BillingContext, tokens: int, request_id: str) -> Admission:
-        keys = self.keys_for(ctx)
+    @property
+    def admit_script(self) -> BusScript:
+        """The admission script (a reservation may run its calls: `admit_call`)."""
+        return self._admits
+
+    def admit_call(self, ctx: BillingContext, tokens: int, request_id: str) -> BusCall:
+        """The admission's script call, for `decide` with its reply (made here by
+        `admit`, or chained to the reservation's call by proxy.billing.admission)."""
         # "<six limits> <tokens> <slot ttl ms> <read override>" + request id (_ADMIT_LUA)
         if ctx.user_id > 0:
             arg = f"{self._wire_user} {tokens} {self._wire_tail} 1 {request_id}"
         else:  # nobody to limit as a user: only the key's limits apply
             arg = f"{self._wire_key_only} {tokens} {self._wire_tail} 0 {request_id}"
+        return BusCall(self._admits, self.keys_for(ctx), (arg,))
+
+    async def admit(self, ctx: BillingContext, tokens: int, request_id: str) -> Admission:
+        call = self.admit_call(ctx, tokens, request_id)
         try:
-            reply = await self._admits.call(keys, (arg,), self._budget_s)
+            reply = await self._admits.call(call.keys, call.args, self._budget_s)
         except TimeoutError:
             return self._failed(f"check exceeded its {self._config.budget_ms:g} ms budget")
         except (RedisError, OSError) as exc:
             return self._failed(f"Redis error {type(exc).__name__}")
+        return self.decide(call, tokens, reply)
+
+    def decide(self, call: BusCall, tokens: int, reply: Any) -> Admission:
+        """The admission that `call`'s reply says (an error reply: failed, per
+        `fail_open`), counted."""
+        if isinstance(reply, BaseException):
+            return self._failed(f"Redis error {type(reply).__name__}")
         headers = _headers(reply)
         refused = reply[0]
         if refused:
@@ -321,7 +338,7 @@ class RateLimiter:
         return Admission(
             ALLOW,
             headers,
-            keys=keys,
+            keys=tuple(call.keys),
             tpm_caps=(reply[8], reply[9]),
             tokens=tokens,
             holds_slot=reply[10] == 1,

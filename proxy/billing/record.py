@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tiktoken
 
@@ -20,6 +20,9 @@ from proxy.billing.wire_formats import CHAT, WireFormat
 from proxy.config.model import Alias
 from proxy.contract.outcome import Outcome
 from proxy.contract.records import record
+
+if TYPE_CHECKING:
+    from proxy.billing.limits import Admission
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class Exchange:
         "metered",
         "outcome",
         "prompt_bound",
+        "rate_admission",
         "request_bytes",
         "started",
         "started_ms",
@@ -93,6 +97,9 @@ class Exchange:
         self.hold: Hold | None = None  # admission's reservation (guard.mode: reserve)
         # The admission estimate's prompt bound, once computed (rate limits reuse it).
         self.prompt_bound: int | None = None
+        # The rate limiter's decision when it was made with the reservation (one
+        # script call: proxy.billing.admission); else the limits step makes it.
+        self.rate_admission: Admission | None = None
         self.outcome: Outcome | None = None
         self.status: int = 0
         self.error_kind: ErrorKind | None = None

@@ -15,6 +15,10 @@ no script walks a user's live holds. The reserve script, atomically:
    now + hold_ttl_s; in clamp mode, when only `floor <= available - held` holds, it
    holds all of `available - held` and the caller lowers the output limit to fit.
 
+A reservation may carry another script's call to run in the same script call when
+it admits (`chain`): the rate limiter's admission, so that a request's two admission
+steps are one round trip (proxy.billing.admission).
+
 The settle script rewrites a hold that still exists (the ledger may have applied the
 charge already: then it is not brought back) to the actual charge, with a fresh
 expiry covering the ledger's lag, or deletes it when the charge is 0.
@@ -33,7 +37,7 @@ from redis.exceptions import RedisError
 from proxy.billing.guard import CreditBalanceGuard, GuardDecision
 from proxy.billing.hold import Hold, Reservation, Reserved
 from proxy.billing.payer import BillingContext
-from proxy.billing.script_batcher import ScriptBus
+from proxy.billing.script_batcher import BusCall, BusChain, BusScript, ScriptBus
 from proxy.config.model import FailPolicy, GuardConfig
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
@@ -262,6 +266,7 @@ class RedisReservations:
         flush_s = max(config.budget_ms / 1000.0, config.provider_timeout_s)
         self._reserves = bus.register(_RESERVE_LUA, flush_s)
         self._settles = bus.register(_SETTLE_LUA, flush_s)
+        self._chains: dict[BusScript, BusChain] = {}
         self._budget_s = config.budget_ms / 1000.0
         self._ttl_ms = int(config.hold_ttl_s * 1000)
         self._key_names: dict[int, tuple[str, ...]] = {}
@@ -269,6 +274,16 @@ class RedisReservations:
         self._on_held = on_held
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = ThrottledLog(log, config.fail_open_log_interval_s, clock)
+
+    def chain(self, then: BusScript) -> bool:
+        """Let reservations carry calls of `then` (`reserve(..., then=)`): run in the
+        same script call when the reservation admits (code 1; not when clamped, which
+        changes the request). False when `then` is another Redis client's."""
+        if then.bus is not self._bus:
+            return False
+        if then not in self._chains:
+            self._chains[then] = self._bus.chain(self._reserves, then, (1,))
+        return True
 
     @property
     def cache(self) -> Any:
@@ -294,7 +309,9 @@ class RedisReservations:
     async def check(self, ctx: BillingContext) -> GuardDecision:
         return await self.guard.check(ctx)
 
-    async def reserve(self, hold: Hold, estimate: int, floor: int) -> Reservation:
+    async def reserve(
+        self, hold: Hold, estimate: int, floor: int, then: BusCall | None = None
+    ) -> Reservation:
         user = hold.user_id
         keys = self._user_keys(user)
         cache = self.guard.cache
@@ -304,7 +321,9 @@ class RedisReservations:
                 return self._count(Reservation(Reserved.REFUSED))  # blocked: no I/O
         stage = f"reservation exceeded its {self._config.budget_ms:g} ms budget"
         try:
-            reply = await self._first_run(keys, hold, estimate, floor)  # within the budget
+            chain = None if then is None else self._chains.get(then.script)
+            # within the budget; `then`'s reply, when it ran
+            reply, then_reply = await self._first_run(keys, hold, estimate, floor, chain, then)
             if reply[0] in (_MISSING, _UNREADABLE) and self.guard.has_provider:
                 # Decided from the ledger, within the provider's own time bound: its
                 # answer is written back, then the script runs again on it (a user
@@ -312,7 +331,7 @@ class RedisReservations:
                 stage = "the snapshot provider timed out"
                 async with asyncio.timeout(self._config.provider_timeout_s + self._budget_s):
                     snap = await self.guard.fetch_snapshot(user, overwrite=reply[0] != _MISSING)
-                    reply = await self._run(keys, hold, estimate, floor)
+                    reply, _ = await self._run(keys, hold, estimate, floor)
                 if reply[0] in (_MISSING, _UNREADABLE):  # the back-fill failed
                     if snap.is_blocked or snap.balance < estimate:
                         return self._count(Reservation(Reserved.REFUSED, 0, snap.balance))
@@ -333,26 +352,34 @@ class RedisReservations:
             return self._count(Reservation(Reserved.REFUSED, 0, available, held))
         if code == _UNREADABLE:
             return self._fail("unreadable snapshot and no snapshot provider")
-        result = Reservation(_CODES[code], taken, available, held)
+        result = Reservation(_CODES[code], taken, available, held, then_reply)
         if taken:
             hold.credits = taken
             self._on_held(taken)
         return self._count(result)
 
-    async def _first_run(self, keys: tuple[str, ...], hold: Hold, estimate: int, floor: int) -> Any:
+    async def _first_run(
+        self,
+        keys: tuple[str, ...],
+        hold: Hold,
+        estimate: int,
+        floor: int,
+        chain: BusChain | None,
+        then: BusCall | None,
+    ) -> tuple[Any, Any]:
         """The script, read through the cache: a blocked answer is remembered (the
         next request of this user is refused without I/O until Redis says the marker
         changed), under the cache's rules for reads that race an invalidation."""
         cache = self.guard.cache
         budget = self._budget_s
         if cache is None or not cache.live:
-            return await self._run(keys, hold, estimate, floor, budget)
-        replies: list[Any] = []
+            return await self._run(keys, hold, estimate, floor, budget, chain, then)
+        replies: list[tuple[Any, Any]] = []
 
         async def read(_: Any) -> list[Any]:
-            reply = await self._run(keys, hold, estimate, floor, budget)
-            replies.append(reply)
-            return [b"1" if int(reply[0]) == _BLOCKED else None]
+            pair = await self._run(keys, hold, estimate, floor, budget, chain, then)
+            replies.append(pair)
+            return [b"1" if int(pair[0][0]) == _BLOCKED else None]
 
         await cache.read_through((keys[1],), read)
         return replies[0]
@@ -364,9 +391,14 @@ class RedisReservations:
         estimate: int,
         floor: int,
         budget_s: float | None = None,
-    ) -> Any:
+        chain: BusChain | None = None,
+        then: BusCall | None = None,
+    ) -> tuple[Any, Any]:
+        """The reserve script's reply, and `then`'s when it ran (chained)."""
         arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
-        return await self._reserves.call(keys, (arg,), budget_s)
+        if chain is None or then is None:
+            return await self._reserves.call(keys, (arg,), budget_s), None
+        return await chain.call(keys, (arg,), then, budget_s)
 
     def _user_keys(self, user: int) -> tuple[str, ...]:
         """snapshot, blocked, holds, holds total, holds expiry: the reserve script's

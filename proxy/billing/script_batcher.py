@@ -27,6 +27,11 @@ function body. Every call names at least one key (the slot is its first key's).
 A caller that stops waiting (its budget, its client leaving) never cancels the
 others' calls, and `on_orphan` learns the reply nobody took, so whatever the script
 reserved can be given back.
+
+Two registered scripts can also be chained (`ScriptBus.chain`): one call runs the
+first and, when its reply's first element is one of `when`, the second, in the same
+script call (atomically: a request's reservation and its rate-limit admission are
+one call, not two made one after the other, each its own round trip).
 """
 
 from __future__ import annotations
@@ -82,8 +87,55 @@ def multi_body(bodies: Sequence[str]) -> str:
     return "".join(parts) + _MULTI_TAIL
 
 
+# A chain of two bodies F1, F2. ARGV[1]: "<keys of the first> <args of the first>",
+# then the first's args, then the second's; KEYS: the first's, then the second's.
+# Returns {first's reply} or, when it started with one of W's, {first's, second's}
+# (the second under pcall: its error is its own, the first's writes stand).
+_CHAIN_TAIL = """
+local nk, na = string.match(ARGV[1], '^(%d+) (%d+)$')
+nk, na = tonumber(nk), tonumber(na)
+local k1, a1, k2, a2 = {}, {}, {}, {}
+for i = 1, #KEYS do
+  if i <= nk then k1[i] = KEYS[i] else k2[i - nk] = KEYS[i] end
+end
+for i = 2, #ARGV do
+  if i <= na + 1 then a1[i - 1] = ARGV[i] else a2[i - na - 1] = ARGV[i] end
+end
+local r = F1(k1, a1)
+if type(r) ~= 'table' or not W[r[1]] then return {r} end
+local ok, r2 = pcall(F2, k2, a2)
+if not ok then
+  if type(r2) == 'table' and r2.err then return {r, r2} end
+  return {r, {err = tostring(r2)}}
+end
+if r2 == nil then r2 = false end
+return {r, r2}
+"""
+
+
+def chain_body(first: str, second: str, when: Sequence[int]) -> str:
+    """The script that runs `first` and, if its reply starts with one of `when`,
+    `second` (see `_CHAIN_TAIL`)."""
+    codes = ", ".join(f"[{int(c)}] = true" for c in when)
+    return (
+        f"local F1 = function(KEYS, ARGV)\n{first}\nend\n"
+        f"local F2 = function(KEYS, ARGV)\n{second}\nend\n"
+        f"local W = {{{codes}}}\n" + _CHAIN_TAIL
+    )
+
+
 def _no_orphan(_call: Call, _reply: Any) -> None:
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class BusCall:
+    """One call of a registered script, made by someone else (chained to a call of
+    the caller's: `BusChain.call`)."""
+
+    script: BusScript
+    keys: Sequence[Any]
+    args: Sequence[Any]
 
 
 @dataclass(eq=False)
@@ -138,14 +190,14 @@ class BusScript:
     """One registered script: its calls join the bus's batches."""
 
     def __init__(self, bus: ScriptBus, index: int, script: Any, on_orphan: Orphan) -> None:
-        self._bus = bus
+        self.bus = bus
         self.index = index
         self.script = script  # redis-py Script: a lone call, and preloading
         self.on_orphan = on_orphan
 
     def submit(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """The call's reply, as a future (await it, add a callback, or leave it)."""
-        return self._bus.submit(self, list(keys), list(args))
+        return self.bus.submit(self, list(keys), list(args))
 
     async def call(
         self, keys: Sequence[Any], args: Sequence[Any], budget_s: float | None = None
@@ -153,14 +205,57 @@ class BusScript:
         """The reply. Past `budget_s`, TimeoutError (checked by the bus's sweep:
         cheaper than an `asyncio.timeout` around the await); the reply, given up on
         (that or a cancellation), becomes an orphan's."""
-        fut = self._bus.submit(self, list(keys), list(args))
+        fut = self.bus.submit(self, list(keys), list(args))
         if budget_s is not None:
-            self._bus.deadlines(budget_s, _time_out).add(fut)
+            self.bus.deadlines(budget_s, _time_out).add(fut)
         try:
             return await fut
         finally:
             if fut.done() and not fut.cancelled():
                 fut.exception()  # left with a failure (a cancelled wait): not to be logged
+
+
+class BusChain:
+    """Two scripts of one bus as one call (`ScriptBus.chain`)."""
+
+    def __init__(self, script: BusScript) -> None:
+        self.script = script
+
+    async def call(
+        self,
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        then: BusCall,
+        budget_s: float | None = None,
+    ) -> tuple[Any, Any]:
+        """The first script's reply and the second's (None when it did not run;
+        its error reply as an exception instance)."""
+        reply = await self.script.call(
+            [*keys, *then.keys], [f"{len(keys)} {len(args)}", *args, *then.args], budget_s
+        )
+        return _chained(reply)
+
+
+def _chain_orphan(first: BusScript, second: BusScript, call: Call, reply: Any) -> None:
+    """A chained call nobody waited for: each script's hook learns its part."""
+    keys, args = call
+    nk, na = (int(n) for n in args[0].split(" "))
+    if isinstance(reply, BaseException):
+        replies: tuple[Any, Any] = (reply, reply)
+    else:
+        try:
+            replies = _chained(reply)
+        except ResponseError as exc:
+            replies = (exc, exc)
+    first.on_orphan((keys[:nk], args[1 : na + 1]), replies[0])
+    if replies[1] is not None:
+        second.on_orphan((keys[nk:], args[na + 1 :]), replies[1])
+
+
+def _chained(reply: Any) -> tuple[Any, Any]:
+    if not isinstance(reply, list) or not 1 <= len(reply) <= 2:
+        raise ResponseError(f"unexpected chained reply: {reply!r:.80}")
+    return reply[0], reply[1] if len(reply) == 2 else None
 
 
 class ScriptBus:
@@ -190,6 +285,16 @@ class ScriptBus:
         )
         self._timeout = max(self._timeout if len(self._scripts) > 1 else 0.0, timeout_s)
         return script
+
+    def chain(self, first: BusScript, second: BusScript, when: Sequence[int]) -> BusChain:
+        """A script running `first` then, when its reply starts with one of `when`,
+        `second` in the same call (one round trip; atomic). Orphaned replies reach
+        each script's own `on_orphan` with its part of the call."""
+        if first.bus is not self or second.bus is not self:
+            raise ValueError("a chain's scripts must be registered on its bus")
+        body = chain_body(first.script.script, second.script.script, when)
+        orphan = functools.partial(_chain_orphan, first, second)
+        return BusChain(self.register(body, self._timeout, orphan))
 
     @property
     def scripts(self) -> list[Any]:

@@ -102,7 +102,7 @@ async def _pipeline(
     ex.encoding = state.encodings.get(chat.alias.tokenizer)
 
     # Credit is reserved (or checked) before the call; clamp mode may lower the limit.
-    chat = await admit(state.guard, state.config.guard.mode, ex)
+    chat = await admit(state.guard, state.config.guard.mode, ex, state.limiter)
     await check_limits(request, state, ex)  # per-user/key rate limits (server/limits_step.py)
 
     # Targets, retries, fallbacks, cooldowns (proxy.upstream.router): `ex.chat` is

@@ -161,6 +161,9 @@ async def start_state(
                 bus=bus,
             )
             closers.append(limiter.close)
+            if isinstance(guard, RedisReservations):
+                # A request's reservation and rate-limit admission: one script call.
+                guard.chain(limiter.admit_script)
         auth = Authenticator(config.auth, redis, config.guard.prefix)
         auth.log_startup(log)
 

@@ -19,8 +19,10 @@ async def check_limits(request: web.Request, state: ProxyState, ex: Exchange) ->
     if limiter is None:
         return
     assert ex.ctx is not None and ex.chat is not None
-    tokens = admission_tokens(ex.chat, ex.prompt_bound)
-    admission = await limiter.admit(ex.ctx, tokens, ex.request_id)
+    admission = ex.rate_admission  # made with the reservation (proxy.billing.admission)
+    if admission is None:
+        tokens = admission_tokens(ex.chat, ex.prompt_bound)
+        admission = await limiter.admit(ex.ctx, tokens, ex.request_id)
     if admission.headers:
         request[RATE_LIMIT_HEADERS] = admission.headers
     if admission.result == LIMITED:

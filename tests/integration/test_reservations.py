@@ -15,8 +15,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
-import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,7 +29,6 @@ from proxy.ledger.reads import Reader
 from proxy.server.chat_request import parse_chat_request
 from tests.fixtures_proxy import SERVICE_KEY, ProxyHarness, StartProxy
 from tests.fixtures_redis import RedisServer, fund
-from tests.fixtures_redis_cluster import RedisClusterServers
 from tests.servers import free_port
 
 # 10 credits a token: one call costs ~160 credits, its estimate ~450.
@@ -68,26 +65,6 @@ async def wait_no_holds(client: Any, prefix: str, user: int) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"holds left: {await holds(client, prefix, user)}")
-
-
-@pytest.fixture(params=["single", "cluster"])
-def redis_target(request: pytest.FixtureRequest, redis_prefix: str) -> tuple[str, bool, str]:
-    """(url, is a cluster, prefix): every test below runs on one node and on the cluster."""
-    if request.param == "single":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        return server.url, False, redis_prefix
-    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
-    return cluster.url, True, request.getfixturevalue("cluster_prefix")
-
-
-@pytest.fixture
-async def target_client(redis_target: tuple[str, bool, str]) -> Any:
-    from redis.asyncio.cluster import RedisCluster
-
-    url, is_cluster, _ = redis_target
-    client = RedisCluster.from_url(url) if is_cluster else aioredis.Redis.from_url(url)
-    yield client
-    await client.aclose()
 
 
 async def reserving_proxy(
