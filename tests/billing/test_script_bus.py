@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from proxy.billing.redis_raw import PipeReset, pack
-from proxy.billing.script_batcher import BusCall, Call, ScriptBus
+from proxy.billing.script_batcher import MAX_CALLS, BusCall, Call, ScriptBus
 from tests.fixtures_redis import RedisServer
 
 
@@ -246,3 +246,19 @@ async def test_a_chain_of_another_bus_is_refused(
             bus.chain(bus.register(FIRST, 1.0), other.register(SECOND, 1.0), (1,))
     finally:
         await other.close(0)
+
+
+async def test_a_ticks_calls_go_out_in_commands_of_at_most_max_calls(
+    bus: ScriptBus, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Redis answers a command once all of its calls ran: a whole tick in one
+    command would make every caller wait for the slowest part of it."""
+    echo = bus.register("return ARGV[1]", 5.0)
+    for script in bus.scripts:
+        await admin.script_load(script.script)
+    n = MAX_CALLS * 2 + 1
+    before = (await admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    got = await asyncio.gather(*(echo.submit([f"{redis_prefix}k"], [str(i)]) for i in range(n)))
+    after = (await admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+    assert got == [str(i).encode() for i in range(n)]
+    assert after - before == 3  # two full commands and the lone last call
