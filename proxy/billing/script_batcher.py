@@ -167,9 +167,12 @@ class _Deadlines:
     be found overdue up to that much late. An item done meanwhile is found and
     dropped by the sweep (`overdue` must ignore it)."""
 
-    __slots__ = ("_armed", "_delay", "_items", "_overdue", "_slack")
+    __slots__ = ("_armed", "_delay", "_items", "_loop", "_overdue", "_slack")
 
-    def __init__(self, delay: float, overdue: Callable[[Any], None]) -> None:
+    def __init__(
+        self, delay: float, overdue: Callable[[Any], None], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._loop = loop
         self._delay = delay
         self._slack = delay / 10
         self._items: deque[tuple[float, Any]] = deque()
@@ -177,7 +180,7 @@ class _Deadlines:
         self._overdue = overdue
 
     def add(self, item: Any) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         due = loop.time() + self._delay
         self._items.append((due, item))
         if not self._armed:
@@ -280,6 +283,7 @@ class ScriptBus:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: list[asyncio.Future[None]] = []  # aclose's waits
         self._deadlines: dict[tuple[float, Callable[[Any], None]], _Deadlines] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the first call's
 
     def register(self, body: str, timeout_s: float, on_orphan: Orphan = _no_orphan) -> BusScript:
         """A script for this bus. `timeout_s` bounds how long a batch may wait for
@@ -320,11 +324,19 @@ class ScriptBus:
         key = (delay_s, overdue)
         sweep = self._deadlines.get(key)
         if sweep is None:
-            sweep = self._deadlines[key] = _Deadlines(delay_s, overdue)
+            sweep = self._deadlines[key] = _Deadlines(delay_s, overdue, self._running_loop())
         return sweep
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the bus works on, asked once: `asyncio.get_running_loop` is a
+        getpid() system call each time on Python 3.11 (a bus serves one loop)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def submit(self, script: BusScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._running_loop()
         # No done callback to mark a failure as retrieved (one more loop callback a
         # call): `call` retrieves it, and `submit`'s callers add their own callback.
         fut: asyncio.Future[Any] = loop.create_future()

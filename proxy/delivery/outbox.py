@@ -87,6 +87,7 @@ class Outbox:
         self._checkpointer: asyncio.Task[None] | None = None
         self._dirty = False  # commits since the last checkpoint
         self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()'s
         self._pending = 0
         self._commit_failures = 0
         self._oldest: float | None = None
@@ -96,6 +97,8 @@ class Outbox:
     async def start(self) -> None:
         """Open (or create) the file, count leftovers, start checkpointing."""
         self._pending, self._oldest = self._db_open()
+        # Asked once: on Python 3.11 each `get_running_loop` is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self._accepting = True
         self._checkpointer = asyncio.create_task(self._checkpoint_loop(), name="outbox-ckpt")
         if self._pending:
@@ -137,7 +140,8 @@ class Outbox:
         """Enqueue; the future resolves once the event is committed to the file."""
         if not self._accepting:
             raise OutboxClosedError("outbox is not accepting events")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # accepting: started
         fut: asyncio.Future[None] = loop.create_future()
         self._buffer.append((event_id, key, payload, self._clock(), fut))
         if self._flush_handle is None:
