@@ -24,7 +24,7 @@ from proxy.billing.books_guard import Guard
 from proxy.billing.estimate import clamped_output, estimate_request, with_output_limit
 from proxy.billing.guard import GuardDecision
 from proxy.billing.hold import Hold, Reserved
-from proxy.billing.limits import RateLimiter, admission_tokens
+from proxy.billing.limits import RateLimiter
 from proxy.billing.pricing import upper_bound
 from proxy.billing.record import ChatRequest, Exchange
 from proxy.billing.settlement import Settlement
@@ -78,7 +78,9 @@ async def admit(
     if limiter is None:
         r = await guard.reserve(hold, estimate.credits, floor)
     else:
-        tokens = admission_tokens(chat, estimate.prompt_tokens)
+        # = admission_tokens(chat, prompt): the estimate's prompt bound and output
+        # allowance, already computed
+        tokens = estimate.prompt_tokens + estimate.output_tokens
         then = limiter.admit_call(ctx, tokens, ctx.request_id)
         r = await guard.reserve(hold, estimate.credits, floor, then)
         if r.then_reply is not None:

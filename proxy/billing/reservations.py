@@ -321,9 +321,8 @@ class RedisReservations:
                 return self._count(Reservation(Reserved.REFUSED))  # blocked: no I/O
         stage = f"reservation exceeded its {self._config.budget_ms:g} ms budget"
         try:
-            chain = None if then is None else self._chains.get(then.script)
             # within the budget; `then`'s reply, when it ran
-            reply, then_reply = await self._first_run(keys, hold, estimate, floor, chain, then)
+            reply, then_reply = await self._first_run(keys, hold, estimate, floor, then)
             if reply[0] in (_MISSING, _UNREADABLE) and self.guard.has_provider:
                 # Decided from the ledger, within the provider's own time bound: its
                 # answer is written back, then the script runs again on it (a user
@@ -364,7 +363,6 @@ class RedisReservations:
         hold: Hold,
         estimate: int,
         floor: int,
-        chain: BusChain | None,
         then: BusCall | None,
     ) -> tuple[Any, Any]:
         """The script, read through the cache: a blocked answer is remembered (the
@@ -373,11 +371,11 @@ class RedisReservations:
         cache = self.guard.cache
         budget = self._budget_s
         if cache is None or not cache.live:
-            return await self._run(keys, hold, estimate, floor, budget, chain, then)
+            return await self._run(keys, hold, estimate, floor, budget, then)
         replies: list[tuple[Any, Any]] = []
 
         async def read(_: Any) -> list[Any]:
-            pair = await self._run(keys, hold, estimate, floor, budget, chain, then)
+            pair = await self._run(keys, hold, estimate, floor, budget, then)
             replies.append(pair)
             return [b"1" if int(pair[0][0]) == _BLOCKED else None]
 
@@ -391,11 +389,11 @@ class RedisReservations:
         estimate: int,
         floor: int,
         budget_s: float | None = None,
-        chain: BusChain | None = None,
         then: BusCall | None = None,
     ) -> tuple[Any, Any]:
-        """The reserve script's reply, and `then`'s when it ran (chained)."""
+        """The reserve script's reply, and `then`'s when it ran (chained: `chain`)."""
         arg = f"{estimate} {floor} {self._ttl_ms} {self._config.blocked_ttl_s} {hold.request_id}"
+        chain = None if then is None else self._chains.get(then.script)
         if chain is None or then is None:
             return await self._reserves.call(keys, (arg,), budget_s), None
         return await chain.call(keys, (arg,), then, budget_s)

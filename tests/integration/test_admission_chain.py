@@ -25,6 +25,7 @@ from tests.fixtures_redis import RedisServer, fund
 from tests.integration.test_observability import scrape, value
 from tests.integration.test_reservations import (
     REQ,
+    THRIFTY,
     estimate_of,
     holds,
     reserving_proxy,
@@ -111,10 +112,7 @@ async def test_a_clamped_request_is_admitted_on_its_lowered_output_limit(
         start_proxy,
         redis_target,
         extra_yaml=LIMITS,
-        extra_aliases=(
-            "  thrifty: {provider: fake, model: fake-model-pro, price_rule: premium,"
-            " on_insufficient: clamp, clamp_min_tokens: 8}\n"
-        ),
+        extra_aliases=THRIFTY,
     )
     body = {**REQ, "model": "thrifty", "max_tokens": 1000}
     est = estimate_of(h, body)

@@ -39,6 +39,14 @@ REQ = {
 }
 
 
+# A clamping alias at REQ's price: served with a lower output limit when the credit
+# left affords at least 8 output tokens.
+THRIFTY = (
+    "  thrifty: {provider: fake, model: fake-model-pro, price_rule: premium,"
+    " on_insufficient: clamp, clamp_min_tokens: 8}\n"
+)
+
+
 def estimate_of(h: ProxyHarness, body: dict[str, Any]) -> Estimate:
     return estimate_request(parse_chat_request(dict(body), h.config.aliases, started_ms=0))
 
@@ -199,10 +207,7 @@ async def test_clamp_mode_lowers_the_output_limit_and_serves(
     h = await reserving_proxy(
         start_proxy,
         redis_target,
-        extra_aliases=(
-            "  thrifty: {provider: fake, model: fake-model-pro, price_rule: premium,"
-            " on_insufficient: clamp, clamp_min_tokens: 8}\n"
-        ),
+        extra_aliases=THRIFTY,
     )
     body = {**REQ, "model": "thrifty", "max_tokens": 1000}
     est = estimate_of(h, body)
