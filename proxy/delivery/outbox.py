@@ -4,6 +4,12 @@ file) and deletes them only after the sink acknowledged. No charge is ever lost;
 crash between publish and delete re-sends the row with the same `event_id`
 (consumers are idempotent on it).
 
+Read path: while every row in the file is one this process committed (no leftovers
+from an earlier run), the committed rows are also kept in memory, in seq order, and
+the publisher takes them from there: no SELECT of payloads just written, and each
+published batch, consecutive seqs, is deleted by one range statement (bench: the
+outbox's share of a request's CPU was ~1/8 of the full pipeline's, mostly these).
+
 Write path (`put_nowait`): the handler appends to an in-memory buffer and awaits a future.
 Everything buffered during one event-loop iteration is committed in ONE transaction
 right after it (group commit): batches grow with load by themselves.
@@ -26,9 +32,11 @@ import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +50,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 )
 """
 _HEAD = "SELECT created_at FROM outbox ORDER BY seq LIMIT 1"
+# Explicit seqs (the next one known: the rows kept in memory carry theirs); only a
+# repeated event_id is ignored, a seq taken (another writer on the file) is an error.
+_INSERT = (
+    "INSERT INTO outbox (seq, event_id, key, payload, created_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (event_id) DO NOTHING"
+)
 
 
 # Events kept in memory while commits fail (disk full): beyond this, the oldest go.
 _MAX_UNCOMMITTED = 100_000
+# Committed rows kept in memory for the publisher; beyond this (a sink down for long)
+# it reads them from the file again.
+_MAX_RECENT = 20_000
 _COMMIT_RETRY_MAX_S = 5.0
 
 
@@ -53,8 +70,10 @@ class OutboxClosedError(RuntimeError):
     """The outbox no longer accepts events (it is closing or closed)."""
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
+    """A committed event. A tuple, not a frozen dataclass: one is made per event on
+    the loop (a frozen dataclass's __init__ cost ~1 us, 5x a tuple's)."""
+
     seq: int
     event_id: str
     key: bytes
@@ -91,6 +110,10 @@ class Outbox:
         self._pending = 0
         self._commit_failures = 0
         self._oldest: float | None = None
+        self._next_seq = 1
+        # Every row of the file, in seq order, while the file holds only rows this
+        # process committed; None: read them from the file.
+        self._recent: deque[OutboxRow] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -214,6 +237,9 @@ class Outbox:
 
     async def fetch_pending(self, limit: int) -> list[OutboxRow]:
         """The oldest `limit` rows, in commit (seq) order."""
+        recent = self._recent
+        if recent is not None and self._conn is not None:
+            return list(islice(recent, limit))
         return self._db_fetch(limit)
 
     async def delete(self, rows: Sequence[OutboxRow]) -> None:
@@ -251,7 +277,9 @@ class Outbox:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute(_SCHEMA)
         self._conn = conn
-        (count,) = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        count, top = conn.execute("SELECT COUNT(*), MAX(seq) FROM outbox").fetchone()
+        self._next_seq = (top or 0) + 1
+        self._recent = None if count else deque()
         return int(count), self._db_head()
 
     def _db_head(self) -> float | None:
@@ -262,24 +290,44 @@ class Outbox:
     def _db_insert(self, rows: list[tuple[str, bytes, bytes, float]]) -> tuple[int, float | None]:
         conn = self._conn
         assert conn is not None
+        first = self._next_seq
+        numbered = [(first + i, *row) for i, row in enumerate(rows)]
+        try:
+            inserted = self._db_write(numbered)
+        except sqlite3.IntegrityError:
+            # A seq already taken: someone else writes to this file. Number after
+            # its rows, and read from the file from now on (its rows are not ours).
+            self._recent = None
+            (top,) = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()
+            first = (top or 0) + 1
+            numbered = [(first + i, *row) for i, row in enumerate(rows)]
+            inserted = self._db_write(numbered)
+        self._next_seq = first + len(rows)
+        recent = self._recent
+        if recent is not None:
+            if inserted == len(rows) and len(recent) + inserted <= _MAX_RECENT:
+                recent.extend(map(OutboxRow._make, numbered))
+            else:  # a repeated event_id (which row is not known) or too many kept
+                self._recent = recent = None
+        # Inserts append: the oldest pending row only changes when there was none.
+        if self._oldest is not None or not inserted:
+            return inserted, self._oldest
+        if recent:
+            return inserted, recent[0].created_at
+        return inserted, self._db_head()
+
+    def _db_write(self, numbered: list[tuple[int, str, bytes, bytes, float]]) -> int:
+        conn = self._conn
+        assert conn is not None
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
-            # OR IGNORE: a re-put of an event_id still pending is the same charge.
-            conn.executemany(
-                "INSERT OR IGNORE INTO outbox (event_id, key, payload, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                rows,
-            )
+            conn.executemany(_INSERT, numbered)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        inserted = conn.total_changes - before
-        # Inserts append: the oldest pending row only changes when there was none.
-        if self._oldest is not None or not inserted:
-            return inserted, self._oldest
-        return inserted, self._db_head()
+        return conn.total_changes - before
 
     def _db_fetch(self, limit: int) -> list[OutboxRow]:
         if self._conn is None:
@@ -294,12 +342,32 @@ class Outbox:
         conn = self._conn
         if conn is None:
             raise OutboxClosedError("outbox is closed")
+        numbers = [s for (s,) in seqs]
+        low, high = min(numbers), max(numbers)
+        # Consecutive seqs, each once (a published batch): one range statement.
+        ranged = high - low + 1 == len(numbers) == len(set(numbers))
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("DELETE FROM outbox WHERE seq = ?", seqs)
+            if ranged:
+                conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (low, high))
+            else:
+                conn.executemany("DELETE FROM outbox WHERE seq = ?", seqs)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return conn.total_changes - before, self._db_head()
+        deleted = conn.total_changes - before
+        recent = self._recent
+        if recent is not None:
+            if ranged and recent and recent[0].seq == low and len(recent) >= len(numbers):
+                for _ in range(len(numbers)):
+                    recent.popleft()
+            else:  # not the head of the rows kept: the file is the reference again
+                self._recent = recent = None
+        if recent is None and self._pending == deleted:
+            # The file is empty now: what is committed from here on is all it holds.
+            self._recent = recent = deque()
+        if recent is not None:
+            return deleted, recent[0].created_at if recent else None
+        return deleted, self._db_head()
