@@ -17,7 +17,6 @@ logged), or refused with 503 when `fail_open: false`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -377,12 +376,13 @@ class RateLimiter:
         )
 
     def _finish(self, keys: list[Any], args: list[Any]) -> None:
-        self._finishes.submit(keys, args).add_done_callback(self._finished)
+        self._finishes.post(keys, args, self._finished)
 
-    def _finished(self, fut: asyncio.Future[Any]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:  # the slot expires after slot_ttl_s
-            self._fail_log.warning(f"rate limiter could not finish a request: {exc!r}")
+    def _finished(self, reply: Any) -> None:
+        # An error (not CancelledError: the limiter is closing): the slot expires
+        # after slot_ttl_s.
+        if isinstance(reply, Exception):
+            self._fail_log.warning(f"rate limiter could not finish a request: {reply!r}")
 
     async def close(self) -> None:
         """Let the scripts in flight end (briefly), before Redis closes."""

@@ -427,17 +427,17 @@ class RedisReservations:
         hold.settled = True
         if hold.credits:
             self._on_held(-hold.credits)
-        fut = self._settles.submit(
-            self._user_keys(hold.user_id)[2:],
-            (f"{max(credits, 0)} {self._ttl_ms} {hold.request_id}",),
+        self._settles.post(
+            list(self._user_keys(hold.user_id)[2:]),
+            [f"{max(credits, 0)} {self._ttl_ms} {hold.request_id}"],
+            self._settled,
         )
-        fut.add_done_callback(self._settled)
 
-    def _settled(self, fut: asyncio.Future[Any]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:
-            # The hold keeps its admission value until it expires: the safe side.
-            self._log.warning(f"credit guard: settling a hold failed ({type(exc).__name__})")
+    def _settled(self, reply: Any) -> None:
+        # An error (not CancelledError: the guard is closing): the hold keeps its
+        # admission value until it expires, the safe side.
+        if isinstance(reply, Exception):
+            self._log.warning(f"credit guard: settling a hold failed ({type(reply).__name__})")
 
     async def close(self) -> None:
         """Let pending settlements finish (briefly), then close the guard."""

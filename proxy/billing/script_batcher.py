@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from proxy.billing.redis_raw import PipeReset, RedisPipe, pack
+
+log = logging.getLogger(__name__)
 
 Call = tuple[list[Any], list[Any]]
 Orphan = Callable[[Call, Any], None]
@@ -137,6 +140,39 @@ def _no_orphan(_call: Call, _reply: Any) -> None:
     return None
 
 
+class _Posted:
+    """Where a posted call's reply goes: the part of a future the bus uses, calling
+    back at once (never done before its reply: a post is never an orphan)."""
+
+    __slots__ = ("_on_reply",)
+
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self._on_reply = on_reply
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, reply: Any) -> None:
+        self._call(reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._call(exc)
+
+    def cancel(self) -> bool:
+        self._call(asyncio.CancelledError())
+        return True
+
+    def _call(self, reply: Any) -> None:
+        try:
+            self._on_reply(reply)
+        except Exception:  # one callback's bug must not cost the other calls their replies
+            log.exception("a script reply's callback failed")
+
+
+# A call's reply slot: the caller's future, or a posted call's callback.
+Reply = asyncio.Future[Any] | _Posted
+
+
 @dataclass(frozen=True, slots=True)
 class BusCall:
     """One call of a registered script, made by someone else (chained to a call of
@@ -151,7 +187,7 @@ class BusCall:
 class _Batch:
     """Calls sent as one command, until their reply (or its deadline)."""
 
-    calls: list[tuple[BusScript, Call, asyncio.Future[Any]]]
+    calls: list[tuple[BusScript, Call, Reply]]
     attempt: int = 1
     sends: int = 0  # its deadline is its latest send's
     done: bool = False
@@ -210,6 +246,13 @@ class BusScript:
     def submit(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """The call's reply, as a future (await it, add a callback, or leave it)."""
         return self.bus.submit(self, list(keys), list(args))
+
+    def post(self, keys: list[Any], args: list[Any], on_reply: Callable[[Any], None]) -> None:
+        """A call nobody waits for: `on_reply` gets its reply (an error as the
+        exception instance; CancelledError when the bus closes first), called where
+        the reply is read. No future, no loop callback: a request's settle and
+        rate-limit finish are two of these each."""
+        self.bus.enqueue(self, keys, args, _Posted(on_reply))
 
     async def call(
         self, keys: Sequence[Any], args: Sequence[Any], budget_s: float | None = None
@@ -278,7 +321,7 @@ class ScriptBus:
         self._scripts: list[BusScript] = []
         self._multi: Any = None  # the wrapper of all registered scripts (redis-py Script)
         self._timeout = 1.0
-        self._pending: list[tuple[BusScript, Call, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[BusScript, Call, Reply]] = []
         self._in_flight: set[_Batch] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: list[asyncio.Future[None]] = []  # aclose's waits
@@ -340,11 +383,15 @@ class ScriptBus:
         # No done callback to mark a failure as retrieved (one more loop callback a
         # call): `call` retrieves it, and `submit`'s callers add their own callback.
         fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((script, (keys, args), fut))
+        self.enqueue(script, keys, args, fut)
+        return fut
+
+    def enqueue(self, script: BusScript, keys: list[Any], args: list[Any], reply: Reply) -> None:
+        self._pending.append((script, (keys, args), reply))
         if len(self._pending) == 1:
             # Two loop rounds: this tick's other callers and the next's join.
+            loop = self._loop or self._running_loop()
             loop.call_soon(loop.call_soon, self._flush)
-        return fut
 
     def _flush(self) -> None:
         calls, self._pending = self._pending, []
@@ -445,9 +492,7 @@ class ScriptBus:
         batch.done = True
         self._in_flight.discard(batch)
 
-    def _deliver(
-        self, calls: list[tuple[BusScript, Call, asyncio.Future[Any]]], replies: list[Any]
-    ) -> None:
+    def _deliver(self, calls: list[tuple[BusScript, Call, Reply]], replies: list[Any]) -> None:
         for (script, call, fut), reply in zip(calls, replies, strict=True):
             if fut.done():
                 script.on_orphan(call, reply)
@@ -459,9 +504,7 @@ class ScriptBus:
 
     # -- a cluster: redis-py, one wrapper call per slot ---------------------------
 
-    async def _flush_cluster(
-        self, calls: list[tuple[BusScript, Call, asyncio.Future[Any]]]
-    ) -> None:
+    async def _flush_cluster(self, calls: list[tuple[BusScript, Call, Reply]]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 replies = await self._cluster_send([(s, c) for s, c, _ in calls])

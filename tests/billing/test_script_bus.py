@@ -262,3 +262,39 @@ async def test_a_ticks_calls_go_out_in_commands_of_at_most_max_calls(
     after = (await admin.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
     assert got == [str(i).encode() for i in range(n)]
     assert after - before == 3  # two full commands and the lone last call
+
+
+async def test_posted_calls_hand_their_replies_to_their_callbacks(
+    bus: ScriptBus, admin: aioredis.Redis, redis_prefix: str
+) -> None:
+    """A posted call's reply (an error as its exception) reaches its callback; one
+    callback that raises costs the other calls of its command nothing."""
+    incr = bus.register("return redis.call('INCR', KEYS[1])", 1.0)
+    fail = bus.register("return redis.error_reply('no such luck')", 1.0)
+    key = f"{redis_prefix}posted"
+    got: list[Any] = []
+
+    def broken(reply: Any) -> None:
+        got.append(("broken", reply))
+        raise RuntimeError("a bug in a callback")
+
+    incr.post([key], [], broken)
+    fail.post([key], [], lambda reply: got.append(("fail", reply)))
+    incr.post([key], [], lambda reply: got.append(("incr", reply)))
+    await bus.aclose(2.0)
+    assert bus.pending == 0
+    assert [name for name, _ in got] == ["broken", "fail", "incr"]
+    assert got[0][1] == 1 and got[2][1] == 2
+    assert isinstance(got[1][1], ResponseError) and "no such luck" in str(got[1][1])
+    assert int(await admin.get(key) or 0) == 2
+
+
+async def test_posted_calls_still_queued_at_close_are_told_so(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    bus = ScriptBus(redis_client)
+    echo = bus.register("return ARGV[1]", 1.0)
+    got: list[Any] = []
+    echo.post([f"{redis_prefix}k"], ["x"], got.append)
+    await bus.close(0)  # before its flush: cancelled, not lost in silence
+    assert len(got) == 1 and isinstance(got[0], asyncio.CancelledError)
