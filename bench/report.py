@@ -51,7 +51,8 @@ def ratios(result: dict[str, Any]) -> dict[str, float | None]:
 def ratio_line(result: dict[str, Any]) -> str:
     r = result.get("ratios") or ratios(result)
     return (
-        f"Against the bare relay (same run): relay only {_f(r['relay_vs_bare_rps'], 2)}x "
+        "Against the bare relay (same run, saturation: the median rounds): "
+        f"relay only {_f(r['relay_vs_bare_rps'], 2)}x "
         f"its throughput at saturation ({_f(r['relay_vs_bare_cpu_per_req'], 2)}x its CPU "
         f"per request), full pipeline {_f(r['full_vs_bare_rps'], 2)}x "
         f"({_f(r['full_vs_bare_cpu_per_req'], 2)}x); CPU per relayed chunk (full, c64) "
@@ -138,8 +139,10 @@ def markdown(result: dict[str, Any]) -> str:
         if row["rate"]:
             load = f"{row['rate']} RPS"
         else:
-            gen = row["results"].get("direct", {}).get("generator", "wrk").split()[0]
-            load = f"max ({gen}, 64 conns)"
+            direct = row["results"].get("direct", {})
+            gen = direct.get("generator", "wrk").split()[0]
+            n = len(direct.get("rounds_rps") or [1])
+            load = f"max ({gen}, 64 conns" + (f", median of {n} rounds)" if n > 1 else ")")
         for t, label in TARGET_NAMES.items():
             if t not in row["results"]:
                 continue
