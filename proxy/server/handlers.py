@@ -83,9 +83,7 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
             # Metrics and the access line are bookkeeping, not part of the answer:
             # they run in the loop's next round, after this task step has written
             # the response (bench/: ~50-70 us less added latency per request).
-            asyncio.get_running_loop().call_soon(
-                state.observer.request_finished, ex, settlement, now, recorded
-            )
+            state.loop.call_soon(state.observer.request_finished, ex, settlement, now, recorded)
 
 
 async def _pipeline(

@@ -7,6 +7,7 @@ Without Redis but with the embedded ledger, the guard asks the ledger's books.""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -211,6 +212,7 @@ async def start_state(
         observer=observer,
         sink_description=where,
         started_at=time.time(),
+        loop=asyncio.get_running_loop(),
         closers=closers,
     )
     _log_startup(state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ class ProxyState:
     observer: Observer
     sink_description: str
     started_at: float
+    # The loop it was started on and serves: asked once (on Python 3.11 each
+    # `asyncio.get_running_loop` is a getpid() system call).
+    loop: asyncio.AbstractEventLoop
     closers: list[Closer] = field(default_factory=list)
 
 

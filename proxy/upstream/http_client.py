@@ -150,6 +150,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_head",
         "_headers",
+        "_loop",
         "_parser",
         "_paused",
         "_pool",
@@ -164,6 +165,7 @@ class _Connection(asyncio.Protocol):
         self._pool = pool
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._headers: list[tuple[str, str]] = []
         self._response: UpstreamResponse | None = None
@@ -175,6 +177,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # The connection's loop, asked once (a getpid() system call each time on 3.11).
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         if self._head is None and self._response is None:
@@ -255,8 +259,8 @@ class _Connection(asyncio.Protocol):
     # -- used by the pool and the response --------------------------------------------------
 
     def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
-        assert self.transport is not None
-        head: asyncio.Future[UpstreamResponse] = asyncio.get_running_loop().create_future()
+        assert self.transport is not None and self._loop is not None  # connected
+        head: asyncio.Future[UpstreamResponse] = self._loop.create_future()
         self._head = head
         self.transport.write(data)
         return head

@@ -26,15 +26,24 @@ class WatchdogTicker:
     passed and re-arms for the next deadline.
     """
 
-    __slots__ = ("_armed", "_dogs", "_when")
+    __slots__ = ("_armed", "_dogs", "_loop", "_when")
 
     def __init__(self) -> None:
         self._dogs: set[Watchdog] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the first watchdog's
         # The timer's handle is not kept (it would keep the loop alive from here):
         # `_armed` counts arms, and a timer superseded by an earlier one finds its
         # number stale when it fires and does nothing.
         self._armed = 0
         self._when: float | None = None  # when the current timer fires; None: none
+
+    def running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the ticker serves, asked once (each `asyncio.get_running_loop`
+        is a getpid() system call on Python 3.11); asked again once it is closed."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def add(self, dog: Watchdog, deadline: float) -> None:
         self._dogs.add(dog)
@@ -104,8 +113,9 @@ class Watchdog:
     )
 
     def __init__(self, timeouts: Timeouts, ticker: WatchdogTicker | None = None) -> None:
-        loop = self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+        ticker = self._ticker = ticker or WatchdogTicker()
+        loop = self._loop = ticker.running_loop()
+        self._task = asyncio.current_task(loop)
         self.idle = timeouts.idle
         self._limit = timeouts.first_byte
         self._streaming = False  # the first byte arrived: `_limit` is now `idle`
@@ -113,7 +123,6 @@ class Watchdog:
         self._end = self.started + timeouts.total
         self.expired: str | None = None
         self._live = True
-        ticker = self._ticker = ticker or WatchdogTicker()
         ticker.add(self, self._deadline())
 
     def first_byte(self) -> None:
