@@ -50,7 +50,7 @@ class Plan:
     rss_requests: int = 100_000
     metering_chunks: int = 500
     metering_s: float = 8.0
-    metering_rounds: int = 3
+    metering_rounds: int = 5
     workers_rate: int = 400  # per worker
     workers_s: float = 6.0
     workers_rounds: int = 3
