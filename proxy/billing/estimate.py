@@ -28,13 +28,14 @@ minute, proxy.billing.limits) admit on the same numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Final
 
 from proxy.billing.counting import TokenCounter
 from proxy.billing.pricing import affordable_output, upper_bound
 from proxy.billing.record import ChatRequest
 from proxy.contract.charge_event import MAX_TOKENS
+from proxy.contract.records import record
 
 # The body fields that cap the output per endpoint, in the order they win; clamp
 # mode adds the first when the caller named none. Embeddings have no output.
@@ -47,7 +48,7 @@ OUTPUT_LIMIT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
 _MAX_CHOICES = 128  # OpenAI's own limit of `n`
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Estimate:
     prompt_tokens: int  # upper bound of the prompt
     output_tokens: int  # the output allowance (all choices)

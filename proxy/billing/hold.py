@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from proxy.contract.records import record
+
 
 class Reserved(StrEnum):
     """A reservation's result (`llm_proxy_reservations_total{result}` counts the first
@@ -21,7 +23,7 @@ class Reserved(StrEnum):
     UNAVAILABLE = "unavailable"  # could not decide and guard.fail is closed
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reservation:
     result: Reserved
     held: int = 0  # credits now held under the request id

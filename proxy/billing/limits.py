@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -31,6 +30,7 @@ from proxy.billing.payer import BillingContext
 from proxy.billing.record import ChatRequest
 from proxy.billing.script_batcher import BusCall, BusScript, ScriptBus
 from proxy.config.model import LimitsConfig, LimitSet
+from proxy.contract.records import record
 from proxy.contract.redis_keys import RedisKeys
 from proxy.logs import ThrottledLog
 
@@ -204,7 +204,7 @@ def format_reset(ms: int) -> str:
     return f"{sec}s"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Admission:
     """One request's rate-limit decision and what finishing it needs."""
 

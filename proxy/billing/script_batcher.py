@@ -51,6 +51,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from proxy.billing.redis_raw import PipeReset, RedisPipe, pack
+from proxy.contract.records import record
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class _Posted:
 Reply = asyncio.Future[Any] | _Posted
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BusCall:
     """One call of a registered script, made by someone else (chained to a call of
     the caller's: `BusChain.call`)."""
