@@ -74,7 +74,7 @@ def status_class(status: int) -> str:
 
 
 class _Count:
-    """A counter child's increments, summed until the next flush (no lock: the
+    """A counter (or gauge) child's increments, summed until the next flush (no lock: the
     event loop's thread is the only writer, and flushes run on it too)."""
 
     __slots__ = ("child", "n")
@@ -255,6 +255,7 @@ class ProxyMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self._held = self._count(self.credit_held)
         self.charge_events = Counter(
             "llm_proxy_charge_events_total",
             "Charge events by result: enqueued/enqueue_failed into the outbox, "
@@ -496,7 +497,7 @@ class ProxyMetrics:
             child.inc(count)
 
     def held_credit(self, delta: int) -> None:
-        self.credit_held.inc(delta)
+        self._held.n += delta  # twice a request: summed until the flush (a gauge: +/-)
 
     def guard_cache_state(self, live: bool) -> None:
         self.guard_cache_live.set(1 if live else 0)
