@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,7 @@ class Exchange:
         "outcome",
         "prompt_bound",
         "rate_admission",
+        "reply_headers",
         "request_bytes",
         "started",
         "started_ms",
@@ -100,6 +101,9 @@ class Exchange:
         # The rate limiter's decision when it was made with the reservation (one
         # script call: proxy.billing.admission); else the limits step makes it.
         self.rate_admission: Admission | None = None
+        # Headers a step wants on whatever answer goes out (the rate limiter's
+        # x-ratelimit-*): the relays and the error answer add them.
+        self.reply_headers: Mapping[str, str] | None = None
         self.outcome: Outcome | None = None
         self.status: int = 0
         self.error_kind: ErrorKind | None = None

@@ -11,7 +11,6 @@ from proxy.config import EnvSettings, YamlConfig
 from proxy.errors import error_middleware
 from proxy.server import handlers, stored_responses
 from proxy.server.lifecycle import EmbeddedLedgerFactory, start_state, stop_state
-from proxy.server.limits_step import add_rate_limit_headers
 from proxy.server.state import STATE
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observer import Observer
@@ -31,8 +30,6 @@ def build_app(
     app = web.Application(
         middlewares=[error_middleware], client_max_size=config.server.max_body_bytes
     )
-    if config.limits.enabled:  # (a signal costs every response a dispatch)
-        app.on_response_prepare.append(add_rate_limit_headers)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/responses", handlers.responses)
     app.router.add_post("/v1/embeddings", handlers.embeddings)

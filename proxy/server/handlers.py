@@ -59,7 +59,12 @@ async def serve(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if ex.outcome is None:
             ex.finish(Outcome.REJECTED, err.status)
         if ex.ctx is not None:
-            err.headers = {**(err.headers or {}), "X-Request-Id": ex.ctx.request_id}
+            # The rate limiter's headers (a 429's included) and the request id.
+            err.headers = {
+                **(err.headers or {}),
+                **(ex.reply_headers or {}),
+                "X-Request-Id": ex.ctx.request_id,
+            }
         raise
     except asyncio.CancelledError:
         # The client left before any step recorded an outcome (e.g. while sending
@@ -101,7 +106,7 @@ async def _pipeline(
 
     # Credit is reserved (or checked) before the call; clamp mode may lower the limit.
     chat = await admit(state.guard, state.config.guard.mode, ex, state.limiter)
-    await check_limits(request, state, ex)  # per-user/key rate limits (server/limits_step.py)
+    await check_limits(state, ex)  # per-user/key rate limits (server/limits_step.py)
 
     # Targets, retries, fallbacks, cooldowns (proxy.upstream.router): `ex.chat` is
     # then the serving target's view of the alias, `ex.attempts` the attempts made.

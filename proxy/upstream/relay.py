@@ -14,6 +14,7 @@ import logging
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.billing.metering import (
     Metered,
@@ -44,6 +45,18 @@ from proxy.upstream.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 _UNMETERED = Metered(Usage(completion_tokens=1), UsageSource.ESTIMATED)
+
+
+def answer_headers(up: UpstreamResponse, ex: Exchange) -> CIMultiDict[str]:
+    """The answer's headers: the upstream's we relay, our request id, and what the
+    request's steps added (`ex.reply_headers`: set here, not by an
+    `on_response_prepare` signal, which cost every response a dispatch)."""
+    headers = relay_headers(up.headers)
+    headers["X-Request-Id"] = ex.request_id
+    extra = ex.reply_headers
+    if extra:
+        headers.update(extra)
+    return headers
 
 
 async def relay_error_status(up: UpstreamResponse, ex: Exchange, wd: Watchdog) -> web.Response:
@@ -78,11 +91,10 @@ async def relay_error_status(up: UpstreamResponse, ex: Exchange, wd: Watchdog) -
             provider.api_key_env or "no variable",
         )
         error = failure.error
-        error.headers = {"X-Request-Id": ex.request_id}
+        error.headers = {**(ex.reply_headers or {}), "X-Request-Id": ex.request_id}
         return error.response()
-    headers = relay_headers(up.headers)
+    headers = answer_headers(up, ex)
     headers["Content-Type"] = "application/json"
-    headers["X-Request-Id"] = ex.request_id
     return web.Response(
         status=up.status,
         body=upstream_status_body(up.status, body, provider.api_key),
@@ -115,8 +127,7 @@ async def relay_json(
     ex.metered = meter_json(body, ex.chat.body, ex.encoding, ex.request_bytes, ex.chat.format)
     ex.finish(Outcome.COMPLETED, up.status)
     await _refine(ex, None, body)
-    headers = relay_headers(up.headers)
-    headers["X-Request-Id"] = ex.request_id
+    headers = answer_headers(up, ex)
     if quote is not None:
         body, _ = stamp_json(body, quote)
         # What settle() charges: the same usage, rule, version and tier.
@@ -167,8 +178,7 @@ async def relay_stream(
     stream is charged a nominal token so only the metering work differs. `quote`
     (cost in band, when the caller asked for usage): its usage event gains `cost`."""
     assert ex.chat is not None and ex.encoding is not None
-    headers = relay_headers(up.headers)
-    headers["X-Request-Id"] = ex.request_id
+    headers = answer_headers(up, ex)
     headers.setdefault("Cache-Control", "no-cache")
     out = web.StreamResponse(status=up.status, headers=headers)
     meter = StreamMeter(strip_usage=strip, fmt=ex.chat.format) if metering else None

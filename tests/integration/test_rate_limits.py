@@ -318,3 +318,32 @@ async def test_official_sdk_retries_a_429_after_retry_after(
     finally:
         releaser.cancel()
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "answer", ["json", "stream", "upstream 503", "upstream 401 (our key refused: 502)", "429"]
+)
+async def test_every_answer_of_an_admitted_request_carries_the_headers(
+    start_proxy: StartProxy, redis_server: RedisServer, redis_prefix: str, answer: str
+) -> None:
+    """Relayed (JSON, SSE, an upstream error status), our own error for the upstream,
+    or the limiter's refusal: OpenAI's x-ratelimit-* headers are on the answer."""
+    rpm = 1 if answer == "429" else 50
+    yaml = f"\nlimits:\n  user: {{rpm: {rpm}, tpm: 100000}}\n  budget_ms: 2000\n"
+    await funded(redis_server.url, redis_prefix)
+    h = await start_proxy(redis_url=redis_server.url, guard_prefix=redis_prefix, extra_yaml=yaml)
+    body: dict[str, Any] = {"model": "smart", "messages": MESSAGES, "stream": answer == "stream"}
+    expected = 200
+    if answer.startswith("upstream"):
+        h.behaviour.status = int(answer.split()[1])
+        expected = 502 if h.behaviour.status == 401 else h.behaviour.status
+    elif answer == "429":
+        first, _, _ = await h.chat(body, h.headers(user_id=41))
+        assert first == 200
+        expected = 429
+    status, _, headers = await h.chat(body, h.headers(user_id=41))
+    assert status == expected
+    for name in HEADER_NAMES:
+        assert name in headers, (answer, name)
+    assert headers["x-ratelimit-limit-requests"] == str(rpm)
+    assert headers["X-Request-Id"]
