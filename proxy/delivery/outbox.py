@@ -63,6 +63,8 @@ _MAX_UNCOMMITTED = 100_000
 # Committed rows kept in memory for the publisher; beyond this (a sink down for long)
 # it reads them from the file again.
 _MAX_RECENT = 20_000
+# A WAL past this after the periodic checkpoint is checkpointed to its end and restarted.
+_WAL_RESTART_BYTES = 16 << 20
 _COMMIT_RETRY_MAX_S = 5.0
 
 
@@ -215,8 +217,28 @@ class Outbox:
                 self._dirty = False
                 try:
                     await asyncio.to_thread(self._checkpoint)
+                    self._restart_wal()
                 except sqlite3.Error as exc:
                     log.warning("outbox checkpoint failed: %r", exc)
+
+    def _restart_wal(self) -> None:
+        """Under steady writes the checkpoint beside them never catches up (frames keep
+        coming while it copies), so SQLite never restarts the WAL: it grew by ~15 MB/s
+        at saturation, and every commit got slower (bench: -10 % req/s in 25 s). Past
+        `_WAL_RESTART_BYTES` the rest is checkpointed here, on the loop, the only
+        writer (the few frames written since the thread's checkpoint) and the next
+        commit writes the WAL from its start again: the file stays at about that size.
+        A stall of the loop of ~2 ms (TRUNCATE, which also shrinks the file, took ~10),
+        at most every few seconds, and only under steady load."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            size = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        if size > _WAL_RESTART_BYTES:
+            conn.execute("PRAGMA wal_checkpoint(RESTART)")
 
     def _checkpoint(self) -> None:
         """fsync the WAL and copy it into the database file (a thread of its own,

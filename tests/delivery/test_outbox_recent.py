@@ -150,3 +150,31 @@ async def test_a_second_writer_on_the_file_loses_no_event(tmp_path: Path) -> Non
     assert [r.event_id for r in await b.fetch_pending(10)] == ["a1", "b1", "a2"]
     await a.close()
     await b.close()
+
+
+def wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one at each restart."""
+    with open(f"{path}-wal", "rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+@pytest.mark.parametrize("limit_kb, restarted", [(64, True), (64 * 1024, False)])
+async def test_a_wal_past_its_limit_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit_kb: int, restarted: bool
+) -> None:
+    """Under steady writes SQLite never restarts the WAL by itself (the checkpoint
+    beside them never catches up): past the limit the outbox restarts it, and the
+    events are all still there."""
+    monkeypatch.setattr(outbox_module, "_WAL_RESTART_BYTES", limit_kb * 1024)
+    path = tmp_path / "o.sqlite3"
+    outbox = Outbox(path, checkpoint_interval=3600)  # no periodic checkpoint meanwhile
+    await outbox.start()
+    for i in range(40):
+        await put_all(outbox, [(f"e{i}-{j}", b"x" * 2000) for j in range(4)])
+    before = wal_restarts(path)
+    outbox._restart_wal()
+    await put_all(outbox, [("last", b"y")])
+    assert wal_restarts(path) == before + (1 if restarted else 0)
+    assert len(file_rows(path)) == 161
+    assert [r.event_id for r in await outbox.fetch_pending(1000)][-1] == "last"
+    await outbox.close()
