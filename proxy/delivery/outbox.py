@@ -116,6 +116,9 @@ class Outbox:
         # Every row of the file, in seq order, while the file holds only rows this
         # process committed; None: read them from the file.
         self._recent: deque[OutboxRow] | None = None
+        # Another writer took one of our seqs: its rows are in the file too, so the
+        # file stays the publisher's reference for good (our counts are not its).
+        self._shared = False
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -320,6 +323,7 @@ class Outbox:
             # A seq already taken: someone else writes to this file. Number after
             # its rows, and read from the file from now on (its rows are not ours).
             self._recent = None
+            self._shared = True
             (top,) = conn.execute("SELECT MAX(seq) FROM outbox").fetchone()
             first = (top or 0) + 1
             numbered = [(first + i, *row) for i, row in enumerate(rows)]
@@ -387,7 +391,7 @@ class Outbox:
                     recent.popleft()
             else:  # not the head of the rows kept: the file is the reference again
                 self._recent = recent = None
-        if recent is None and self._pending == deleted:
+        if recent is None and self._pending == deleted and not self._shared:
             # The file is empty now: what is committed from here on is all it holds.
             self._recent = recent = deque()
         if recent is not None:
