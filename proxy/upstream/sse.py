@@ -125,12 +125,16 @@ def has_event_end(data: bytes, start: int = 0, end: int | None = None) -> bool:
 def last_event_end(data: bytes | bytearray, end: int) -> int:
     """Where the event holding `data[end]` starts: just after the last blank line
     before `end` (0 when there is none)."""
-    best = 0
-    for sep in (b"\n\n", b"\r\n\r\n"):
-        cut = data.rfind(sep, 0, end)
-        if cut >= 0:
-            best = max(best, cut + len(sep))
-    if b"\r" in data:  # mixed or lone-CR line ends after that
+    # Each later search starts where the one before found a blank line, so a long
+    # pass-through stream (LF only) is not scanned whole for CRs (most of the meter's
+    # end-of-stream cost before, issue 23). The CRLF search only saves the regex scan
+    # on CRLF streams; the regex alone finds every kind of blank line after `best`.
+    cut = data.rfind(b"\n\n", 0, end)
+    best = cut + 2 if cut >= 0 else 0
+    cut = data.rfind(b"\r\n\r\n", best, end)
+    if cut >= 0:
+        best = cut + 4
+    if data.find(b"\r", best, end) >= 0:  # mixed or lone-CR line ends after that
         for m in _EVENT_END.finditer(data, best, end):
             best = m.end()
     return best

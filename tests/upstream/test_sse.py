@@ -131,3 +131,23 @@ def test_last_event_end_is_where_the_event_holding_a_byte_starts(
     pos = data.draw(st.integers(start, end - 1))
     assert sse.last_event_end(raw, pos) == start
     assert sse.last_event_end(bytearray(raw), pos) == start
+
+
+@pytest.mark.parametrize(
+    ("raw", "event"),
+    [
+        # Each blank line kind right after an LF one: the searches start where the one
+        # before found its blank line and must still see a separator that starts there.
+        (b"data: a\n\ndata: b\r\rdata: u", b"data: u"),
+        (b"data: a\n\nd: b\r\n\r\ndata: u", b"data: u"),
+        (b"data: a\r\n\r\n:\n\ndata: u", b"data: u"),
+        (b"data: a\n\n\r\rdata: u", b"data: u"),
+        (b"data: a\n\n\r\n\ndata: u", b"data: u"),
+        (b"data: a\n\r\ndata: u", b"data: u"),
+        (b"data: a\r\n\n" + b"data: b\n\n" * 200 + b"data: u", b"data: u"),
+    ],
+)
+def test_last_event_end_after_mixed_blank_lines(raw: bytes, event: bytes) -> None:
+    pos = raw.rindex(b"u")
+    assert raw[sse.last_event_end(raw, pos) :] == event
+    assert sse.last_event_end(bytearray(raw), pos) == len(raw) - len(event)
