@@ -21,6 +21,12 @@ from proxy.billing.wire_formats import CHAT, WireFormat
 from proxy.contract.usage import Usage
 from proxy.upstream import sse
 
+# Reads kept as they came, then joined into one block: what was relayed stays one
+# copy of its bytes (no list of thousands of read objects, issue 23) and grows
+# without the realloc copies a single growing bytearray made (~790 of the ~2,200
+# instructions metering added to a pass-through chunk under callgrind).
+_BLOCK = 64
+
 
 class StreamMeter:
     """Watches a relayed SSE stream.
@@ -40,12 +46,13 @@ class StreamMeter:
     """
 
     __slots__ = (
+        "_blocks",
         "_close",
         "_drain_framer",
         "_fmt",
         "_framer",
         "_null_tail",
-        "_relayed",
+        "_parts",
         "_report",
         "_sep_len",
         "strip_usage",
@@ -55,9 +62,10 @@ class StreamMeter:
         self.strip_usage = strip_usage
         self._fmt = fmt
         self._framer = sse.EventFramer() if strip_usage else None
-        # What the client was sent, in one growing buffer: the fallback estimate needs
-        # it, and one buffer costs less than keeping every read alive (issue 23).
-        self._relayed = bytearray()
+        # What the client was sent (the fallback estimate needs it): the latest reads
+        # (fewer than _BLOCK), and the earlier ones joined _BLOCK at a time.
+        self._parts: list[bytes] = []
+        self._blocks: list[bytes] = []
         self._report: UsageReport | None = None
         # `,"usage":null}` + the stream's event separator, once that is known.
         self._null_tail: bytes | None = None
@@ -68,7 +76,10 @@ class StreamMeter:
     def relay(self, data: bytes) -> bytes:
         framer = self._framer
         if framer is None:
-            self._relayed += data
+            parts = self._parts
+            parts.append(data)
+            if len(parts) >= _BLOCK:
+                self._fold()
             return data
         tail = self._null_tail
         if (
@@ -83,7 +94,10 @@ class StreamMeter:
             # member and nothing else needs looking at: ~0.25 us per chunk
             # instead of ~0.6 for framing + replace + scan (measured in-process).
             out = data[: -len(tail)] + self._close
-            self._relayed += out
+            parts = self._parts
+            parts.append(out)
+            if len(parts) >= _BLOCK:
+                self._fold()
             return out
         out = framer.feed_complete(data)
         if not out:
@@ -106,8 +120,18 @@ class StreamMeter:
             out = b"".join(self._strip_event(e) for e in events) + split.pending
             if not out:
                 return b""
-        self._relayed += out
+        self._keep_bytes(out)
         return out
+
+    def _keep_bytes(self, data: bytes) -> None:
+        parts = self._parts
+        parts.append(data)
+        if len(parts) >= _BLOCK:
+            self._fold()
+
+    def _fold(self) -> None:
+        self._blocks.append(b"".join(self._parts))
+        self._parts.clear()
 
     def drain(self, data: bytes) -> None:
         """A read after the client left (disconnect policy `drain`): nothing is sent,
@@ -115,10 +139,10 @@ class StreamMeter:
         framer = self._framer
         if framer is None:  # pass-through mode frames nothing; draining must
             framer = self._drain_framer = self._drain_framer or sse.EventFramer()
-            self._relayed += data  # reads, contiguous with the relayed ones
+            self._keep_bytes(data)  # reads, contiguous with the relayed ones
         events = framer.feed(data)
         if self._framer is not None:
-            self._relayed += b"".join(events)  # whole events, like the relayed ones
+            self._keep_bytes(b"".join(events))  # whole events, like the relayed ones
         for event in events:
             if sse.USAGE_KEY in event or sse.ESCAPE in event:
                 self._strip_event(event)
@@ -158,16 +182,39 @@ class StreamMeter:
             split = sse.EventFramer()
             events = split.feed(out, whole=True)
             out = b"".join(self._strip_event(e) for e in events) + split.pending
-        self._relayed += out
+        self._keep_bytes(out)
         return out
 
     def relayed(self) -> bytes:
-        return bytes(self._relayed)
+        """Every byte the client was sent (and, after a drain, read for metering)."""
+        if self._parts:
+            self._fold()
+        blocks = self._blocks
+        if len(blocks) > 1:
+            blocks[:] = [b"".join(blocks)]  # joined once, however often asked
+        return blocks[0] if blocks else b""
+
+    def _tail(self) -> bytes:
+        """The relayed bytes from the start of the event holding the last `"usage"`
+        on (all of them when there is none): the report is in that event or a later
+        one, and joining the whole stream for it would copy every byte once more.
+        The tail takes 1, 2, 4, ... of the last pieces until it holds that event's
+        start: a blank line before the `"usage"` (a piece ends anywhere, and the
+        usage event may be large: `response.completed` repeats the whole output)."""
+        pieces = self._blocks + self._parts
+        n = 1
+        while n < len(pieces):
+            tail = b"".join(pieces[-n:])
+            pos = tail.rfind(sse.USAGE_KEY)
+            if pos >= 0 and sse.last_event_end(tail, pos) > 0:
+                return tail
+            n *= 2
+        return self.relayed()
 
     def report(self) -> UsageReport | None:
-        if self._report is None and self._framer is None and self._relayed:
+        if self._report is None and self._framer is None and (self._parts or self._blocks):
             # (After a drain in pass-through mode `_report` may be set already.)
-            self._report = _report_in_tail(self._relayed, self._fmt)
+            self._report = _report_in_tail(self._tail(), self._fmt)
         return self._report
 
     @property
@@ -180,7 +227,7 @@ class StreamMeter:
         return report.usage if report is not None else None
 
 
-def _report_in_tail(relayed: bytearray, fmt: WireFormat = CHAT) -> UsageReport | None:
+def _report_in_tail(relayed: bytes, fmt: WireFormat = CHAT) -> UsageReport | None:
     """Find the usage event near the end of a pass-through stream.
 
     It is the last data event before `[DONE]` (chat) or the last event
