@@ -18,6 +18,8 @@ from proxy.upstream import sse
 
 Quote = Callable[[Usage], int]
 
+_USAGE_NULL = sse.USAGE_KEY + b":null"
+
 
 def stamp_json(body: bytes, quote: Quote) -> tuple[bytes, int | None]:
     """A non-streamed body with `usage.cost` added, and the credits (None: no usage)."""
@@ -46,8 +48,16 @@ class StreamCostStamp:
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to send for one upstream read (complete events only)."""
-        if not self._framer.pending and data.endswith(b"\n\n") and sse.USAGE_KEY not in data:
-            return data  # the usual read: whole events, none with a usage report
+        if (
+            not self._framer.pending
+            and data.endswith(b"\n\n")
+            and data.count(sse.USAGE_KEY) == data.count(_USAGE_NULL)
+        ):
+            # The usual read: whole events, none with a usage report. A stream the
+            # caller asked usage for has `"usage":null` on every chunk; counting
+            # saves framing each one (a raw `"usage"` is always a key: JSON
+            # strings escape their quotes).
+            return data
         events = self._framer.feed(data)
         return b"".join(self._stamp(e) for e in events)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.contract.usage import Usage
 from proxy.upstream.cost_stamp import StreamCostStamp, stamp_json
@@ -51,3 +53,31 @@ def test_json_body_gains_cost() -> None:
     assert credits == 1005 and orjson.loads(stamped)["usage"]["cost"] == 1005
     assert stamp_json(b'{"id":"c"}', quote) == (b'{"id":"c"}', None)
     assert stamp_json(b"not json", quote) == (b"not json", None)
+
+
+SPACED_NULL = CHUNK.replace(b'"usage":null', b'"usage": null')
+FINAL_CRLF = FINAL.replace(b"\n\n", b"\r\n\r\n")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    events=st.lists(st.sampled_from([CHUNK, SPACED_NULL, DONE]), max_size=12),
+    final_at=st.integers(0, 12),
+    crlf=st.booleans(),
+    sizes=st.lists(st.integers(1, 200), min_size=1, max_size=5),
+)
+def test_only_the_usage_event_changes_whatever_the_reads(events, final_at, crlf, sizes) -> None:
+    # Chunks carrying `"usage":null` (how a stream the caller asked usage for looks)
+    # pass byte for byte, however reads cut them; the usage event gains its cost.
+    final = FINAL_CRLF if crlf else FINAL
+    stamped = final.replace(USAGE[:-1], USAGE[:-1] + b',"cost":1005')
+    at = final_at % (len(events) + 1)
+    data = b"".join([*events[:at], final, *events[at:]])
+    want = b"".join([*events[:at], stamped, *events[at:]])
+    stamp = StreamCostStamp(quote)
+    out, pos, i = [], 0, 0
+    while pos < len(data):
+        out.append(stamp.feed(data[pos : pos + sizes[i % len(sizes)]]))
+        pos += sizes[i % len(sizes)]
+        i += 1
+    assert b"".join(out) + stamp.tail() == want
