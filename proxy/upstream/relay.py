@@ -187,13 +187,14 @@ async def relay_stream(
     try:
         await out.prepare(request)
         first = True
+        clock = wd.clock
         async for data in up.iter_any():
             if first:
                 wd.first_byte()
                 ex.mark_first_byte()
                 first = False
             else:
-                wd.touch()
+                wd.last = clock()  # = wd.touch(), without the call
             chunk = meter.relay(data) if meter is not None else data
             if stamp is not None:
                 chunk = stamp.feed(chunk)

@@ -43,10 +43,13 @@ class EventFramer:
     first separator seen is kept as `separator` for StreamMeter's fast path.
     """
 
-    __slots__ = ("_buf", "_sep")
+    __slots__ = ("_sep", "pending")
 
     def __init__(self) -> None:
-        self._buf = b""
+        # Bytes of an event not terminated yet: a plain attribute, not a property,
+        # because the relay's per-chunk fast paths read it (a property is a Python
+        # call each time).
+        self.pending = b""
         self._sep: bytes | None = None
 
     def _ends(self, buf: bytes, whole: bool = False) -> list[int]:
@@ -75,13 +78,13 @@ class EventFramer:
     def feed(self, data: bytes, *, whole: bool = False) -> list[bytes]:
         """The complete events so far; `whole` says `data` ends at an event's end
         (what `feed_complete` returned, or a stream that has ended)."""
-        buf = self._buf + data if self._buf else data
+        buf = self.pending + data if self.pending else data
         events: list[bytes] = []
         start = 0
         for end in self._ends(buf, whole):
             events.append(buf[start:end])
             start = end
-        self._buf = buf[start:] if start < len(buf) else b""
+        self.pending = buf[start:] if start < len(buf) else b""
         return events
 
     def feed_complete(self, data: bytes) -> bytes:
@@ -90,28 +93,23 @@ class EventFramer:
         The relay's per-chunk path: no list, no slicing when a read holds whole
         events (the usual case), which is most reads.
         """
-        buf = self._buf + data if self._buf else data
+        buf = self.pending + data if self.pending else data
         sep = self._sep
         if sep is not None and buf.endswith(sep) and b"\r" not in sep and b"\r" not in buf:
-            self._buf = b""
+            self.pending = b""
             return buf
         ends = self._ends(buf)
         if not ends:
-            self._buf = buf
+            self.pending = buf
             return b""
         last = ends[-1]
-        self._buf = buf[last:]
+        self.pending = buf[last:]
         return buf[:last] if last < len(buf) else buf
 
     @property
     def separator(self) -> bytes | None:
         """The first event separator seen (None until one arrived)."""
         return self._sep
-
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an event that has not been terminated yet."""
-        return self._buf
 
 
 def has_event_end(data: bytes, start: int = 0, end: int | None = None) -> bool:

@@ -106,6 +106,7 @@ class Watchdog:
         "_streaming",
         "_task",
         "_ticker",
+        "clock",
         "expired",
         "idle",
         "last",
@@ -119,6 +120,9 @@ class Watchdog:
         self.idle = timeouts.idle
         self._limit = timeouts.first_byte
         self._streaming = False  # the first byte arrived: `_limit` is now `idle`
+        # The loop's clock, bound once: the relay stamps `last` with it for every
+        # chunk (`wd.last = clock()`), which spares a method call a chunk.
+        self.clock = loop.time
         self.started = self.last = loop.time()
         self._end = self.started + timeouts.total
         self.expired: str | None = None

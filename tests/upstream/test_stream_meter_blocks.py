@@ -1,6 +1,7 @@
 """The stream meter keeps what it relayed as reads folded into blocks (issue 23): long
 streams of small reads come back whole, and the pass-through tail scan finds the
-same usage report as a scan of the whole stream, wherever reads and blocks end."""
+same usage report as a scan of the whole stream, wherever reads and blocks end; the
+strip fast path cuts what framing the whole stream cuts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from proxy.billing.wire_formats import RESPONSES
 from proxy.contract.usage import Usage
 from proxy.upstream import stream_meter
+from proxy.upstream.sse import EventFramer
 from proxy.upstream.stream_meter import StreamMeter, _report_in_tail
 
 SEPARATORS = [b"\n\n", b"\r\n\r\n", b"\r\r", b"\r\n\n"]
@@ -105,3 +107,35 @@ def test_reads_after_the_client_left_join_the_relayed_ones(words, sizes, cut, st
     else:
         assert kept == data  # reads, contiguous
     assert meter.upstream_usage() == Usage(11, 7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    words=st.lists(st.sampled_from([" fig", " é", "\\n", "\\r", ' "usage"']), max_size=40),
+    seps=st.lists(st.sampled_from(SEPARATORS), min_size=1, max_size=3),
+    groups=st.lists(st.integers(1, 3), min_size=1, max_size=5),
+    usage=st.booleans(),
+)
+def test_strip_fast_path_agrees_with_framing_the_whole_stream(words, seps, groups, usage) -> None:
+    # Reads of whole events, one to three at a time and with mixed separators: the
+    # one-event fast path (taken once the separator is known) must cut exactly what
+    # framing the whole stream cuts, and never take a read of two events for one.
+    data = chat_stream(words, seps, usage, done=True)
+    events = sse_events(data)
+    reference = StreamMeter(strip_usage=True)
+    expected = reference.relay(data) + reference.unterminated()
+    meter = StreamMeter(strip_usage=True)
+    sent, i, g = [], 0, 0
+    while i < len(events):
+        n = groups[g % len(groups)]
+        sent.append(meter.relay(b"".join(events[i : i + n])))
+        i, g = i + n, g + 1
+    sent.append(meter.unterminated())
+    assert b"".join(sent) == expected
+    assert b'"usage":null' not in expected and b'"usage":{' not in expected
+    assert meter.upstream_usage() == (Usage(11, 7) if usage else None)
+
+
+def sse_events(data: bytes) -> list[bytes]:
+    framer = EventFramer()
+    return framer.feed(data, whole=True) + ([framer.pending] if framer.pending else [])
