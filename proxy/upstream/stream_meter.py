@@ -80,7 +80,7 @@ class StreamMeter:
     def relay(self, data: bytes) -> bytes:
         framer = self._framer
         if framer is None:
-            parts = self._parts
+            parts = self._parts  # = self._keep_bytes(data), inlined: a call a chunk
             parts.append(data)
             if len(parts) >= _BLOCK:
                 self._fold()
@@ -98,7 +98,7 @@ class StreamMeter:
                 # `find`, whose argument parsing cost more than their scans (~900 of
                 # the instructions metering added a chunk, under callgrind).
                 out = head + self._close
-                parts = self._parts
+                parts = self._parts  # = self._keep_bytes(out), inlined
                 parts.append(out)
                 if len(parts) >= _BLOCK:
                     self._fold()
@@ -244,7 +244,7 @@ def _report_in_tail(relayed: bytes, fmt: WireFormat = CHAT) -> UsageReport | Non
     if pos < 0:
         return None
     start = sse.last_event_end(relayed, pos)
-    for event in reversed(sse.EventFramer().feed(bytes(relayed[start:]), whole=True)):
+    for event in reversed(sse.EventFramer().feed(relayed[start:], whole=True)):
         if sse.USAGE_KEY in event:
             obj = sse.decode_event(event)
             report = fmt.find_report(obj) if obj is not None else None

@@ -123,7 +123,7 @@ class Watchdog:
         # The loop's clock, bound once: the relay stamps `last` with it for every
         # chunk (`wd.last = clock()`), which spares a method call a chunk.
         self.clock = loop.time
-        self.started = self.last = loop.time()
+        self.started = self.last = self.clock()
         self._end = self.started + timeouts.total
         self.expired: str | None = None
         self._live = True

@@ -17,6 +17,9 @@ from proxy.upstream.stream_meter import StreamMeter, _report_in_tail
 
 SEPARATORS = [b"\n\n", b"\r\n\r\n", b"\r\r", b"\r\n\n"]
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+# Content with escapes, multi-byte text and a quoted "usage" (escaped in JSON: never a key).
+WORDS = st.lists(st.sampled_from([" fig", " é", "\\n", "\\r", ' "usage"', "🙂"]), max_size=60)
+SEPS = st.lists(st.sampled_from(SEPARATORS), min_size=1, max_size=3)
 
 
 def chat_stream(words: list[str], seps: list[bytes], usage: bool, done: bool) -> bytes:
@@ -44,8 +47,8 @@ def relay_in_reads(meter: StreamMeter, data: bytes, sizes: list[int]) -> tuple[b
 
 @settings(max_examples=150, deadline=None)
 @given(
-    words=st.lists(st.sampled_from([" fig", " é", "\\n", ' "usage"', "🙂"]), max_size=60),
-    seps=st.lists(st.sampled_from(SEPARATORS), min_size=1, max_size=3),
+    words=WORDS,
+    seps=SEPS,
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
     usage=st.booleans(),
     done=st.booleans(),
@@ -111,8 +114,8 @@ def test_reads_after_the_client_left_join_the_relayed_ones(words, sizes, cut, st
 
 @settings(max_examples=200, deadline=None)
 @given(
-    words=st.lists(st.sampled_from([" fig", " é", "\\n", "\\r", ' "usage"']), max_size=40),
-    seps=st.lists(st.sampled_from(SEPARATORS), min_size=1, max_size=3),
+    words=WORDS,
+    seps=SEPS,
     groups=st.lists(st.integers(1, 3), min_size=1, max_size=5),
     usage=st.booleans(),
 )
