@@ -39,6 +39,8 @@ class FakeProvider:
     calls: dict[int, int] = field(default_factory=dict)
     url: str = ""
     called: asyncio.Event = field(default_factory=asyncio.Event)
+    # When set, answers wait for it: "slower than any budget" without a timing bet.
+    gate: asyncio.Event | None = None
 
     def set(self, user_id: int, balance: int, is_blocked: bool = False) -> None:
         body = orjson.dumps({"balance": balance, "is_blocked": is_blocked})
@@ -54,6 +56,8 @@ class FakeProvider:
         self.called.set()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
         status, body = self.answers.get(user_id, (404, b'{"error":"no such user"}'))
         return web.Response(status=status, body=body, content_type="application/json")
 
