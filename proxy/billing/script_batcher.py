@@ -50,7 +50,15 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from proxy.billing.redis_raw import PipeReset, RedisPipe, pack
+from proxy.billing.redis_raw import (
+    KeyPacker,
+    PipeReset,
+    RedisPipe,
+    bulk_count,
+    bulk_items,
+    evalsha,
+    evalsha_head,
+)
 from proxy.contract.records import record
 
 log = logging.getLogger(__name__)
@@ -243,6 +251,8 @@ class BusScript:
         self.index = index
         self.script = script  # redis-py Script: a lone call, and preloading
         self.on_orphan = on_orphan
+        self.head = evalsha_head(script.sha)  # a lone call's command starts so
+        self.index_bulk = bulk_count(index)  # its index in a wrapper call's ARGV
 
     def submit(self, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """The call's reply, as a future (await it, add a callback, or leave it)."""
@@ -321,6 +331,8 @@ class ScriptBus:
         self._pipe = None if self._cluster else RedisPipe(redis)
         self._scripts: list[BusScript] = []
         self._multi: Any = None  # the wrapper of all registered scripts (redis-py Script)
+        self._multi_head = b""
+        self._keys_packer = KeyPacker()
         self._timeout = 1.0
         self._pending: list[tuple[BusScript, Call, Reply]] = []
         self._in_flight: set[_Batch] = set()
@@ -340,6 +352,7 @@ class ScriptBus:
         self._multi = self._redis.register_script(
             multi_body([s.script.script for s in self._scripts])
         )
+        self._multi_head = evalsha_head(self._multi.sha)
         self._timeout = max(self._timeout if len(self._scripts) > 1 else 0.0, timeout_s)
         return script
 
@@ -415,22 +428,27 @@ class ScriptBus:
     def _send(self, batch: _Batch) -> None:
         assert self._pipe is not None
         calls = batch.calls
+        keys_of = self._keys_packer
         if len(calls) == 1:
             script, (keys, args), _ = calls[0]
             batch.sent = [script.script]
-            packed = pack(["EVALSHA", script.script.sha, len(keys), *keys, *args])
+            packed = evalsha(script.head, len(keys), len(args), (keys_of(keys), bulk_items(args)))
         else:
             batch.sent = [self._multi]
-            head: list[Any] = ["EVALSHA", self._multi.sha, 0, len(calls)]
+            # KEYS: every call's, each call's packed once per tuple (a user's keys);
+            # ARGV: the number of calls, each call's (script, keys, args), its args.
+            pieces: list[bytes] = []
+            counts = [bulk_count(len(calls))]
             tail: list[Any] = []
             nkeys = 0
             for script, (keys, args), _ in calls:
-                head += (script.index, len(keys), len(args))
+                pieces.append(keys_of(keys))
+                counts += (script.index_bulk, bulk_count(len(keys)), bulk_count(len(args)))
                 nkeys += len(keys)
                 tail += args
-            head[2] = nkeys
-            keys_all = [k for _, (keys, _), _ in calls for k in keys]
-            packed = pack(head[:3] + keys_all + head[3:] + tail)
+            pieces += counts
+            pieces.append(bulk_items(tail))
+            packed = evalsha(self._multi_head, nkeys, len(counts) + len(tail), pieces)
         self._in_flight.add(batch)
         batch.sends += 1
         self.deadlines(self._timeout, self._expire).add((batch, batch.sends))

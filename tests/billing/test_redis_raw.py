@@ -35,6 +35,46 @@ def test_pack_is_the_resp_array_redis_py_sends(args: list[str | bytes | int]) ->
     assert redis_raw.pack(["EVALSHA", *args]) == packed
 
 
+calls_strategy = st.lists(
+    st.tuples(
+        st.lists(st.text(max_size=30), min_size=1, max_size=12),
+        st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=20)), max_size=4),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(calls=calls_strategy, sha=st.text(alphabet="0123456789abcdef", min_size=40, max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_evalsha_from_pieces_is_the_flat_command(
+    calls: list[tuple[list[str], list[str | bytes]]], sha: str
+) -> None:
+    # What the bus sends, put together from pieces (keys packed once per tuple, the
+    # counts pre-packed), is byte for byte the flat command packed in one go.
+    keys_of = redis_raw.KeyPacker(limit=3)  # small: the cache also starts over
+    for _ in range(2):  # the second time from the cache
+        keys_all = [k for keys, _ in calls for k in keys]
+        counts: list[str | bytes | int] = [len(calls)]
+        tail: list[str | bytes] = []
+        pieces = [keys_of(keys) for keys, _ in calls]
+        for i, (keys, args) in enumerate(calls):
+            counts += [i + 1, len(keys), len(args)]
+            tail += args
+        pieces += [redis_raw.bulk_count(int(c)) for c in counts]
+        pieces.append(redis_raw.bulk_items(tail))
+        packed = redis_raw.evalsha(
+            redis_raw.evalsha_head(sha), len(keys_all), len(counts) + len(tail), pieces
+        )
+        flat = ["EVALSHA", sha, len(keys_all), *keys_all, *counts, *tail]
+        assert packed == redis_raw.pack(flat)
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 10, 1023, 1024, 123456])
+def test_bulk_count_is_the_number_packed(n: int) -> None:
+    assert redis_raw.bulk_count(n) == redis_raw.bulk_items([n])
+
+
 async def _evalsha(pipe: RedisPipe, sha: str, keys: list[str], args: list[object]) -> object:
     return await pipe.send(redis_raw.pack(["EVALSHA", sha, len(keys), *keys, *args]))  # type: ignore[list-item]
 
