@@ -30,38 +30,40 @@ def settle(ex: Exchange, now: float) -> Settlement:
     Charged: a known payer (user_id > 0), not skip_charge, and tokens > 0 —
     including aborted or failed calls that consumed tokens.
     """
-    if ex.metered is None or ex.chat is None or ex.ctx is None:
+    metered, chat, ctx = ex.metered, ex.chat, ex.ctx
+    if metered is None or chat is None or ctx is None:
         return Settlement(None, None)
-    usage = ex.metered.usage
-    alias = ex.chat.alias
-    ctx = ex.ctx
+    usage = metered.usage
+    alias = chat.alias
     if not _chargeable(ctx, usage):
         # Nobody to charge (no payer, skip_charge, no token): no event, so no price
         # either (pricing it cost ~23k interpreter instructions a request for nothing).
         return Settlement(None, None)
-    charge = _price(ex.chat, usage, ex.started_ms)
+    charge = _price(chat, usage, ex.started_ms)
+    # Positional, in `create`'s order (tests/billing/test_settlement.py checks each
+    # field): its 21 keywords cost ~10 % of settling.
     event = ChargeEvent.create(
-        request_id=ctx.request_id,
-        user_id=ctx.user_id,
-        scene=ctx.scene,
-        conversation_id=ctx.conversation_id,
-        alias=alias.name,
-        provider=alias.provider.name,
-        upstream_model=alias.model,
-        stream=ex.chat.stream,
-        usage=usage,
-        usage_source=ex.metered.source,
-        price_rule=charge.rule_id,
-        price_version=charge.rule_version,
-        service_tier=ex.chat.service_tier,
-        started_ms=ex.started_ms,
-        credits=charge.credits,
-        outcome=ex.outcome or Outcome.COMPLETED,
-        latency_ms=ex.latency_ms(now),
-        ttft_ms=ex.ttft_ms(),
-        client_disconnected=ex.client_disconnected,
-        endpoint=ex.chat.endpoint,
-        attempts=ex.attempts,
+        ctx.request_id,
+        ctx.user_id,
+        ctx.scene,
+        ctx.conversation_id,
+        alias.name,  # alias
+        alias.provider.name,  # provider
+        alias.model,  # upstream_model
+        chat.stream,
+        usage,
+        metered.source,  # usage_source
+        charge.rule_id,  # price_rule
+        charge.credits,
+        ex.outcome or Outcome.COMPLETED,
+        ex.latency_ms(now),
+        ex.ttft_ms(),
+        ex.started_ms,
+        chat.service_tier,
+        charge.rule_version,  # price_version
+        ex.client_disconnected,
+        chat.endpoint,
+        ex.attempts,
     )
     return Settlement(charge, event)
 
