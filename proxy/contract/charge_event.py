@@ -168,8 +168,8 @@ class ChargeEvent:
     def create(
         cls,
         # Positional or keyword: the request path (proxy.billing.settlement) passes
-        # them positionally, since a call with 21 keywords cost ~2 us (CPython 3.11
-        # matches past ~12 keywords much more slowly) where positional cost 0.2.
+        # them positionally: a call with more than 15 keywords is compiled to build a
+        # dict of them (CALL_FUNCTION_EX), ~2 us for 21 where positional cost 0.2.
         request_id: str,
         user_id: int,
         scene: str,
@@ -314,8 +314,8 @@ class ChargeEvent:
                 raise InvalidChargeEvent("started_at", "must not be after occurred_at")
             service_tier = read_opt_str(obj, "service_tier")
             price_version = read_opt_str(obj, "price_version")
-        # Positional, in field order (23 keywords cost ~2 us a call on CPython 3.11,
-        # which matches past ~12 keywords much more slowly; this is the ledger's
+        # Positional, in field order (23 keywords are compiled to a dict of them and
+        # CALL_FUNCTION_EX, ~2 us a call; this is the ledger's
         # per-event path): tests/contract/test_charge_event.py reads every field back.
         return cls(
             event_id,
