@@ -137,11 +137,10 @@ class AccessWriter:
             logger.info(line)
             return
         stream = handler.stream
-        pending = self._pending
         if stream is not self._stream:
-            if pending:
-                self.flush()  # the earlier lines to the earlier stream
+            self.flush()  # the earlier lines to the earlier stream
             self._stream = stream
+        pending = self._pending  # after that flush: it starts a new list
         pending.append(line)
         if len(pending) == 1:
             try:

@@ -201,11 +201,13 @@ async def test_slow_provider_fails_open_but_still_backfills(  # type: ignore[no-
     fake_provider.set(USER, 0)
     # The provider answers only once the check has given up; the budget only has to
     # cover the MGET that precedes the fetch (a tight one flaked on a loaded CI box).
-    fake_provider.gate = asyncio.Event()
+    gate = fake_provider.gate = asyncio.Event()
     guard = make_guard(fake_provider, budget_ms=500)
-    assert await guard.check(ctx()) is GuardDecision.FAIL_OPEN
-    assert fake_provider.total_calls == 1  # failed open while the fetch was in flight
-    fake_provider.gate.set()
+    try:
+        assert await guard.check(ctx()) is GuardDecision.FAIL_OPEN
+        assert fake_provider.total_calls == 1  # failed open while the fetch was in flight
+    finally:
+        gate.set()  # never leave the fake's handler waiting (its server's teardown would)
     await wait_for_key(redis_client, RedisKeys(redis_prefix).blocked(USER))
     assert await guard.check(ctx()) is GuardDecision.BLOCK
     assert fake_provider.total_calls == 1

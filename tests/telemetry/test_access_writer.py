@@ -105,3 +105,24 @@ def test_a_write_through_stream_gets_one_write_per_flush(
     assert raw.writes == [b"".join(b'{"n":%d}\n' % n for n in range(MAX_PENDING_LINES))]
     writer.flush()
     assert raw.writes[1:] == [b'{"n":%d}\n' % MAX_PENDING_LINES]
+
+
+def test_a_new_stream_gets_the_next_lines_and_the_old_one_its_own(
+    raw_and_logger: tuple[CountingRaw, logging.Logger],
+) -> None:
+    # An operator re-points the handler (log rotation, a new stream) between two lines.
+    raw, logger = raw_and_logger
+    handler = logger.handlers[0]
+    assert isinstance(handler, PlainLineHandler)
+    writer = AccessWriter(logger, flush_interval_s=3600)
+    other = CountingRaw()
+
+    async def lines() -> None:
+        writer.write('{"n":1}')
+        handler.setStream(io.TextIOWrapper(io.BufferedWriter(other)))
+        writer.write('{"n":2}')
+        writer.flush()
+
+    asyncio.run(lines())
+    assert raw.writes == [b'{"n":1}\n']
+    assert other.writes == [b'{"n":2}\n']
