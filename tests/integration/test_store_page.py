@@ -36,6 +36,10 @@ from proxy.ledger.embedded import EmbeddedLedger, open_embedded_ledger
 from tests.fixtures_proxy import StartProxy
 from tests.ledger_events import charge_event
 
+# Assertions wait up to this long for the page to show a state ("at all", not a latency
+# claim): Playwright's 5 s default ran out on a slow CI box after the simulated payment.
+expect.set_options(timeout=30_000)
+
 # The README's screenshots are refreshed only on request (STORE_SCREENSHOTS=docs), so a
 # test run never modifies the checkout; otherwise they go to a temporary directory.
 DOCS = Path(__file__).resolve().parents[2] / "docs"
